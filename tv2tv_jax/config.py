@@ -1,0 +1,220 @@
+"""Frozen, typed configs built from an experiment's ConfigDict, validated before any compile.
+
+The ml-collections ConfigDict stops at the trainer: modules receive these frozen
+dataclasses. `experiment_from_config_dict` checks every constraint that would
+otherwise surface as a shape error deep inside a compile, and raises
+`ConfigError` whose message starts with the dotted name of the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+LAYOUTS = ("tv2tv", "t2v", "think2v")
+ATTENTION_IMPLS = ("xla", "pallas")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config field holds a value the model cannot work with."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"config field '{field}': {message}")
+    self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes of the Mixture-of-Transformers and its video in/out U-Nets.
+
+  Both towers share these shapes (the paper's MoT has towers of identical shape).
+  """
+  vocab_size: int = 512
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 256
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  # One chunk latent, [h, w, c] (a VAE latent frame), and the U-Net around it.
+  latent_shape: tuple[int, int, int] = (8, 8, 8)
+  patch_size: int = 2
+  unet_channels: int = 64
+  unet_blocks: int = 1
+  unet_groups: int = 8
+  time_embed_dim: int = 64
+  dtype: str = "float32"  # activations / matmul inputs
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  scan_layers: bool = True
+  remat: bool = False
+
+  @property
+  def tokens_per_chunk(self) -> int:
+    """n: tokens one chunk latent becomes after patchify."""
+    h, w, _ = self.latent_shape
+    return (h // self.patch_size) * (w // self.patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceConfig:
+  """Capacity of one packed row and the special token ids.
+
+  A row holds `text_len` text slots, then `max_chunks` noisy chunk copies, then
+  `max_chunks` clean chunk copies, each copy `tokens_per_chunk` slots (see
+  `tv2tv_jax.sequence`).
+  """
+  layout: str = "tv2tv"
+  text_len: int = 128
+  max_chunks: int = 8
+  pad_id: int = 0
+  bof_id: int = 1
+  eof_id: int = 2
+  eos_id: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  """Flow-matching recipe; the time convention is documented in `tv2tv_jax.flow`."""
+  time_mean: float = 0.0  # logit-normal location
+  time_std: float = 1.0  # logit-normal scale
+  time_shift: float = 1.0  # >1 moves mass towards noise (t -> 0)
+  cfg_drop_prob: float = 0.1
+  clean_flip_prob: float = 0.1
+  clean_flip_min_t: float = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  lambda_txt: float = 1.0
+  lambda_vid: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  total_steps: int = 1000
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 8
+  num_steps: int = 1000
+  log_every: int = 10
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  model: ModelConfig
+  seq: SequenceConfig
+  flow: FlowConfig
+  loss: LossConfig
+  optim: OptimConfig
+  train: TrainConfig
+
+  @property
+  def row_len(self) -> int:
+    """L: slots in one packed row."""
+    return self.seq.text_len + 2 * self.seq.max_chunks * self.model.tokens_per_chunk
+
+
+def _build(cls, section: str, values: Mapping[str, Any] | None):
+  values = dict(values or {})
+  names = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(names))
+  if unknown:
+    raise ConfigError(f"{section}.{unknown[0]}", f"unknown field; {cls.__name__} has "
+                      f"{sorted(names)}")
+  for key, value in values.items():
+    if isinstance(value, list):
+      values[key] = tuple(value)
+  return cls(**values)
+
+
+def _require(cond: bool, field: str, message: str):
+  if not cond:
+    raise ConfigError(field, message)
+
+
+def validate(exp: Experiment) -> Experiment:
+  """Checks every cross-field constraint; returns `exp` unchanged or raises ConfigError."""
+  m, s, f = exp.model, exp.seq, exp.flow
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "mlp_dim", "patch_size", "unet_channels", "unet_groups",
+               "time_embed_dim"):
+    _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+  _require(m.d_model % m.num_heads == 0, "model.num_heads",
+           f"num_heads={m.num_heads} does not divide d_model={m.d_model}")
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"num_kv_heads={m.num_kv_heads} does not divide num_heads={m.num_heads}")
+  _require(m.head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+  _require(len(m.latent_shape) == 3 and all(int(v) > 0 for v in m.latent_shape),
+           "model.latent_shape", f"must be positive (h, w, c), got {m.latent_shape}")
+  h, w, _ = m.latent_shape
+  _require(h % m.patch_size == 0 and w % m.patch_size == 0, "model.latent_shape",
+           f"latent grid {h}x{w} is not divisible by patch_size={m.patch_size}")
+  _require(m.unet_channels % m.unet_groups == 0, "model.unet_groups",
+           f"unet_groups={m.unet_groups} does not divide unet_channels={m.unet_channels}")
+  _require(m.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even (sin/cos pairs)")
+  _require(m.dtype in DTYPES, "model.dtype", f"one of {DTYPES}, got {m.dtype!r}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype", f"one of {DTYPES}, got {m.param_dtype!r}")
+  _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           f"one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+
+  _require(s.layout in LAYOUTS, "seq.layout", f"one of {LAYOUTS}, got {s.layout!r}")
+  specials = {"pad_id": s.pad_id, "bof_id": s.bof_id, "eof_id": s.eof_id, "eos_id": s.eos_id}
+  for name, tok in specials.items():
+    _require(0 <= tok < m.vocab_size, f"seq.{name}",
+             f"{tok} is outside the vocabulary [0, {m.vocab_size})")
+  _require(len(set(specials.values())) == 4, "seq.bof_id",
+           f"special token ids must be distinct, got {specials}")
+  _require(s.max_chunks >= 1, "seq.max_chunks", f"must be >= 1, got {s.max_chunks}")
+  # The shortest useful example: BOF, one chunk (noisy + clean), EOF, EOS.
+  _require(s.text_len >= 3, "seq.text_len",
+           f"{s.text_len} text slots cannot hold one chunk's BOF, EOF and EOS")
+
+  _require(f.time_std > 0, "flow.time_std", f"must be positive, got {f.time_std}")
+  _require(f.time_shift > 0, "flow.time_shift", f"must be positive, got {f.time_shift}")
+  for name in ("cfg_drop_prob", "clean_flip_prob"):
+    _require(0.0 <= getattr(f, name) <= 1.0, f"flow.{name}", "must be a probability in [0, 1]")
+  _require(0.0 <= f.clean_flip_min_t <= 1.0, "flow.clean_flip_min_t", "must lie in [0, 1]")
+
+  o, t = exp.optim, exp.train
+  _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+  _require(0 <= o.warmup_steps < max(o.total_steps, 1), "optim.warmup_steps",
+           f"must lie in [0, total_steps={o.total_steps})")
+  _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+  _require(exp.loss.lambda_txt >= 0 and exp.loss.lambda_vid >= 0, "loss.lambda_txt",
+           "loss weights must be non-negative")
+  return exp
+
+
+def experiment_from_config_dict(cfg: Mapping[str, Any]) -> Experiment:
+  """Builds and validates the frozen Experiment from a ConfigDict (or plain dict).
+
+  Sections `model`, `seq`, `flow`, `loss`, `optim`, `train`; other top-level keys
+  (mesh, data, workdir settings) belong to the trainer and are ignored here.
+  """
+  get = (lambda k: cfg.get(k)) if hasattr(cfg, "get") else (lambda k: None)
+  def section(name):
+    value = get(name)
+    return value.to_dict() if hasattr(value, "to_dict") else value
+  exp = Experiment(
+      model=_build(ModelConfig, "model", section("model")),
+      seq=_build(SequenceConfig, "seq", section("seq")),
+      flow=_build(FlowConfig, "flow", section("flow")),
+      loss=_build(LossConfig, "loss", section("loss")),
+      optim=_build(OptimConfig, "optim", section("optim")),
+      train=_build(TrainConfig, "train", section("train")),
+  )
+  return validate(exp)

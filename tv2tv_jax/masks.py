@@ -1,0 +1,104 @@
+"""The TV2TV attention mask: the rule (one function) and the dense oracle built from it.
+
+Rule (DESIGN.md section 2). Query q may attend key k iff they are in the same
+packed example (segment id, non-zero) and either
+
+  (a) k comes at or before q in logical order and k is not a noisy-copy token, or
+  (b) q and k belong to the same chunk copy (bidirectional inside a chunk),
+
+and k is not hidden by classifier-free-guidance text drop: when q is a noisy
+token whose chunk has its plan dropped (`cfg_drop`), text tokens of that plan
+(`plan_ids` equal, non-zero) are invisible to it.
+
+Padding slots (segment 0) attend to themselves only, so no row is empty and no
+NaN can come out of a softmax; nothing real attends to padding.
+
+`visible` is elementwise and broadcasts, so the dense oracle ([L, 1] against
+[1, L]) and the Pallas kernel (a q block against a kv block) evaluate the very
+same expression.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tv2tv_jax import sequence
+
+
+class SlotFields(NamedTuple):
+  """Per-slot metadata that the rule reads; any broadcastable shapes."""
+  segment: jax.Array  # i32
+  modality: jax.Array  # i32
+  chunk: jax.Array  # i32, chunk-copy id, 0 = not video
+  order: jax.Array  # i32, logical order within the example
+  plan: jax.Array  # i32
+  drop: jax.Array  # bool, CFG text drop (meaningful on noisy queries)
+  slot: jax.Array  # i32, storage index in the row (for the padding self-edge)
+
+
+def visible(q: SlotFields, k: SlotFields) -> jax.Array:
+  """bool[broadcast(q, k)]: may query slot q attend key slot k."""
+  same_example = (q.segment == k.segment) & (q.segment != 0)
+  causal = (k.order <= q.order) & (k.modality != sequence.NOISY)
+  same_chunk = (q.chunk == k.chunk) & (q.chunk != 0)
+  plan_hidden = (q.drop & (q.modality == sequence.NOISY) & (k.modality == sequence.TEXT)
+                 & (q.plan != 0) & (k.plan == q.plan))
+  pad_self = (q.segment == 0) & (q.slot == k.slot)
+  return (same_example & (causal | same_chunk) & ~plan_hidden) | pad_self
+
+
+@flax.struct.dataclass
+class SeqMeta:
+  """Per-slot metadata of a batch, all [B, L] (see `tv2tv_jax.sequence`)."""
+  segment_ids: jax.Array  # i32[B, L]
+  modality: jax.Array  # i32[B, L]
+  chunk_ids: jax.Array  # i32[B, L]
+  positions: jax.Array  # i32[B, L]
+  order: jax.Array  # i32[B, L]
+  plan_ids: jax.Array  # i32[B, L]
+  cfg_drop: jax.Array  # bool[B, L]
+
+  @classmethod
+  def from_batch(cls, batch, cfg_drop=None) -> "SeqMeta":
+    """Reads the slot arrays of a packed batch; `cfg_drop` bool[B, L] defaults to none."""
+    seg = jnp.asarray(batch["segment_ids"])
+    drop = jnp.zeros(seg.shape, bool) if cfg_drop is None else jnp.asarray(cfg_drop, bool)
+    return cls(segment_ids=seg, modality=jnp.asarray(batch["modality"]),
+               chunk_ids=jnp.asarray(batch["chunk_ids"]),
+               positions=jnp.asarray(batch["positions"]), order=jnp.asarray(batch["order"]),
+               plan_ids=jnp.asarray(batch["plan_ids"]), cfg_drop=drop)
+
+  def fields(self) -> SlotFields:
+    """SlotFields of every slot, [B, L] each."""
+    slot = jnp.broadcast_to(jnp.arange(self.segment_ids.shape[-1], dtype=jnp.int32),
+                            self.segment_ids.shape)
+    return SlotFields(self.segment_ids, self.modality, self.chunk_ids, self.order,
+                      self.plan_ids, self.cfg_drop, slot)
+
+  def slice(self, start: int, stop: int) -> "SeqMeta":
+    """The metadata of slots [start, stop) (a region of the row)."""
+    return jax.tree.map(lambda a: a[..., start:stop], self)
+
+
+def dense_mask(meta: SeqMeta) -> jax.Array:
+  """bool[B, L, L]: mask[b, q, k] = `visible` for every pair. The oracle for all paths."""
+  f = meta.fields()
+  q = SlotFields(*(a[:, :, None] for a in f))
+  k = SlotFields(*(a[:, None, :] for a in f))
+  return visible(q, k)
+
+
+def cross_mask(q_meta: SeqMeta, k_meta: SeqMeta, q_slot: jax.Array,
+               k_slot: jax.Array) -> jax.Array:
+  """bool[B, Lq, Lk] for queries and keys from different slot sets (e.g. a KV cache).
+
+  q_slot: i32[B, Lq], k_slot: i32[B, Lk] storage indices (only used for padding
+  self-edges, so they must be distinct between distinct slots).
+  """
+  fq, fk = q_meta.fields()._replace(slot=q_slot), k_meta.fields()._replace(slot=k_slot)
+  return visible(SlotFields(*(a[:, :, None] for a in fq)),
+                 SlotFields(*(a[:, None, :] for a in fk)))
