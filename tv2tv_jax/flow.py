@@ -1,0 +1,92 @@
+"""Flow matching: the time convention, time sampling, and the per-batch training noise.
+
+Time convention (the only place it is written down):
+  t ∈ [0, 1], and **t = 1 is clean data**, t = 0 pure noise.
+  x_t = t·x + (1 − t)·ε,  ε ~ N(0, I);  velocity target v = dx_t/dt = x − ε.
+  Sampling integrates dx/dt = v(x_t, t) from t = 0 (noise) to t = 1 (data).
+
+Time sampling: per noisy chunk, t = sigmoid(μ + σ·z), z ~ N(0, 1) (logit-normal),
+then an optional shift s towards noise applied to the noise level u = 1 − t:
+u' = s·u / (1 + (s − 1)·u) (s = 1: unchanged; s > 1: noisier).
+
+Regularisers (DESIGN.md section 3): with `cfg_drop_prob` per chunk the noisy copy
+may not see its plan (a mask flag, see `masks`); with `clean_flip_prob` per
+chunk the clean copy becomes x_t with t ~ U(clean_flip_min_t, 1), and its time
+input says so (clean copies otherwise carry t = 1).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tv2tv_jax.config import FlowConfig
+
+
+def shift_time(t: jax.Array, shift: float) -> jax.Array:
+  """Shifts times towards noise (shift > 1) or data (< 1); f32[...] -> f32[...]."""
+  u = 1.0 - t
+  u = shift * u / (1.0 + (shift - 1.0) * u)
+  return 1.0 - u
+
+
+def sample_time(rng: jax.Array, shape, cfg: FlowConfig) -> jax.Array:
+  """Logit-normal flow times (then shifted); returns f32[shape] in (0, 1)."""
+  z = jax.random.normal(rng, shape, jnp.float32)
+  return shift_time(jax.nn.sigmoid(cfg.time_mean + cfg.time_std * z), cfg.time_shift)
+
+
+def interpolate(x: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+  """x_t = t·x + (1 − t)·ε. x, eps: [B, K, ...]; t: [B, K] broadcast over the rest."""
+  t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+  return t * x + (1.0 - t) * eps
+
+
+def velocity_target(x: jax.Array, eps: jax.Array) -> jax.Array:
+  """v = x − ε (the derivative of `interpolate` in t)."""
+  return x - eps
+
+
+def time_grid(steps: int, shift: float = 1.0) -> jax.Array:
+  """The sampler's time grid: f32[steps + 1] from 0 (noise) to 1 (clean), shifted."""
+  return shift_time(jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32), shift)
+
+
+@flax.struct.dataclass
+class FlowSample:
+  """The random quantities of one training batch, all per chunk copy.
+
+  noisy_t: f32[B, K]; noise: f32[B, K, h, w, c] (ε of each noisy copy);
+  cfg_drop: bool[B, K] (noisy copy j may not see its plan);
+  clean_t: f32[B, K] (1, or the flip time); clean_noise: f32[B, K, h, w, c].
+  """
+  noisy_t: jax.Array
+  noise: jax.Array
+  cfg_drop: jax.Array
+  clean_t: jax.Array
+  clean_noise: jax.Array
+
+
+def sample_flow(rng: jax.Array, latent_shape, cfg: FlowConfig) -> FlowSample:
+  """Draws a FlowSample for latents of shape [B, K, h, w, c]."""
+  b, k = latent_shape[:2]
+  r_t, r_eps, r_drop, r_flip, r_ft, r_feps = jax.random.split(rng, 6)
+  flip = jax.random.bernoulli(r_flip, cfg.clean_flip_prob, (b, k))
+  flip_t = jax.random.uniform(r_ft, (b, k), jnp.float32, cfg.clean_flip_min_t, 1.0)
+  return FlowSample(
+      noisy_t=sample_time(r_t, (b, k), cfg),
+      noise=jax.random.normal(r_eps, latent_shape, jnp.float32),
+      cfg_drop=jax.random.bernoulli(r_drop, cfg.cfg_drop_prob, (b, k)),
+      clean_t=jnp.where(flip, flip_t, 1.0),
+      clean_noise=jax.random.normal(r_feps, latent_shape, jnp.float32))
+
+
+def fixed_flow(latent_shape, t: float, seed: int = 0) -> FlowSample:
+  """A deterministic FlowSample for evaluation: every noisy copy at time `t`, no drop,
+  no flip, noise from `seed`."""
+  b, k = latent_shape[:2]
+  noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
+  return FlowSample(noisy_t=jnp.full((b, k), t, jnp.float32), noise=noise,
+                    cfg_drop=jnp.zeros((b, k), bool), clean_t=jnp.ones((b, k), jnp.float32),
+                    clean_noise=jnp.zeros_like(noise))

@@ -1,0 +1,135 @@
+"""Llama-style building blocks of one tower: RMSNorm, RoPE, GQA projections, SwiGLU.
+
+Every parameter carries logical axis names (`tv2tv_jax.axes`); rank>2 weights are
+declared with `self.param` and applied with einsum, because `nn.DenseGeneral`
+flattens kernels to 2-D and would lose the per-head names. Einsum letters:
+b batch, l length, d model width, h query heads, k kv heads, e head dim, f FFN width.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tv2tv_jax import axes
+from tv2tv_jax.config import ModelConfig
+
+
+def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape,
+                      jnp.dtype(cfg.param_dtype))
+
+
+def _fan_in_init(fan_in: int):
+  return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+class RMSNorm(nn.Module):
+  """x: [..., D] -> [..., D]; statistics in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (axes.NORM,), self.cfg)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.cfg.dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Llama's half-split convention).
+
+  x: [B, L, H, dh]; positions: i32[B, L]. Returns x rotated, same dtype.
+  """
+  dh = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [dh/2]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [B, L, dh/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class QKVProjection(nn.Module):
+  """x: [B, N, D] -> q [B, N, H, dh], k [B, N, Hkv, dh], v [B, N, Hkv, dh]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    c = self.cfg
+    init = _fan_in_init(c.d_model)
+    wq = _param(self, "wq", init, (c.d_model, c.num_heads, c.head_dim),
+                (axes.EMBED, axes.Q_HEADS, axes.HEAD_DIM), c)
+    wk = _param(self, "wk", init, (c.d_model, c.num_kv_heads, c.head_dim),
+                (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
+    wv = _param(self, "wv", init, (c.d_model, c.num_kv_heads, c.head_dim),
+                (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), c)
+    dt = jnp.dtype(c.dtype)
+    x = x.astype(dt)
+    q = jnp.einsum("bld,dhe->blhe", x, wq.astype(dt))
+    k = jnp.einsum("bld,dke->blke", x, wk.astype(dt))
+    v = jnp.einsum("bld,dke->blke", x, wv.astype(dt))
+    q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+    k = nn.with_logical_constraint(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+    v = nn.with_logical_constraint(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+    return q, k, v
+
+
+class OutProjection(nn.Module):
+  """o: [B, N, H, dh] -> [B, N, D]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, o: jax.Array) -> jax.Array:
+    c = self.cfg
+    wo = _param(self, "wo", _fan_in_init(c.num_heads * c.head_dim),
+                (c.num_heads, c.head_dim, c.d_model), (axes.Q_HEADS, axes.HEAD_DIM, axes.EMBED), c)
+    dt = jnp.dtype(c.dtype)
+    return jnp.einsum("blhe,hed->bld", o.astype(dt), wo.astype(dt))
+
+
+class SwiGLU(nn.Module):
+  """x: [B, N, D] -> [B, N, D]; down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.cfg
+    w_gate = _param(self, "w_gate", _fan_in_init(c.d_model), (c.d_model, c.mlp_dim),
+                    (axes.EMBED, axes.MLP), c)
+    w_up = _param(self, "w_up", _fan_in_init(c.d_model), (c.d_model, c.mlp_dim),
+                  (axes.EMBED, axes.MLP), c)
+    w_down = _param(self, "w_down", _fan_in_init(c.mlp_dim), (c.mlp_dim, c.d_model),
+                    (axes.MLP, axes.EMBED), c)
+    dt = jnp.dtype(c.dtype)
+    x = x.astype(dt)
+    h = nn.silu(jnp.einsum("bld,df->blf", x, w_gate.astype(dt))) * jnp.einsum(
+        "bld,df->blf", x, w_up.astype(dt))
+    h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    return jnp.einsum("blf,fd->bld", h, w_down.astype(dt))
+
+
+class TowerLayer(nn.Module):
+  """One tower's parameters for one layer: both norms, Q/K/V, output projection, FFN.
+
+  Split into `project` (before the shared attention) and `finish` (after it), so
+  the MoT layer can run global attention between the two halves.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    self.attn_norm = RMSNorm(self.cfg)
+    self.qkv = QKVProjection(self.cfg)
+    self.out = OutProjection(self.cfg)
+    self.ffn_norm = RMSNorm(self.cfg)
+    self.ffn = SwiGLU(self.cfg)
+
+  def project(self, x: jax.Array):
+    """x: [B, N, D] -> (q [B, N, H, dh], k [B, N, Hkv, dh], v [B, N, Hkv, dh])."""
+    return self.qkv(self.attn_norm(x))
+
+  def finish(self, x: jax.Array, o: jax.Array) -> jax.Array:
+    """Residual updates: x [B, N, D], attention output o [B, N, H, dh] -> [B, N, D]."""
+    x = x + self.out(o).astype(x.dtype)
+    return x + self.ffn(self.ffn_norm(x)).astype(x.dtype)

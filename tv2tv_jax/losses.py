@@ -1,0 +1,76 @@
+"""The joint objective: next-token cross-entropy on text + flow-matching MSE on noisy chunks.
+
+    loss = λ_txt · CE + λ_vid · MSE
+
+each a mean over its own targets (text slots with a target; every latent element
+of every valid noisy copy). Both parts are reported separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tv2tv_jax import flow, masks
+from tv2tv_jax.config import Experiment
+
+
+def model_inputs(batch: Mapping[str, jax.Array], sample: flow.FlowSample, n: int):
+  """Assembles the model's call arguments from a packed batch and its flow noise.
+
+  batch: the arrays of `tv2tv_jax.sequence` with a leading [B]; n: tokens per chunk.
+  Returns (kwargs for `TV2TV.__call__`, velocity target f32[B, K, h, w, c]).
+  """
+  latents = batch["latents"].astype(jnp.float32)  # [B, K, h, w, c], clean-copy order
+  src = batch["noisy_src"]
+  x = jnp.take_along_axis(latents, src.reshape(src.shape + (1, 1, 1)), axis=1)
+  noisy = flow.interpolate(x, sample.noise, sample.noisy_t)
+  clean = flow.interpolate(latents, sample.clean_noise, sample.clean_t)
+  t_len = batch["text_tokens"].shape[1]
+  k = src.shape[1]
+  # CFG text drop is a per-token flag on the noisy region of the row.
+  drop_tokens = jnp.repeat(sample.cfg_drop & batch["noisy_valid"], n, axis=1)
+  b = drop_tokens.shape[0]
+  cfg_drop = jnp.concatenate([jnp.zeros((b, t_len), bool), drop_tokens,
+                              jnp.zeros((b, k * n), bool)], axis=1)
+  meta = masks.SeqMeta.from_batch(batch, cfg_drop=cfg_drop)
+  kwargs = dict(text_tokens=batch["text_tokens"], noisy_latents=noisy, noisy_t=sample.noisy_t,
+                clean_latents=clean, clean_t=sample.clean_t, meta=meta)
+  return kwargs, flow.velocity_target(x, sample.noise)
+
+
+def text_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Mean CE over weighted slots. logits f32[B, T, V], targets i32[B, T], weights [B, T].
+
+  Returns (mean CE, number of targets)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(jnp.float32)
+  count = jnp.sum(w)
+  return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
+
+
+def velocity_mse(pred: jax.Array, target: jax.Array, valid: jax.Array):
+  """Mean squared error over valid copies. pred/target f32[B, K, ...], valid bool[B, K].
+
+  Returns (mean over all elements of valid copies, number of valid copies)."""
+  sq = jnp.square(pred.astype(jnp.float32) - target).reshape(*valid.shape, -1)
+  w = valid.astype(jnp.float32)
+  count = jnp.sum(w)
+  per_copy = jnp.mean(sq, axis=-1)
+  return jnp.sum(per_copy * w) / jnp.maximum(count, 1.0), count
+
+
+def compute_loss(params: Any, model: nn.Module, batch: Mapping[str, jax.Array],
+                 sample: flow.FlowSample, exp: Experiment):
+  """Returns (scalar loss, metrics dict) for one packed batch."""
+  kwargs, v_target = model_inputs(batch, sample, exp.model.tokens_per_chunk)
+  logits, velocity = model.apply({"params": params}, **kwargs)
+  ce, n_txt = text_cross_entropy(logits, batch["text_targets"], batch["text_target_mask"])
+  mse, n_vid = velocity_mse(velocity, v_target, batch["noisy_valid"])
+  loss = exp.loss.lambda_txt * ce + exp.loss.lambda_vid * mse
+  return loss, {"loss": loss, "text_ce": ce, "video_mse": mse,
+                "text_targets": n_txt, "noisy_chunks": n_vid}

@@ -1,0 +1,103 @@
+"""Train state, optimizer, and the jitted train step.
+
+The step is a pure function `(state, batch, base_rng) -> (state, metrics)`; its
+randomness is `fold_in(base_rng, state.step)`, so a run is reproducible from the
+base seed and resumable from any step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tv2tv_jax import flow, losses
+from tv2tv_jax.config import Experiment, OptimConfig
+from tv2tv_jax.model import TV2TV
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # i32[]
+  params: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine decay to `end_lr_fraction` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def _decay_mask(params):
+  # No weight decay on vectors (norm scales, biases): standard for Llama-style models.
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW on the warmup-cosine schedule."""
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                  weight_decay=cfg.weight_decay, mask=_decay_mask))
+
+
+def dummy_batch(exp: Experiment, batch_size: int | None = None) -> dict[str, jax.Array]:
+  """Zero arrays with the shapes and dtypes of a packed batch (for init and tracing)."""
+  from tv2tv_jax import sequence  # local: keeps this module's import graph small
+  row = sequence.empty_row(exp.seq, exp.model)
+  b = batch_size or exp.train.batch_size
+  return {k: jnp.broadcast_to(jnp.asarray(v), (b, *v.shape)) for k, v in row.items()}
+
+
+def init_params(model: TV2TV, exp: Experiment, rng: jax.Array, batch_size: int = 1):
+  """Initial (logically boxed) params from a dummy batch of `batch_size` rows."""
+  batch = dummy_batch(exp, batch_size)
+  sample = flow.fixed_flow(batch["latents"].shape, 1.0)
+  kwargs, _ = losses.model_inputs(batch, sample, exp.model.tokens_per_chunk)
+  return model.init(rng, **kwargs)["params"]
+
+
+def create_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
+  """Unboxed params and a fresh optimizer state."""
+  params = nn.unbox(init_params(model, exp, rng))
+  tx = make_optimizer(exp.optim)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    tx=tx)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, *,
+               model: TV2TV, exp: Experiment, sample: flow.FlowSample | None = None):
+  """One optimizer step.
+
+  Args:
+    state: the TrainState (donated by `make_train_step`).
+    batch: a packed batch ([B, ...] arrays of `tv2tv_jax.sequence`).
+    base_rng: the run's base key; this step uses fold_in(base_rng, state.step).
+    sample: fixed flow noise instead of a fresh draw (evaluation-style debugging).
+  Returns:
+    (new state, metrics: loss, text_ce, video_mse, grad_norm, learning_rate, counts).
+  """
+  rng = jax.random.fold_in(base_rng, state.step)
+  if sample is None:
+    sample = flow.sample_flow(rng, batch["latents"].shape, exp.flow)
+  grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
+  (_, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                 learning_rate=learning_rate_schedule(exp.optim)(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(model: TV2TV, exp: Experiment, **jit_kwargs) -> Callable:
+  """`train_step` jitted with the state donated; extra kwargs go to jax.jit (shardings)."""
+  return jax.jit(functools.partial(train_step, model=model, exp=exp), donate_argnums=(0,),
+                 **jit_kwargs)
