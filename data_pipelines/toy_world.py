@@ -1,0 +1,369 @@
+"""The toy world: a procedural 2D arena game, the project's CS:GO stand-in (DESIGN.md section 5).
+
+Pure NumPy, deterministic in its seed (`np.random.default_rng(seed)`). One clip::
+
+    clip = generate_clip(seed=3, num_chunks=16)       # ToyWorldConfig() defaults
+    clip.frames   # uint8[1 + 4*16, 64, 64, 3], 16 fps
+    clip.texts    # ["left", "left fire", "stop", "fire", ...], one per chunk
+
+World. A 64x64 arena: a border wall, `num_walls` interior wall segments (horizontal or
+vertical bars, `wall_thickness` px thick) and `num_objects` static square objects
+(colours cycle through OBJECT_COLOURS), all drawn from the seed. An agent (a square of
+`agent_size` px, its own colour) moves `speed` px per frame; projectiles (squares of
+`projectile_size` px, their own colour) fly `projectile_speed` px per frame in the
+direction the agent faces when it fires, and vanish when their path touches a wall or
+an object. Every colour in PALETTE is used by exactly one kind of thing, so an oracle
+can read the state back by colour (`data_pipelines.oracle`).
+
+Time. A clip has 1 + 4k frames (the video VAE's 1 + 4k -> 1 + k latents): frame 0 is
+the first frame (no action); chunk i (i = 1..k) covers frames 4(i-1)+1 .. 4i and holds
+one Action for its 4 frames. Actions change only at chunk boundaries. Per frame t >= 1:
+(1) the agent moves one step; (2) live projectiles advance (and vanish if blocked);
+(3) on the first frame of a firing chunk one projectile spawns beside the agent, in the
+facing direction, `projectile_gap` px from it; (4) the frame is rendered (static layout,
+then projectiles, then agent). The agent faces its last movement direction (a random
+direction before its first move); "stop" keeps the facing.
+
+Policy. With probability `persistence` the previous chunk's action is repeated, else a
+new one is drawn: a movement uniform over the allowed ones, fire with probability
+`fire_prob`. A movement is allowed only if the agent stays inside free cells (no wall,
+no object) at every frame of the chunk; fire is allowed only if the spawned projectile
+lands on free cells. So the text always says what the frames show: the agent really
+moves 4 * speed px in the written direction and a written fire really shows a new
+projectile. A repeated action that is no longer allowed is redrawn. "stop" is always
+allowed.
+
+Text template (one string per chunk): `"<move>"`, `"<move> fire"`, `"stop"`, or `"fire"`
+(stop + fire), with <move> in left/right/up/down. Words: ACTION_WORDS.
+
+Caption mode (sports-like, sparse): `caption_clip` writes a caption only on every
+k-th chunk, summarising the last k chunks; see `summarise_actions` for the template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+# Movements and their unit steps (dx, dy) in image coordinates: x = column, y = row (down).
+MOVES = ("left", "right", "up", "down", "stop")
+DIRECTIONS = ("left", "right", "up", "down")  # facing values; index = facing code in states
+STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "stop": (0, 0)}
+
+# Per-chunk action text words, and the caption words; VOCAB is every word either can use.
+ACTION_WORDS = ("left", "right", "up", "down", "stop", "fire")
+COUNT_WORDS = ("", "", "twice", "three times", "four times", "five times", "six times",
+               "seven times", "eight times", "nine times", "ten times", "eleven times",
+               "twelve times")  # COUNT_WORDS[n] for a run of n; a run of 1 has no count
+MAX_CAPTION_EVERY = len(COUNT_WORDS) - 1
+CAPTION_WORDS = tuple(sorted(
+    {"moved", "stood", "still", "and", "fired", "then", *DIRECTIONS}
+    | {w for c in COUNT_WORDS for w in c.split()}))
+VOCAB = tuple(sorted(set(ACTION_WORDS) | set(CAPTION_WORDS)))
+
+# RGB palette. Colours are far apart (min pairwise distance > 100) so that noisy frames
+# can be quantised to the nearest palette colour (oracle).
+BACKGROUND = (24, 24, 32)
+WALL = (140, 140, 140)
+AGENT = (60, 120, 255)
+PROJECTILE = (255, 220, 40)
+OBJECT_COLOURS = ((210, 50, 50), (40, 190, 80))
+PALETTE = np.array([BACKGROUND, WALL, AGENT, PROJECTILE, *OBJECT_COLOURS], np.uint8)
+BG_ID, WALL_ID, AGENT_ID, PROJECTILE_ID = 0, 1, 2, 3
+OBJECT_IDS = tuple(range(4, 4 + len(OBJECT_COLOURS)))
+
+
+class Action(NamedTuple):
+  """One chunk's action: movement in MOVES, and whether a projectile is fired."""
+  movement: str
+  fire: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyWorldConfig:
+  """Toy-world parameters. Sizes and speeds are in pixels and pixels per frame."""
+  fps: int = 16
+  size: int = 64
+  frames_per_chunk: int = 4  # the VAE's temporal factor: one latent frame per chunk
+  agent_size: int = 4
+  speed: int = 2
+  projectile_size: int = 2
+  projectile_speed: int = 4
+  projectile_gap: int = 1   # px between the agent and a newly spawned projectile
+  persistence: float = 0.7  # probability of repeating the previous chunk's action
+  fire_prob: float = 0.3    # probability of fire in a newly drawn action
+  num_walls: int = 3
+  wall_thickness: int = 2
+  min_wall_len: int = 12
+  max_wall_len: int = 28
+  num_objects: int = 4
+  object_size: int = 5
+
+  def __post_init__(self):
+    if self.projectile_speed <= self.speed:
+      # The oracle tells a new projectile from an old one by its distance to the agent,
+      # which only grows if projectiles outrun the agent.
+      raise ValueError("projectile_speed must exceed speed")
+    if self.speed > self.agent_size or self.speed > self.wall_thickness:
+      raise ValueError("speed must not exceed agent_size or wall_thickness (no tunnelling)")
+    if not 0.0 <= self.persistence <= 1.0 or not 0.0 <= self.fire_prob <= 1.0:
+      raise ValueError("persistence and fire_prob are probabilities")
+    if self.max_wall_len < self.min_wall_len or self.max_wall_len > self.size - 4 * self.wall_thickness:
+      raise ValueError("wall lengths must satisfy min <= max <= size - 4 * wall_thickness")
+
+  @property
+  def spawn_distance(self) -> float:
+    """Centre-to-centre distance (px, along the facing axis) of a new projectile."""
+    return self.agent_size / 2 + self.projectile_gap + self.projectile_size / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """One generated clip.
+
+  Attributes:
+    frames: uint8[1 + 4k, size, size, 3] RGB frames; frame 0 precedes every action.
+    actions: k Actions; actions[i] is held over frames 4i+1 .. 4i+4.
+    texts: k strings, texts[i] = action_text(actions[i]).
+    states: int32[1 + 4k, 3] per frame (x, y, facing): the agent's top-left corner and
+      its facing as an index into DIRECTIONS.
+    num_projectiles: int32[1 + 4k] live projectiles per frame.
+    layout: uint8[size, size, 3] the static arena (background, walls, objects).
+    seed: the seed the clip was generated from.
+  """
+  frames: np.ndarray
+  actions: list[Action]
+  texts: list[str]
+  states: np.ndarray
+  num_projectiles: np.ndarray
+  layout: np.ndarray
+  seed: int
+
+  @property
+  def num_chunks(self) -> int:
+    return len(self.actions)
+
+
+def action_text(action: Action) -> str:
+  """The per-chunk text: "left", "left fire", "stop", "fire" (= stop + fire)."""
+  if action.movement == "stop":
+    return "fire" if action.fire else "stop"
+  return f"{action.movement} fire" if action.fire else action.movement
+
+
+def parse_action_text(text: str) -> Action:
+  """Inverse of `action_text`; raises ValueError on anything it did not write."""
+  words = text.split()
+  fire = bool(words) and words[-1] == "fire"
+  if fire:
+    words = words[:-1]
+  if not words and fire:
+    return Action("stop", True)
+  if len(words) != 1 or words[0] not in MOVES or (words[0] == "stop" and fire):
+    raise ValueError(f"not an action text: {text!r}")
+  return Action(words[0], fire)
+
+
+# --------------------------------------------------------------------------- the arena
+
+def _make_layout(rng: np.random.Generator, cfg: ToyWorldConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Draws the static arena. Returns ids: int8[size, size] palette ids, blocked: bool[size, size]."""
+  n, t = cfg.size, cfg.wall_thickness
+  ids = np.full((n, n), BG_ID, np.int8)
+  ids[:t, :] = ids[-t:, :] = ids[:, :t] = ids[:, -t:] = WALL_ID
+  for _ in range(cfg.num_walls):
+    length = int(rng.integers(cfg.min_wall_len, cfg.max_wall_len + 1))
+    # Keep a corridor of 2t between interior walls and the border so rooms stay reachable.
+    a = int(rng.integers(2 * t, n - 2 * t - length + 1))
+    b = int(rng.integers(2 * t, n - 3 * t + 1))
+    if rng.random() < 0.5:
+      ids[b:b + t, a:a + length] = WALL_ID  # horizontal
+    else:
+      ids[a:a + length, b:b + t] = WALL_ID  # vertical
+  s = cfg.object_size
+  for k in range(cfg.num_objects):
+    for _ in range(100):  # rejection sampling: an object keeps 1 px clear of other blockers
+      x, y = (int(v) for v in rng.integers(t + 1, n - t - s, size=2))
+      if (ids[y - 1:y + s + 1, x - 1:x + s + 1] == BG_ID).all():
+        ids[y:y + s, x:x + s] = OBJECT_IDS[k % len(OBJECT_IDS)]
+        break
+  return ids, ids != BG_ID
+
+
+def _box_free(blocked: np.ndarray, x: int, y: int, w: int, h: int) -> bool:
+  """Whether the box [y, y+h) x [x, x+w) lies inside the arena on free cells."""
+  n = blocked.shape[0]
+  if x < 0 or y < 0 or x + w > n or y + h > n:
+    return False
+  return not blocked[y:y + h, x:x + w].any()
+
+
+def _spawn_position(cfg: ToyWorldConfig, x: int, y: int, facing: int) -> tuple[int, int]:
+  """Top-left corner of a projectile spawned by an agent at (x, y) facing DIRECTIONS[facing]."""
+  a, p, g = cfg.agent_size, cfg.projectile_size, cfg.projectile_gap
+  off = (a - p) // 2  # centred across the facing axis
+  d = DIRECTIONS[facing]
+  if d == "left":
+    return x - g - p, y + off
+  if d == "right":
+    return x + a + g, y + off
+  if d == "up":
+    return x + off, y - g - p
+  return x + off, y + a + g
+
+
+def _allowed(cfg: ToyWorldConfig, blocked: np.ndarray, x: int, y: int,
+             facing: int) -> dict[str, bool]:
+  """Movement -> whether fire is allowed with it, for every allowed movement this chunk."""
+  out = {}
+  for move in MOVES:
+    dx, dy = STEP[move]
+    ok = all(_box_free(blocked, x + dx * cfg.speed * s, y + dy * cfg.speed * s,
+                       cfg.agent_size, cfg.agent_size)
+             for s in range(1, cfg.frames_per_chunk + 1))
+    if ok:
+      f = DIRECTIONS.index(move) if move != "stop" else facing
+      px, py = _spawn_position(cfg, x + dx * cfg.speed, y + dy * cfg.speed, f)
+      out[move] = _box_free(blocked, px, py, cfg.projectile_size, cfg.projectile_size)
+  return out
+
+
+def _choose(rng: np.random.Generator, cfg: ToyWorldConfig, prev: Action | None,
+            allowed: dict[str, bool]) -> Action:
+  """The persistent policy: repeat `prev` with prob `persistence` (if allowed), else redraw."""
+  repeat = rng.random() < cfg.persistence
+  if (repeat and prev is not None and prev.movement in allowed
+      and (allowed[prev.movement] or not prev.fire)):
+    return prev
+  moves = [m for m in MOVES if m in allowed]  # MOVES order keeps the draw deterministic
+  move = moves[int(rng.integers(len(moves)))]
+  fire = bool(rng.random() < cfg.fire_prob) and allowed[move]
+  return Action(move, fire)
+
+
+def _render(static: np.ndarray, cfg: ToyWorldConfig, x: int, y: int,
+            projectiles: Sequence[Sequence[int]]) -> np.ndarray:
+  frame = static.copy()
+  p = cfg.projectile_size
+  for px, py, _ in projectiles:
+    frame[py:py + p, px:px + p] = PROJECTILE
+  frame[y:y + cfg.agent_size, x:x + cfg.agent_size] = AGENT
+  return frame
+
+
+def _advance(cfg: ToyWorldConfig, blocked: np.ndarray,
+             projectiles: list[list[int]]) -> list[list[int]]:
+  """Moves every projectile one frame; drops those whose swept path leaves free cells."""
+  p, v = cfg.projectile_size, cfg.projectile_speed
+  live = []
+  for px, py, f in projectiles:
+    dx, dy = STEP[DIRECTIONS[f]]
+    nx, ny = px + dx * v, py + dy * v
+    # The swept box covers every cell crossed this frame, so thin walls cannot be tunnelled.
+    x0, y0 = min(px, nx), min(py, ny)
+    if _box_free(blocked, x0, y0, abs(nx - px) + p, abs(ny - py) + p):
+      live.append([nx, ny, f])
+  return live
+
+
+def generate_clip(seed: int, num_chunks: int,
+                  config: ToyWorldConfig = ToyWorldConfig()) -> Clip:
+  """Generates one clip of `num_chunks` chunks (1 + 4 * num_chunks frames), deterministic in seed."""
+  cfg = config
+  rng = np.random.default_rng(seed)
+  ids, blocked = _make_layout(rng, cfg)
+  static = PALETTE[ids]
+  a = cfg.agent_size
+  free = [(x, y) for y in range(cfg.size - a + 1) for x in range(cfg.size - a + 1)
+          if not blocked[y:y + a, x:x + a].any()]
+  x, y = free[int(rng.integers(len(free)))]
+  facing = int(rng.integers(len(DIRECTIONS)))
+
+  num_frames = 1 + cfg.frames_per_chunk * num_chunks
+  frames = np.empty((num_frames, cfg.size, cfg.size, 3), np.uint8)
+  states = np.empty((num_frames, 3), np.int32)
+  counts = np.zeros(num_frames, np.int32)
+  projectiles: list[list[int]] = []
+  frames[0], states[0] = _render(static, cfg, x, y, projectiles), (x, y, facing)
+  actions: list[Action] = []
+  prev = None
+  for c in range(num_chunks):
+    action = _choose(rng, cfg, prev, _allowed(cfg, blocked, x, y, facing))
+    actions.append(action)
+    dx, dy = STEP[action.movement]
+    if action.movement != "stop":
+      facing = DIRECTIONS.index(action.movement)
+    for s in range(cfg.frames_per_chunk):
+      x, y = x + dx * cfg.speed, y + dy * cfg.speed
+      projectiles = _advance(cfg, blocked, projectiles)
+      if s == 0 and action.fire:
+        projectiles.append([*_spawn_position(cfg, x, y, facing), facing])
+      t = 1 + c * cfg.frames_per_chunk + s
+      frames[t] = _render(static, cfg, x, y, projectiles)
+      states[t], counts[t] = (x, y, facing), len(projectiles)
+    prev = action
+  return Clip(frames=frames, actions=actions, texts=[action_text(a) for a in actions],
+              states=states, num_projectiles=counts, layout=static, seed=seed)
+
+
+# --------------------------------------------------------------------------- captions
+
+def _event(action: Action) -> str:
+  if action.movement == "stop":
+    return "fired" if action.fire else "stood still"
+  return f"moved {action.movement} and fired" if action.fire else f"moved {action.movement}"
+
+
+def summarise_actions(actions: Sequence[Action]) -> str:
+  """The caption template: one event per chunk, runs of equal events merged with a count.
+
+  Event per chunk: "moved <dir>", "moved <dir> and fired", "stood still", "fired" (stop +
+  fire). A run of n equal events gets COUNT_WORDS[n] appended ("twice", "three times",
+  ...); runs are joined by " then ". E.g. [left, left, stop+fire] ->
+  "moved left twice then fired".
+  """
+  if not actions or len(actions) > MAX_CAPTION_EVERY:
+    raise ValueError(f"can summarise 1..{MAX_CAPTION_EVERY} actions, got {len(actions)}")
+  runs: list[list] = []
+  for e in map(_event, actions):
+    if runs and runs[-1][0] == e:
+      runs[-1][1] += 1
+    else:
+      runs.append([e, 1])
+  return " then ".join(f"{e} {COUNT_WORDS[n]}" if n > 1 else e for e, n in runs)
+
+
+def caption_clip_with_truth(clip: Clip, every_k: int, wrong_rate: float,
+                            seed: int) -> tuple[list[str], list[bool]]:
+  """`caption_clip`, plus per chunk whether its caption is a hallucinated (wrong) one."""
+  if not 1 <= every_k <= MAX_CAPTION_EVERY:
+    raise ValueError(f"every_k must be in 1..{MAX_CAPTION_EVERY}")
+  rng = np.random.default_rng(seed)
+  captions, wrong = [""] * clip.num_chunks, [False] * clip.num_chunks
+  for end in range(every_k, clip.num_chunks + 1, every_k):
+    truth = summarise_actions(clip.actions[end - every_k:end])
+    if rng.random() < wrong_rate:
+      # A hallucination: a well-formed summary of random actions that says something else.
+      while True:
+        fake = [Action(MOVES[int(rng.integers(len(MOVES)))], bool(rng.random() < 0.3))
+                for _ in range(every_k)]
+        text = summarise_actions(fake)
+        if text != truth:
+          break
+      captions[end - 1], wrong[end - 1] = text, True
+    else:
+      captions[end - 1] = truth
+  return captions, wrong
+
+
+def caption_clip(clip: Clip, every_k: int, wrong_rate: float, seed: int) -> list[str]:
+  """Sparse sports-like captions: one string per chunk, "" except on every k-th chunk.
+
+  Chunk i (1-based) with i % every_k == 0 gets `summarise_actions` of chunks
+  i-every_k+1 .. i; with probability `wrong_rate` that caption is replaced by a
+  well-formed summary of random actions that differs from the truth. Trailing chunks
+  after the last multiple of every_k get "". Deterministic in `seed`.
+  """
+  return caption_clip_with_truth(clip, every_k, wrong_rate, seed)[0]
