@@ -1,0 +1,179 @@
+"""The interleaved splash-attention kernel: public API, custom VJP, sharding, registration.
+
+Block-sparse flash attention whose mask is the TV2TV rule read from per-slot
+metadata (`masks.visible`), not a static mask:
+
+1. `block_table.block_table` classifies every (q-block, kv-block) pair of every
+   row as EMPTY / PARTIAL / FULL from per-block summaries of the metadata and
+   lists, per q-block, the kv-blocks to visit (and the transpose for dk/dv);
+2. the forward kernel (`kernel_forward`) runs an online softmax over the listed
+   kv-blocks only (scalar prefetch drives the DMAs); PARTIAL blocks evaluate
+   `masks.visible` on the two blocks' metadata tiles, FULL blocks skip the mask;
+3. the backward kernels (`kernel_backward`) recompute p from the saved
+   log-sum-exp: dq per q-block, dk/dv fused per kv-block.
+
+Importing this module registers it as `attention.attend(..., impl='pallas')`.
+On CPU the kernels run in Pallas interpret mode (the only mode there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tv2tv_jax import masks
+from tv2tv_jax.attention import block_table as bt
+from tv2tv_jax.attention import register
+from tv2tv_jax.attention.kernel_backward import dkv_call, dq_call
+from tv2tv_jax.attention.kernel_forward import (DEFAULT_BLOCK_SIZES, BlockSizes,
+                                                default_block_sizes, default_interpret,
+                                                forward_call, pack_meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  interpret: bool
+  scale: float
+
+
+def _core_fwd(q, k, v, q_meta, k_meta_t, tables, static):
+  out, lse = forward_call(q, k, v, q_meta, k_meta_t, tables[0], interpret=static.interpret,
+                          scale=static.scale)
+  return out, (q, k, v, q_meta, k_meta_t, tables, out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(q, k, v, q_meta, k_meta_t, tables, static):
+  """out [B, H, Lq, dh] on kernel layouts; `tables` = (forward/dq table, dk/dv table)."""
+  return _core_fwd(q, k, v, q_meta, k_meta_t, tables, static)[0]
+
+
+def _core_bwd(static, res, d_out):
+  q, k, v, q_meta, k_meta_t, tables, out, lse = res
+  # delta_i = sum_d dO_id O_id: the softmax-Jacobian term, once per row, in f32.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  kw = dict(interpret=static.interpret, scale=static.scale)
+  dq = dq_call(q, k, v, d_out, lse, delta, q_meta, k_meta_t, tables[0], **kw)
+  dk, dv = dkv_call(q, k, v, d_out, lse, delta, q_meta, k_meta_t, tables[1], **kw)
+  # Metadata and block tables are integer inputs: no cotangent.
+  return dq, dk, dv, None, None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _to_kernel_layout(x, length):
+  """[B, L, H, dh] -> [B, H, length, dh], zero-padded along L."""
+  x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+  return jnp.swapaxes(x, 1, 2)
+
+
+def attention_from_fields(q: jax.Array, k: jax.Array, v: jax.Array, q_fields: masks.SlotFields,
+                          k_fields: masks.SlotFields, *, block_sizes: BlockSizes | None = None,
+                          interpret: bool | None = None, scale: float | None = None) -> jax.Array:
+  """Attention of queries to keys under `masks.visible(q_fields, k_fields)`, differentiable.
+
+  Args:
+    q: [B, Lq, H, dh]; k, v: [B, Lk, Hkv, dh], f32 or bf16 (Hkv divides H); q not pre-scaled.
+    q_fields, k_fields: SlotFields of [B, Lq] / [B, Lk] (slot indices must be distinct
+      between distinct slots; they only matter for padding self-edges).
+    block_sizes: kernel tiles (default: `default_block_sizes()` for device 0), clamped
+      to the sequence; lengths are padded to a multiple of the blocks with padding slots.
+    interpret: Pallas interpret mode (default: True on CPU).
+    scale: logit scale (default 1/sqrt(dh)).
+  Returns:
+    [B, Lq, H, dh] in q's dtype; a query that sees no key gets exact zeros.
+  """
+  b, lq, h, dh = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  if h % hkv:
+    raise ValueError(f"{hkv} kv heads do not divide {h} query heads")
+  bs = (block_sizes or default_block_sizes()).clamp(lq, lk)
+  interpret = default_interpret() if interpret is None else interpret
+  static = _Static(interpret=bool(interpret), scale=float(dh ** -0.5 if scale is None else scale))
+  mq, mk = math.lcm(bs.block_q, bs.block_q_dkv), math.lcm(bs.block_kv, bs.block_kv_dkv)
+  qf, kf = bt.pad_fields(q_fields, mq), bt.pad_fields(k_fields, mk)
+  lq_pad, lk_pad = qf.segment.shape[1], kf.segment.shape[1]
+  t_fwd = bt.block_table(qf, kf, bs.block_q, bs.block_kv)
+  if (bs.block_q_dkv, bs.block_kv_dkv) == (bs.block_q, bs.block_kv):
+    t_dkv = t_fwd
+  else:
+    t_dkv = bt.block_table(qf, kf, bs.block_q_dkv, bs.block_kv_dkv)
+  q_meta = pack_meta(qf)
+  k_meta_t = jnp.swapaxes(pack_meta(kf), 1, 2)
+  out = _core(_to_kernel_layout(q, lq_pad), _to_kernel_layout(k, lk_pad),
+              _to_kernel_layout(v, lk_pad), q_meta, k_meta_t, (t_fwd, t_dkv), static)
+  return jnp.swapaxes(out, 1, 2)[:, :lq]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.SeqMeta, *,
+                     block_sizes: BlockSizes | None = None,
+                     interpret: bool | None = None) -> jax.Array:
+  """TV2TV self-attention over packed rows; same contract as `reference_attention`.
+
+  q: [B, L, H, dh], k/v: [B, L, Hkv, dh] (f32 or bf16), meta: SeqMeta of [B, L].
+  Returns [B, L, H, dh] in q's dtype. Differentiable in q, k, v (custom VJP).
+  """
+  f = meta.fields()
+  return attention_from_fields(q, k, v, f, f, block_sizes=block_sizes, interpret=interpret)
+
+
+def _usable(mesh, names: Sequence[str], size: int) -> tuple[str, ...]:
+  """The mesh axes among `names` whose product divides `size` (greedy, in order)."""
+  used, prod = [], 1
+  for name in names:
+    if name in mesh.axis_names and size % (prod * mesh.shape[name]) == 0:
+      used.append(name)
+      prod *= mesh.shape[name]
+  return tuple(used)
+
+
+def sharded_splash_attention(mesh, batch_axes: Sequence[str] = ("data", "fsdp"),
+                             head_axis: str | None = "tensor", *,
+                             block_sizes: BlockSizes | None = None,
+                             interpret: bool | None = None):
+  """`fn(q, k, v, meta) -> out` running `splash_attention` inside `jax.shard_map`.
+
+  Rows are split over `batch_axes` and heads over `head_axis` (query and kv heads
+  alike, so each shard keeps whole GQA groups); every shard builds its own block
+  table from its rows' metadata, and no collective is needed. Axes that are not in
+  the mesh, or do not divide the batch / both head counts, are left replicated.
+  mesh: a `jax.sharding.Mesh` or `AbstractMesh`.
+  """
+  def fn(q, k, v, meta):
+    b_axes = _usable(mesh, batch_axes, q.shape[0])
+    h_axes = _usable(mesh, [head_axis] if head_axis else [], math.gcd(q.shape[2], k.shape[2]))
+    batch = b_axes if b_axes else None
+    head = h_axes[0] if h_axes else None
+    x_spec = P(batch, None, head, None)
+    inner = functools.partial(splash_attention, block_sizes=block_sizes, interpret=interpret)
+    return jax.shard_map(inner, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P(batch, None)),
+                         out_specs=x_spec, check_vma=False)(q, k, v, meta)
+  return fn
+
+
+def registered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         meta: masks.SeqMeta) -> jax.Array:
+  """The 'pallas' implementation of `attention.attend`.
+
+  Under a mesh (`jax.set_mesh`) with more than one device it runs inside
+  `shard_map` over the ('data', 'fsdp') batch axes and the 'tensor' head axis
+  (those present), since a bare Pallas call would be replicated by the SPMD
+  partitioner; otherwise it calls `splash_attention` directly.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return splash_attention(q, k, v, meta)
+  return sharded_splash_attention(mesh)(q, k, v, meta)
+
+
+register("pallas", registered_attention)
+
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "attention_from_fields", "default_block_sizes",
+           "registered_attention", "sharded_splash_attention", "splash_attention"]
