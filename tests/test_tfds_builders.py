@@ -1,0 +1,347 @@
+"""TFDS builders (no TensorFlow): build into a tmp data_dir, read back via data sources,
+compare with the generator output exactly, determinism, and named bad-record reports."""
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines import captioned_video_tfds as cv_lib
+from data_pipelines import csgo_tfds as cs_lib
+from data_pipelines import toy_world
+from data_pipelines import toy_world_tfds as tw_lib
+
+
+def _as_str(x):
+  return [t.decode("utf-8") for t in x] if isinstance(x, (list, np.ndarray)) else x.decode()
+
+
+def _assert_same(stored: dict, expected: dict):
+  """A data-source example equals the generator's example: arrays bit for bit, texts equal."""
+  assert set(stored) == set(expected)
+  for key, want in expected.items():
+    got = stored[key]
+    if isinstance(want, str):
+      assert _as_str(got) == want, key
+    elif isinstance(want, list):
+      assert _as_str(got) == want, key
+    else:
+      want = np.asarray(want)
+      if want.ndim == 0:  # scalars come back as Python numbers
+        assert np.asarray(got).ndim == 0 and got == want, key
+        continue
+      assert got.dtype == want.dtype and got.shape == want.shape, key
+      np.testing.assert_array_equal(got, want, err_msg=key)
+
+
+def _quiet(builder, **kwargs):
+  builder.download_and_prepare(**kwargs)
+  return builder
+
+
+# --------------------------------------------------------------------------- toy world
+
+def test_toy_world_split_seeds_are_disjoint():
+  cfg = tw_lib.ToyWorld.builder_configs["small"]
+  seeds = tw_lib.split_seeds(cfg)
+  assert len(seeds["train"]) == cfg.num_train and len(seeds["validation"]) == cfg.num_validation
+  assert not set(seeds["train"]) & set(seeds["validation"])
+  with pytest.raises(ValueError, match="caption_mode"):
+    tw_lib.ToyWorldBuilderConfig(name="x", caption_mode="noisy")
+
+
+def test_toy_world_dense_reads_back_exactly(tmp_path):
+  _quiet(tw_lib.ToyWorld(config="tiny", data_dir=tmp_path))
+  cfg = tw_lib.ToyWorld.builder_configs["tiny"]
+  for split, seeds in tw_lib.split_seeds(cfg).items():
+    src = tfds.data_source("toy_world/tiny", split=split, data_dir=tmp_path, download=False)
+    assert len(src) == len(seeds)
+    for i, seed in enumerate(seeds):  # disable_shuffling: index i is seeds[i]
+      ex = src[i]
+      _assert_same(ex, tw_lib.generate_example(seed, cfg, split))
+      clip = toy_world.generate_clip(seed, cfg.num_chunks)
+      np.testing.assert_array_equal(ex["frames"], clip.frames)
+      assert _as_str(ex["texts"]) == clip.texts == _as_str(ex["action_texts"])
+      assert ex["frames"].shape == (1 + 4 * cfg.num_chunks, 64, 64, 3)
+      assert not ex["caption_wrong"].any()
+
+
+def test_toy_world_sports_captions_and_determinism(tmp_path):
+  b1 = _quiet(tw_lib.ToyWorld(config="tiny_sports", data_dir=tmp_path / "a"))
+  b2 = _quiet(tw_lib.ToyWorld(config="tiny_sports", data_dir=tmp_path / "b"))
+  cfg = b1.builder_config
+  assert cfg.caption_mode == "sports" and b1.info.metadata["caption_every"] == 4
+  s1, s2 = b1.as_data_source(), b2.as_data_source()
+  for split, seeds in tw_lib.split_seeds(cfg).items():
+    for i, seed in enumerate(seeds):
+      _assert_same(s1[split][i], tw_lib.generate_example(seed, cfg, split))
+      _assert_same(s2[split][i], tw_lib.generate_example(seed, cfg, split))
+      clip = toy_world.generate_clip(seed, cfg.num_chunks)
+      caps, wrong = toy_world.caption_clip_with_truth(clip, 4, cfg.wrong_rate, seed)
+      texts = _as_str(s1[split][i]["texts"])
+      assert texts == caps and texts[:3] == ["", "", ""] and texts[3]  # every 4th chunk
+      np.testing.assert_array_equal(s1[split][i]["caption_wrong"], wrong)
+      assert _as_str(s1[split][i]["action_texts"]) == clip.texts
+
+
+def test_toy_world_feeds_grain(tmp_path):
+  import grain
+  b = _quiet(tw_lib.ToyWorld(config="tiny", data_dir=tmp_path))
+  ds = grain.MapDataset.source(b.as_data_source(split="train")).shuffle(seed=0)
+  names = sorted(_as_str(ds[i]["name"]) for i in range(len(ds)))
+  assert names == [f"train/seed_{s:09d}" for s in range(8)]
+
+
+# --------------------------------------------------------------------------- CS:GO
+
+SRC_SHAPE = (24, 40, 3)
+
+
+def _action(keys=(), left=False, right=False, dx=0.0, dy=0.0):
+  y = np.zeros(cs_lib.ACTION_DIM, np.float32)
+  for k in keys:
+    y[cs_lib.KEY_NAMES.index(k)] = 1
+  y[cs_lib.N_KEYS], y[cs_lib.N_KEYS + 1] = left, right
+  y[cs_lib.X_SLICE.start + cs_lib.MOUSE_X_BINS.index(dx)] = 1
+  y[cs_lib.Y_SLICE.start + cs_lib.MOUSE_Y_BINS.index(dy)] = 1
+  return y
+
+
+def _write_h5(path, num_frames, seed, shape=SRC_SHAPE, drop=(), reshape=None):
+  """An HDF5 file in the dataset's layout: frame_{i}_x (BGR uint8), frame_{i}_y (51), aux."""
+  rng = np.random.default_rng(seed)
+  keys = list(cs_lib.KEY_NAMES)
+  with h5py.File(path, "w") as h5:
+    for i in range(num_frames):
+      x = rng.integers(0, 256, shape, dtype=np.uint8)
+      if reshape is not None and i == reshape[0]:
+        x = rng.integers(0, 256, reshape[1], dtype=np.uint8)
+      y = _action(keys=[keys[j] for j in np.nonzero(rng.random(11) < 0.3)[0]],
+                  left=bool(rng.random() < 0.3),
+                  dx=cs_lib.MOUSE_X_BINS[rng.integers(23)],
+                  dy=cs_lib.MOUSE_Y_BINS[rng.integers(15)])
+      for suffix, value in (("x", x), ("y", y), ("xaux", np.zeros(54, np.float32)),
+                            ("helperarr", np.zeros(2, np.float32))):
+        if (i, suffix) not in drop:
+          h5[f"frame_{i}_{suffix}"] = value
+
+
+def test_csgo_action_text_template():
+  cfg = cs_lib.CsgoBuilderConfig(name="t")
+  rows = np.stack([_action(["w", "space"], dx=-30.0), _action(["w", "a", "space"], left=True,
+                                                               dx=-30.0),
+                   _action(["w"], dx=-30.0), _action(dx=-30.0)])
+  # w in 3/4 frames, space in 2/4, a in 1/4 (< key_min_frames); dx = -120 px.
+  assert cs_lib.chunk_text(rows, cfg) == "forward jump fire aim-left"
+  rows = np.stack([_action(["s", "d", "ctrl", "r"], right=True, dx=300.0, dy=-50.0)] * 4)
+  assert cs_lib.chunk_text(rows, cfg) == ("back right crouch scope aim-right-fast "
+                                          "aim-up-fast reload")
+  assert cs_lib.chunk_text(np.stack([_action(dx=2.0, dy=4.0)] * 4), cfg) == "aim-right aim-down"
+  assert cs_lib.chunk_text(np.stack([_action(dx=2.0, dy=-2.0)] * 2), cfg) == "idle"
+  # No hot mouse bin is no movement (not bin 0 = -1000 px).
+  assert cs_lib.chunk_text(np.zeros((4, cs_lib.ACTION_DIM), np.float32), cfg) == "idle"
+  # Chunk i reads the actions of frames 4(i-1) .. 4i-1 (an action shows one frame later).
+  acts = np.stack([_action(["w"])] * 4 + [_action(["s"])] * 4 + [_action(["d"])])
+  assert cs_lib.clip_texts(acts, cs_lib.CsgoBuilderConfig(name="t", num_chunks=2)) == [
+      "forward", "back"]
+
+
+def test_resize_frames():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (2, 10, 14, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(cs_lib.resize_frames(x, 10, 14), x)
+  const = np.full((1, 30, 50, 3), 77, np.uint8)
+  np.testing.assert_array_equal(cs_lib.resize_frames(const, 7, 11), np.full((1, 7, 11, 3), 77))
+  checker = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)[None, :, :, None]
+  small = cs_lib.resize_frames(np.repeat(checker, 3, -1), 16, 16)
+  # Antialiased: a 1-px checkerboard halves to flat grey away from the borders.
+  np.testing.assert_array_equal(small[0, 1:-1, 1:-1], 128)
+
+
+@pytest.fixture(scope="module")
+def csgo_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("csgo_src")
+  _write_h5(root / "a_good.hdf5", 17, seed=1)  # 2 clips of 2 chunks (9 frames, stride 8)
+  (root / "broken.hdf5").write_bytes(b"not an hdf5 file")
+  with h5py.File(root / "empty.hdf5", "w") as h5:
+    h5["unrelated"] = np.zeros(3)
+  _write_h5(root / "gap.hdf5", 17, seed=2, drop={(10, "y")})
+  _write_h5(root / "short.hdf5", 5, seed=3)
+  _write_h5(root / "wrongsize.hdf5", 17, seed=4, reshape=(3, (20, 40, 3)))
+  _write_h5(root / "zz_val.hdf5", 9, seed=5)  # index 6 of 7 sorted files -> validation
+  return root
+
+
+def _csgo_cfg(**kw):
+  return cs_lib.CsgoBuilderConfig(name="test", height=12, width=20, num_chunks=2,
+                                  source_shape=SRC_SHAPE, validation_every=7, **kw)
+
+
+def test_csgo_file_reader_flips_bgr_and_keeps_actions(csgo_dir):
+  cfg = cs_lib.CsgoBuilderConfig(name="id", height=24, width=40, num_chunks=2,
+                                 source_shape=SRC_SHAPE)
+  bad = cs_lib.BadRecords("t")
+  examples = dict(cs_lib.file_examples(csgo_dir / "a_good.hdf5", cfg, bad))
+  assert list(examples) == ["a_good.hdf5/frames_000000-000008", "a_good.hdf5/frames_000008-000016"]
+  with h5py.File(csgo_dir / "a_good.hdf5") as h5:
+    for ex in examples.values():
+      s = int(ex["start_frame"])
+      x = np.stack([h5[f"frame_{i}_x"][()] for i in range(s, s + 9)])
+      y = np.stack([h5[f"frame_{i}_y"][()] for i in range(s, s + 9)])
+      np.testing.assert_array_equal(ex["frames"], x[..., ::-1])  # BGR -> RGB, identity size
+      np.testing.assert_array_equal(ex["actions"], y)
+      assert ex["texts"] == cs_lib.clip_texts(y, cfg)
+  assert not bad.reports
+
+
+def test_csgo_builds_reads_back_and_reports_bad_records(csgo_dir, tmp_path, caplog):
+  cfg = _csgo_cfg()
+  with caplog.at_level(logging.WARNING):
+    b = _quiet(cs_lib.CsgoDust2(config=cfg, data_dir=tmp_path),
+               download_config=tfds.download.DownloadConfig(manual_dir=csgo_dir))
+  src = b.as_data_source()
+  expected = {"train": [], "validation": []}
+  ref = cs_lib.BadRecords("ref")
+  for split, files in cs_lib.split_files(sorted(csgo_dir.glob("*.hdf5")), cfg).items():
+    for f in files:
+      expected[split].extend(ex for _, ex in cs_lib.file_examples(f, cfg, ref, split))
+  # good: 2 clips of a_good, 1 of gap (clip 2 lacks frame_10_y), 1 of wrongsize (clip 1 bad).
+  assert [len(expected[s]) for s in ("train", "validation")] == [4, 1]
+  for split in ("train", "validation"):
+    assert len(src[split]) == len(expected[split])
+    for i, want in enumerate(expected[split]):
+      _assert_same(src[split][i], want)
+      assert src[split][i]["frames"].shape == (9, 12, 20, 3)
+
+  want_bad = {"broken.hdf5": "unreadable", "empty.hdf5": "no_frames", "short.hdf5": "too_short",
+              "gap.hdf5/frames_000008-000016": "missing_key",
+              "wrongsize.hdf5/frames_000000-000008": "wrong_shape"}
+  # Persisted: a fresh builder reads the reports back from metadata.json.
+  meta = cs_lib.CsgoDust2(config=cfg, data_dir=tmp_path).info.metadata["bad_records"]
+  assert meta["train"]["count"] == 5 and meta["validation"]["count"] == 0
+  got = {r["name"]: r["kind"] for r in meta["train"]["records"]}
+  assert got == want_bad
+  reasons = {r["name"]: r["reason"] for r in meta["train"]["records"]}
+  assert "frame_10_y" in reasons["gap.hdf5/frames_000008-000016"]
+  assert "frame_3_x" in reasons["wrongsize.hdf5/frames_000000-000008"]
+  for name in want_bad:  # each was logged by name
+    assert any(name in rec.getMessage() for rec in caplog.records), name
+
+
+# --------------------------------------------------------------------------- captioned video
+
+def _write_video(path, num_frames, rate, size=(24, 32), codec="ffv1", pix_fmt="bgr0"):
+  """Solid frames whose red channel encodes the frame index (7 * i), green 200."""
+  import av
+  with av.open(str(path), mode="w") as c:
+    s = c.add_stream(codec, rate=rate)
+    s.height, s.width = size
+    s.pix_fmt = pix_fmt
+    for i in range(num_frames):
+      arr = np.zeros((*size, 3), np.uint8)
+      arr[..., 0], arr[..., 1] = 7 * i, 200
+      for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+
+
+def test_decode_video_resamples_to_16fps(tmp_path):
+  _write_video(tmp_path / "v8.mkv", 20, 8)
+  frames, dur = cv_lib.decode_video(tmp_path / "v8.mkv", 16, 24, 32)
+  assert frames.shape == (40, 24, 32, 3) and frames.dtype == np.uint8 and dur == pytest.approx(2.5)
+  np.testing.assert_array_equal(frames[:, 5, 5, 0], 7 * (np.arange(40) // 2))  # each frame twice
+  np.testing.assert_array_equal(frames[..., 1], 200)
+  _write_video(tmp_path / "v24.mkv", 30, 24)
+  frames, _ = cv_lib.decode_video(tmp_path / "v24.mkv", 16, 12, 16)  # downscaled too
+  assert frames.shape == (20, 12, 16, 3)
+  np.testing.assert_array_equal(frames[:, 3, 3, 0], 7 * ((np.arange(20) * 3) // 2))
+  _write_video(tmp_path / "h264.mp4", 16, 16, codec="libx264", pix_fmt="yuv420p")
+  frames, _ = cv_lib.decode_video(tmp_path / "h264.mp4", 16, 24, 32)  # lossy: colours close
+  assert frames.shape[0] == 16
+  assert np.abs(frames[:, 12, 16, 0].astype(int) - 7 * np.arange(16)).max() <= 4
+
+
+def test_caption_slot():
+  k = 2  # chunks of 4 frames, clips of 9 frames starting every 8
+  slots = {t: cv_lib.caption_slot(t, 16, k) for t in (0.0, 1 / 16, 4 / 16, 5 / 16, 8 / 16,
+                                                       9 / 16, 16 / 16, 17 / 16, 1.0624)}
+  assert slots == {0.0: (0, 0), 1 / 16: (0, 0), 4 / 16: (0, 0), 5 / 16: (0, 1),
+                   8 / 16: (0, 1), 9 / 16: (1, 0), 1.0: (1, 1), 17 / 16: (2, 0),
+                   1.0624: (1, 1)}  # frame 16.998 is still frame 16
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("videos")
+  _write_video(root / "a.mkv", 20, 8)          # 40 frames at 16 fps -> 4 clips of 9
+  _write_video(root / "val.mkv", 12, 12)       # 16 frames -> 1 clip
+  _write_video(root / "short.mkv", 4, 8)       # 8 frames < 9
+  _write_video(root / "late.mkv", 20, 8)
+  (root / "corrupt.mkv").write_bytes(b"\x00garbage" * 64)
+  entries = [
+      {"file": "a.mkv", "prompt": "red ramps up",
+       "captions": [{"time": 1.0, "text": "mid"}, {"time": 0.0, "text": "start"},
+                    {"time": 0.25, "text": "go"}, {"time": 2.45, "text": "tail"}]},
+      {"file": "val.mkv", "split": "validation", "captions": [{"time": 0.5, "text": "v"}]},
+      {"file": "missing.mkv", "captions": []},
+      {"file": "corrupt.mkv", "captions": []},
+      {"file": "short.mkv", "captions": []},
+      {"file": "late.mkv", "captions": [{"time": 2.5, "text": "after the end"}]},
+      {"file": "nocaps.mkv"},
+      {"file": "badcap.mkv", "captions": [{"time": 0.1, "text": 3}]},
+      "just a string",
+  ]
+  (root / "captions.json").write_text(json.dumps({"videos": entries}))
+  return root
+
+
+def test_captioned_video_builds_reads_back_and_reports_bad_records(video_dir, tmp_path, caplog):
+  cfg = cv_lib.CaptionedVideoBuilderConfig(name="test", height=12, width=16, num_chunks=2)
+  with caplog.at_level(logging.WARNING):
+    b = _quiet(cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path),
+               download_config=tfds.download.DownloadConfig(manual_dir=video_dir))
+  src = b.as_data_source()
+  entries = cv_lib.read_captions(video_dir, cfg)
+  ref = cv_lib.BadRecords("ref")
+  want_train = [ex for _, ex in cv_lib.video_examples(entries[0], video_dir, cfg, ref, "train")]
+  want_val = [ex for _, ex in cv_lib.video_examples(entries[1], video_dir, cfg, ref, "validation")]
+  assert len(src["train"]) == 4 and len(src["validation"]) == 1
+  for split, want in (("train", want_train), ("validation", want_val)):
+    for i, ex in enumerate(want):
+      _assert_same(src[split][i], ex)
+  # Captions by timestamp: 0.0 and 0.25 s (frames 0, 4) -> clip 0 chunk 1; 1.0 s (frame 16)
+  # -> clip 1 chunk 2; 2.45 s (frame 39) lies in the dropped tail.
+  assert [_as_str(src["train"][i]["texts"]) for i in range(4)] == [
+      ["start go", ""], ["", "mid"], ["", ""], ["", ""]]
+  assert _as_str(src["validation"][0]["texts"]) == ["", "v"]  # frame 8 -> chunk 2
+  first = src["train"][1]
+  assert _as_str(first["prompt"]) == "red ramps up" and first["start_time"] == pytest.approx(0.5)
+  np.testing.assert_array_equal(first["frames"][:, 0, 0, 0], 7 * ((np.arange(8, 17)) // 2))
+
+  meta = cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path).info.metadata
+  assert meta["captions_in_dropped_tail"] == {"train": 1, "validation": 0}
+  got = {r["name"]: r["kind"] for r in meta["bad_records"]["train"]["records"]}
+  assert got == {"missing.mkv": "unreadable", "corrupt.mkv": "unreadable",
+                 "short.mkv": "too_short", "late.mkv": "caption_time",
+                 "nocaps.mkv": "missing_key", "badcap.mkv": "bad_entry",
+                 "videos[8]": "missing_key"}
+  assert meta["bad_records"]["train"]["count"] == 7
+  assert meta["bad_records"]["train"]["by_kind"]["unreadable"] == 2
+  reasons = {r["name"]: r["reason"] for r in meta["bad_records"]["train"]["records"]}
+  assert "not found" in reasons["missing.mkv"] and "t=2.5" in reasons["late.mkv"]
+  for name in got:
+    assert any(name in rec.getMessage() for rec in caplog.records), name
+
+
+def test_split_of_only_bad_records_is_a_clear_error(tmp_path):
+  (tmp_path / "src").mkdir()
+  (tmp_path / "src" / "captions.json").write_text(json.dumps(
+      {"videos": [{"file": "gone.mkv", "captions": []}]}))
+  cfg = cv_lib.CaptionedVideoBuilderConfig(name="empty", height=8, width=8, num_chunks=1)
+  with pytest.raises(Exception, match="every record was bad.*gone.mkv"):
+    cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path / "dd").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "src"))
