@@ -65,7 +65,7 @@ LLAMA3_SPECIALS = {
 }
 # load_tokenizer tries these role maps in order when none is given.
 KNOWN_SPECIALS = (NATIVE_SPECIALS, LLAMA3_SPECIALS)
-# Metaspace replacement for spaces in character-level BPE (SentencePiece's "lower one eighth block").
+# Metaspace marker for spaces in character-level BPE (SentencePiece's U+2581).
 _SPACE = "\u2581"
 
 

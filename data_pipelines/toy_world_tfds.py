@@ -173,7 +173,6 @@ class ToyWorld(tfds.core.GeneratorBasedBuilder):
             caption_mode=cfg.caption_mode, caption_every=cfg.caption_every,
             wrong_rate=cfg.wrong_rate, validation_seed_offset=VALIDATION_SEED_OFFSET,
             moves=list(toy_world.MOVES)),
-        homepage="docs/toy_world.md",
     )
 
   def _split_generators(self, dl_manager):
