@@ -214,3 +214,18 @@ def test_unknown_tokenizer_without_specials_is_a_clear_error(tmp_path):
   Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "t.json"))
   with pytest.raises(tok_lib.SpecialTokenError, match="pass specials"):
     tok_lib.load_tokenizer(tmp_path / "t.json")
+
+
+def test_encoded_toy_texts_lay_out_in_the_sequence(char_tok, tiny_exp):
+  """Token ids from the tokenizer are accepted by the layout (in vocab, no specials)."""
+  from tv2tv_jax import sequence
+  clip = toy_world.generate_clip(5, tiny_exp.seq.max_chunks - 1)
+  latents = np.zeros((clip.num_chunks + 1, *tiny_exp.model.latent_shape), np.float32)
+  ex = sequence.Example(prompt=char_tok.encode("stop"),
+                        chunk_texts=[char_tok.encode(t) for t in clip.texts],
+                        latents=latents, first_frame=True, name="clip5")
+  laid = sequence.layout_example(ex, tiny_exp.seq, tiny_exp.model)
+  text = laid.text_tokens.tolist()
+  assert text.count(char_tok.bof_id) == clip.num_chunks and text[-1] == char_tok.eos_id
+  words = char_tok.decode(laid.text_tokens)  # specials skipped, chunk texts concatenated
+  assert words == "stop" + "".join(clip.texts)
