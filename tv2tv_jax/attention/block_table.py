@@ -22,7 +22,9 @@ the structure of the rule in `tv2tv_jax.masks`:
           non-noisy keys is <= the lexicographic maximum over real queries (any
           visible causal pair (s, ok) <= (s, oq) sits between the two), or
         same_chunk possible: the non-zero chunk-id ranges overlap.
-  plan_hidden is ignored here (it only removes pairs), which keeps this sound.
+  and not all pairs CFG-hidden (every query a dropped noisy slot of plan p, every
+  key a text slot of plan p); finer plan_hidden structure is ignored (it only
+  removes pairs, so ignoring it keeps the answer sound).
 * FULL needs all of
     - every q and k slot real (no padding) and all in one segment s;
     - no CFG-hidden pair: the plan range of dropped noisy queries and the plan range
@@ -77,8 +79,10 @@ class BlockSummary(NamedTuple):
   one_chunk: jax.Array  # bool: every slot has the same non-zero chunk id
   drop_plan_lo: jax.Array  # plan range of dropped noisy slots with a plan
   drop_plan_hi: jax.Array
+  all_dropped: jax.Array  # bool: every slot is such a dropped noisy slot
   text_plan_lo: jax.Array  # plan range of text slots with a plan
   text_plan_hi: jax.Array
+  all_planned_text: jax.Array  # bool: every slot is such a text slot
   pad_slot_lo: jax.Array  # slot range of padding slots
   pad_slot_hi: jax.Array
   slot_lo: jax.Array  # slot range of all slots
@@ -124,7 +128,9 @@ def summarize(f: masks.SlotFields, block: int) -> BlockSummary:
       chunk_lo=_min(chunk, has_chunk), chunk_hi=_max(chunk, has_chunk),
       one_chunk=jnp.all(has_chunk, axis=-1) & (_min(chunk, every) == _max(chunk, every)),
       drop_plan_lo=_min(plan, dropped), drop_plan_hi=_max(plan, dropped),
+      all_dropped=jnp.all(dropped, axis=-1),
       text_plan_lo=_min(plan, planned_text), text_plan_hi=_max(plan, planned_text),
+      all_planned_text=jnp.all(planned_text, axis=-1),
       pad_slot_lo=_min(slot, ~real), pad_slot_hi=_max(slot, ~real),
       slot_lo=_min(slot, every), slot_hi=_max(slot, every))
 
@@ -144,7 +150,10 @@ def classify(qs: BlockSummary, ks: BlockSummary) -> jax.Array:
                      | ((k.lex_seg_lo == q.lex_seg_hi) & (k.lex_ord_lo <= q.lex_ord_hi)))
   causal_possible &= k.lex_seg_lo != _BIG  # some real non-noisy key at all
   chunk_possible = _overlap(q.chunk_lo, q.chunk_hi, k.chunk_lo, k.chunk_hi)
-  nonempty = pad_possible | (seg_possible & (causal_possible | chunk_possible))
+  # Every pair CFG-hidden: dropped noisy queries of one plan against that plan's text.
+  all_hidden = (q.all_dropped & k.all_planned_text & (q.drop_plan_lo == q.drop_plan_hi)
+                & (k.text_plan_lo == k.text_plan_hi) & (q.drop_plan_lo == k.text_plan_lo))
+  nonempty = pad_possible | (seg_possible & (causal_possible | chunk_possible) & ~all_hidden)
 
   one_segment = (~q.any_pad & ~k.any_pad & (q.seg_lo == q.seg_hi) & (k.seg_lo == k.seg_hi)
                  & (q.seg_lo == k.seg_lo))
