@@ -65,9 +65,16 @@ def init_params(model: TV2TV, exp: Experiment, rng: jax.Array, batch_size: int =
   return model.init(rng, **kwargs)["params"]
 
 
+# Jitted (eager init dispatches every op separately); model and exp are static, so
+# repeated inits of one configuration compile once.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_unboxed(model: TV2TV, exp: Experiment, rng: jax.Array):
+  return nn.unbox(init_params(model, exp, rng))
+
+
 def create_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
   """Unboxed params and a fresh optimizer state."""
-  params = nn.unbox(init_params(model, exp, rng))
+  params = _init_unboxed(model, exp, rng)
   tx = make_optimizer(exp.optim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     tx=tx)
@@ -92,7 +99,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
   (_, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                  learning_rate=learning_rate_schedule(exp.optim)(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

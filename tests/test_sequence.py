@@ -1,0 +1,141 @@
+"""The interleaved sequence: layouts, shared positions, targets, packing, bad inputs."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tv2tv_jax import sequence, synthetic
+from tv2tv_jax.sequence import CLEAN, NOISY, PAD, TEXT
+
+
+def _example(exp, num_chunks=3, first_frame=True, seed=0, **kw):
+  rng = np.random.default_rng(seed)
+  return synthetic.random_example(rng, exp.seq, exp.model, num_chunks=num_chunks,
+                                  first_frame=first_frame, max_text_len=2, **kw)
+
+
+def _logical(row, seq, model):
+  """The logical interleaved sequence of segment 1 as a list of (kind, value) by order."""
+  T, n = seq.text_len, model.tokens_per_chunk
+  items = {}
+  seg = row["segment_ids"]
+  for slot in np.nonzero(seg == 1)[0]:
+    mod, order = row["modality"][slot], row["order"][slot]
+    if mod == TEXT:
+      items[order] = ("text", int(row["text_tokens"][slot]))
+    elif (order - row["order"][slot - (slot - T) % n]) == 0:  # first token of a copy
+      items[order] = ("noisy" if mod == NOISY else "clean", int(row["chunk_ids"][slot]))
+  return [items[k] for k in sorted(items)]
+
+
+@pytest.mark.parametrize("layout", ["tv2tv", "t2v", "think2v"])
+def test_layouts(tiny_exp, layout):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  ex = dataclasses.replace(
+      _example(tiny_exp, num_chunks=2, first_frame=True),
+      prompt=np.array([10, 11]), chunk_texts=[np.array([20]), np.array([30, 31])])
+  row = sequence.pack_row([sequence.layout_example(ex, seq, model, layout)], seq, model)
+  kinds = [(k if k in ("noisy", "clean") else v) for k, v in _logical(row, seq, model)]
+  B, E, S = seq.bof_id, seq.eof_id, seq.eos_id
+  expected = {
+      "tv2tv": [10, 11, "clean", 20, B, "noisy", "clean", E, 30, 31, B, "noisy", "clean", E, S],
+      "t2v": [10, 11, "clean", B, "noisy", "clean", E, B, "noisy", "clean", E, S],
+      "think2v": [10, 11, "clean", 20, 30, 31, B, "noisy", "clean", E, B, "noisy", "clean", E,
+                  S],
+  }[layout]
+  assert kinds == expected
+
+
+def test_noisy_and_clean_copies_share_positions(tiny_exp):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  row = sequence.pack_row([sequence.layout_example(_example(tiny_exp), seq, model)], seq, model)
+  T, K, n = seq.text_len, seq.max_chunks, model.tokens_per_chunk
+  for j in np.nonzero(row["noisy_valid"])[0]:
+    noisy_pos = row["positions"][T + j * n: T + (j + 1) * n]
+    src = row["noisy_src"][j]  # the clean copy holding the same latent
+    clean_pos = row["positions"][T + K * n + src * n: T + K * n + (src + 1) * n]
+    np.testing.assert_array_equal(noisy_pos, clean_pos)
+    np.testing.assert_array_equal(noisy_pos, noisy_pos[0] + np.arange(n))
+    # ...and the clean copy follows its noisy twin in logical order.
+    assert row["order"][T + K * n + src * n] == row["order"][T + j * n] + n
+
+
+def test_text_targets(tiny_exp):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  ex = dataclasses.replace(_example(tiny_exp, num_chunks=1, first_frame=False),
+                           prompt=np.array([10]), chunk_texts=[np.array([20, 21])])
+  lo = sequence.layout_example(ex, seq, model)
+  # prompt 10, text 20 21, BOF, [chunk], EOF, EOS
+  np.testing.assert_array_equal(lo.text_tokens, [10, 20, 21, seq.bof_id, seq.eof_id, seq.eos_id])
+  np.testing.assert_array_equal(lo.text_target_mask, [1, 1, 1, 0, 1, 0])
+  np.testing.assert_array_equal(lo.text_targets[lo.text_target_mask],
+                                [20, 21, seq.bof_id, seq.eos_id])
+
+
+def test_packing_restarts_positions_and_separates_segments(tiny_exp):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  exs = [sequence.layout_example(_example(tiny_exp, num_chunks=1, seed=s, prompt_len=2),
+                                 seq, model) for s in range(2)]
+  row = sequence.pack_row(exs, seq, model)
+  for seg in (1, 2):
+    sel = row["segment_ids"] == seg
+    assert row["positions"][sel].min() == 0 and row["order"][sel].min() == 0
+    assert row["order"][sel].max() == exs[seg - 1].length - 1
+  assert set(np.unique(row["segment_ids"])) == {0, 1, 2}
+  assert (row["modality"][row["segment_ids"] == 0] == PAD).all()
+  eff = sequence.packing_efficiency(row["segment_ids"])
+  assert eff == pytest.approx(sum(e.length for e in exs) / row["segment_ids"].size)
+
+
+def test_row_packer_is_deterministic_and_fills_rows(tiny_exp):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  def rows():
+    exs = [sequence.layout_example(_example(tiny_exp, num_chunks=1, seed=s, first_frame=False),
+                                   seq, model) for s in range(12)]
+    return list(sequence.pack_stream(exs, seq, model))
+  a, b = rows(), rows()
+  assert len(a) == len(b) and len(a) < 12  # several examples share a row
+  for ra, rb in zip(a, b):
+    for key in ra:
+      np.testing.assert_array_equal(ra[key], rb[key])
+  total = sum(int(r["noisy_valid"].sum()) for r in a)
+  assert total == 12  # nothing lost
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda ex: dataclasses.replace(ex, latents=ex.latents[:, :2]), r"latents have shape"),
+    (lambda ex: dataclasses.replace(ex, latents=np.where(
+        np.arange(ex.latents.shape[0])[:, None, None, None] == 2, np.nan, ex.latents)),
+     r"latents\[2\] contains NaN"),
+    (lambda ex: dataclasses.replace(ex, chunk_texts=[np.array([5, 9999])] + list(
+        ex.chunk_texts[1:])), r"chunk_texts\[0\]\[1\] = 9999 is outside the vocabulary"),
+    (lambda ex: dataclasses.replace(ex, prompt=np.array([-1])), r"prompt\[0\] = -1"),
+    (lambda ex: dataclasses.replace(ex, chunk_texts=list(ex.chunk_texts[:-1])),
+     r"chunk_texts has 2 entries but there are 3 generated chunks"),
+])
+def test_bad_examples_are_named(tiny_exp, mutate, message):
+  ex = mutate(_example(tiny_exp, num_chunks=3))
+  ex = dataclasses.replace(ex, name="clip-42")
+  with pytest.raises(sequence.ExampleError, match=message) as err:
+    sequence.layout_example(ex, tiny_exp.seq, tiny_exp.model)
+  assert str(err.value).startswith("clip-42:")
+
+
+def test_special_token_in_text_is_rejected(tiny_exp):
+  ex = dataclasses.replace(_example(tiny_exp), chunk_texts=[np.array([7, tiny_exp.seq.bof_id]),
+                                                            np.array([]), np.array([])])
+  with pytest.raises(sequence.ExampleError, match=r"chunk_texts\[0\]\[1\] is the special token BOF"):
+    sequence.layout_example(ex, tiny_exp.seq, tiny_exp.model)
+
+
+def test_over_long_examples_are_named(tiny_exp):
+  seq, model = tiny_exp.seq, tiny_exp.model
+  long_text = dataclasses.replace(_example(tiny_exp, num_chunks=1, first_frame=False),
+                                  prompt=np.full(seq.text_len, 7), name="long-text")
+  with pytest.raises(sequence.ExampleError, match=r"long-text: needs \d+ text slots but "
+                     rf"seq.text_len is {seq.text_len}"):
+    sequence.layout_example(long_text, seq, model)
+  many = _example(tiny_exp, num_chunks=seq.max_chunks + 1, first_frame=False)
+  with pytest.raises(sequence.ExampleError, match="seq.max_chunks"):
+    sequence.layout_example(many, seq, model)
