@@ -18,7 +18,8 @@ MLP = "mlp"  # FFN hidden width
 NORM = "norm"  # RMSNorm scale vectors
 CONV_IN = "conv_in"  # U-Net conv input channels
 CONV_OUT = "conv_out"  # U-Net conv output channels
-CONV_SPACE = "conv_space"  # conv kernel spatial taps, latent-grid position tables
+CONV_HEIGHT = "conv_height"  # conv kernel taps / latent-grid rows
+CONV_WIDTH = "conv_width"  # conv kernel taps / latent-grid columns
 PATCH = "patch"  # flattened patch features (p*p*C)
 
 # --- activations ------------------------------------------------------------
@@ -31,7 +32,7 @@ ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"
 
 PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, NORM,
-              CONV_IN, CONV_OUT, CONV_SPACE, PATCH)
+              CONV_IN, CONV_OUT, CONV_HEIGHT, CONV_WIDTH, PATCH)
 ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP,
                    ACT_VOCAB)
 

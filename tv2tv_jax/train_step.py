@@ -41,8 +41,12 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW on the warmup-cosine schedule."""
+  """Global-norm clipping then AdamW on the warmup-cosine schedule.
+
+  Cached per config: the optimizer is static metadata of TrainState, and trees built
+  by separate calls (abstract vs real state, shardings) must compare equal."""
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
@@ -65,19 +69,25 @@ def init_params(model: TV2TV, exp: Experiment, rng: jax.Array, batch_size: int =
   return model.init(rng, **kwargs)["params"]
 
 
-# Jitted (eager init dispatches every op separately); model and exp are static, so
-# repeated inits of one configuration compile once.
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_unboxed(model: TV2TV, exp: Experiment, rng: jax.Array):
-  return nn.unbox(init_params(model, exp, rng))
-
-
-def create_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
-  """Unboxed params and a fresh optimizer state."""
-  params = _init_unboxed(model, exp, rng)
+def boxed_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
+  """A fresh TrainState whose params and optimizer state keep their logical-axis boxes
+  (`nn.LogicallyPartitioned`): what sharded init reads partition specs from."""
+  params = init_params(model, exp, rng)
   tx = make_optimizer(exp.optim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     tx=tx)
+
+
+# Jitted (eager init dispatches every op separately); model and exp are static, so
+# repeated inits of one configuration compile once.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_unboxed(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
+  return nn.unbox(boxed_train_state(model, exp, rng))
+
+
+def create_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainState:
+  """A fresh TrainState with plain arrays, on the default device."""
+  return _init_unboxed(model, exp, rng)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, *,

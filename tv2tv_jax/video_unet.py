@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from tv2tv_jax import axes
 from tv2tv_jax.config import ModelConfig
 
-_CONV_NAMES = (axes.CONV_SPACE, axes.CONV_SPACE, axes.CONV_IN, axes.CONV_OUT)
+_CONV_NAMES = (axes.CONV_HEIGHT, axes.CONV_WIDTH, axes.CONV_IN, axes.CONV_OUT)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -118,7 +118,7 @@ class VideoDownsampler(nn.Module):
     temb = TimeEmbed(c)(t)
     x = _Conv(c.unet_channels, c)(latents.astype(jnp.dtype(c.dtype)))
     pos = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (axes.CONV_SPACE, axes.CONV_SPACE, axes.CONV_OUT)),
+        nn.initializers.normal(0.02), (axes.CONV_HEIGHT, axes.CONV_WIDTH, axes.CONV_OUT)),
         (h, w, c.unet_channels), jnp.dtype(c.param_dtype))
     x = x + pos.astype(x.dtype)[None]
     for _ in range(c.unet_blocks):

@@ -1,0 +1,192 @@
+"""Device mesh, logical-axis rules, sharded init and the sharded train step.
+
+The mesh has four named axes (sizes from the config's `mesh` section, -1 = fill
+with the remaining devices):
+
+  data      pure data parallelism (params replicated)
+  fsdp      data parallelism with parameters and optimizer state sharded
+  tensor    tensor (head / FFN / vocab) parallelism
+  sequence  sequence parallelism (room for it: the default rules map nothing here)
+
+Which logical axis (`tv2tv_jax.axes`) lands on which mesh axis is the experiment
+config's `sharding_rules` list. The same code runs on one CPU device, 8 fake CPU
+devices and a TPU topology: only the mesh differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tv2tv_jax import axes, train_step
+from tv2tv_jax.config import ConfigError, Experiment
+from tv2tv_jax.model import TV2TV
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
+
+Rules = tuple[tuple[str, Any], ...]
+
+# The default rules, grouped: what a config gets unless it says otherwise.
+DEFAULT_RULES: Rules = (
+    # activations: batch over data x fsdp; heads, FFN and vocab over tensor.
+    (axes.BATCH, BATCH_AXES),
+    (axes.LENGTH, None),  # 'sequence' here turns on sequence parallelism
+    (axes.ACT_EMBED, None),
+    (axes.ACT_HEADS, "tensor"),
+    (axes.ACT_KV_HEADS, "tensor"),
+    (axes.ACT_MLP, "tensor"),
+    (axes.ACT_VOCAB, "tensor"),
+    # parameters: FSDP over the model width, tensor parallelism over heads/FFN/vocab.
+    (axes.LAYERS, None),
+    (axes.EMBED, "fsdp"),
+    (axes.VOCAB, "tensor"),
+    (axes.Q_HEADS, "tensor"),
+    (axes.KV_HEADS, "tensor"),
+    (axes.HEAD_DIM, None),
+    (axes.MLP, "tensor"),
+    (axes.NORM, None),
+    # the U-Nets are small: replicated.
+    (axes.CONV_IN, None),
+    (axes.CONV_OUT, None),
+    (axes.CONV_HEIGHT, None),
+    (axes.CONV_WIDTH, None),
+    (axes.PATCH, None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  sequence: int = 1
+
+
+def mesh_config(cfg: Mapping[str, Any] | None) -> MeshConfig:
+  values = dict(cfg or {})
+  unknown = sorted(set(values) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis; axes are {MESH_AXES}")
+  return MeshConfig(**values)
+
+
+def resolve_mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """Mesh axis sizes with one -1 filled in; raises ConfigError naming the field."""
+  sizes = [getattr(mc, a) for a in MESH_AXES]
+  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh.{fill[1]}", "only one mesh axis may be -1")
+  for a, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ConfigError(f"mesh.{a}", f"must be positive or -1, got {s}")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ConfigError(f"mesh.{fill[0]}", f"the other axes ({known}) do not divide "
+                        f"{num_devices} devices")
+    sizes[MESH_AXES.index(fill[0])] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError("mesh.data", f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+                      f"{math.prod(sizes)} devices, have {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with Auto axes (the Linen/GSPMD flow)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(mc, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def rules_from_config(cfg: Any) -> Rules:
+  """The config's `sharding_rules` (list of [logical, mesh axis or list or None])."""
+  raw = cfg.get("sharding_rules") if hasattr(cfg, "get") else None
+  if raw is None:
+    return DEFAULT_RULES
+  rules = []
+  for i, entry in enumerate(raw):
+    name, target = entry
+    if name not in axes.PARAM_AXES + axes.ACTIVATION_AXES:
+      raise ConfigError(f"sharding_rules[{i}]", f"unknown logical axis {name!r}")
+    if isinstance(target, (list, tuple)):
+      target = tuple(target)
+    for t in (target if isinstance(target, tuple) else (target,)):
+      if t is not None and t not in MESH_AXES:
+        raise ConfigError(f"sharding_rules[{i}]", f"unknown mesh axis {t!r}")
+    rules.append((name, target))
+  return tuple(rules)
+
+
+def check_divisibility(exp: Experiment, mesh: Mesh) -> None:
+  """Shapes the mesh must divide, checked before compiling, naming the field."""
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if exp.train.batch_size % batch_shards:
+    raise ConfigError("train.batch_size", f"{exp.train.batch_size} rows do not split over "
+                      f"data x fsdp = {batch_shards} devices")
+  t = mesh.shape["tensor"]
+  for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
+    if getattr(exp.model, field) % t:
+      raise ConfigError(f"model.{field}", f"{getattr(exp.model, field)} does not split over "
+                        f"mesh.tensor = {t}")
+  if exp.model.d_model % mesh.shape["fsdp"]:
+    raise ConfigError("model.d_model", f"{exp.model.d_model} does not split over "
+                      f"mesh.fsdp = {mesh.shape['fsdp']}")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp; everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def state_shardings(model: TV2TV, exp: Experiment, mesh: Mesh, rules: Rules):
+  """A TrainState-shaped tree of NamedShardings (no allocation: eval_shape)."""
+  abstract = jax.eval_shape(functools.partial(train_step.boxed_train_state, model, exp),
+                            jax.random.key(0))
+  specs = nn.get_partition_spec(abstract)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def init_sharded_state(model: TV2TV, exp: Experiment, mesh: Mesh, rules: Rules,
+                       rng: jax.Array):
+  """(TrainState laid out by `rules` on `mesh`, its shardings)."""
+  shardings = state_shardings(model, exp, mesh, rules)
+  init = jax.jit(lambda r: nn.unbox(train_step.boxed_train_state(model, exp, r)),
+                 out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return init(rng), shardings
+
+
+def make_sharded_train_step(model: TV2TV, exp: Experiment, mesh: Mesh, rules: Rules,
+                            shardings):
+  """The train step jitted with explicit in/out shardings and the state donated.
+
+  Call it inside `jax.set_mesh(mesh)` (activation constraints read the mesh then).
+  """
+  def step(state, batch, base_rng):
+    with nn.logical_axis_rules(rules):
+      return train_step.train_step(state, batch, base_rng, model=model, exp=exp)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Places a host batch on the mesh. Single process: the global batch; several
+  processes: each passes its own rows (`make_array_from_process_local_data`)."""
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(dict(batch), sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
