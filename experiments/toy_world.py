@@ -21,6 +21,8 @@ no meaning), which is enough to exercise and measure every part of the model.
 
 import ml_collections
 
+from experiments import sharding_rules
+
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -38,7 +40,13 @@ def _base() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=50, total_steps=2000, end_lr_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
-  c.train = ml_collections.ConfigDict(dict(batch_size=8, num_steps=2000, log_every=20, seed=0))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=8, num_steps=2000, log_every=20, seed=0,
+      save_every=500, keep_last=3, keep_every=0, async_checkpoints=True,
+      eval_every=500, eval_batches=2, eval_times=(0.25, 0.5, 0.75), max_nonfinite_steps=5))
+  # Device mesh (-1: all remaining devices) and where logical axes go on it.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  c.sharding_rules = sharding_rules.fsdp_tensor_rules()
   # Trainer-only settings (not part of the frozen Experiment).
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic",
@@ -54,7 +62,8 @@ def _tiny(c):
                  unet_channels=16, unet_groups=4, time_embed_dim=16)
   c.seq.update(text_len=32, max_chunks=4)
   c.optim.update(learning_rate=3e-3, warmup_steps=10, total_steps=300)
-  c.train.update(batch_size=4, num_steps=20, log_every=5)
+  c.train.update(batch_size=4, num_steps=20, log_every=5, save_every=0, eval_every=0,
+                 eval_batches=1)
 
 
 def _quick(c):
@@ -62,7 +71,7 @@ def _quick(c):
                  head_dim=32, mlp_dim=384, latent_shape=(8, 8, 8), unet_channels=32)
   c.seq.update(text_len=96, max_chunks=8)
   c.optim.update(learning_rate=2e-3, warmup_steps=30, total_steps=300)
-  c.train.update(batch_size=4, num_steps=300, log_every=25)
+  c.train.update(batch_size=4, num_steps=300, log_every=25, save_every=100, eval_every=100)
   c.data.update(synthetic_batches=4)
 
 

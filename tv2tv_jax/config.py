@@ -111,6 +111,18 @@ class TrainConfig:
   num_steps: int = 1000
   log_every: int = 10
   seed: int = 0
+  # Checkpoints: every `save_every` steps (0 = only at the end); keep the last
+  # `keep_last`, plus every `keep_every`-th step forever (0 = none).
+  save_every: int = 0
+  keep_last: int = 3
+  keep_every: int = 0
+  async_checkpoints: bool = True
+  # Evaluation at fixed flow times on held-out batches (0 = only at the end).
+  eval_every: int = 0
+  eval_batches: int = 2
+  eval_times: tuple[float, ...] = (0.25, 0.5, 0.75)
+  # Stop after this many consecutive skipped (non-finite) updates.
+  max_nonfinite_steps: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +206,13 @@ def validate(exp: Experiment) -> Experiment:
   _require(0 <= o.warmup_steps < max(o.total_steps, 1), "optim.warmup_steps",
            f"must lie in [0, total_steps={o.total_steps})")
   _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+  for name in ("save_every", "keep_every", "eval_every"):
+    _require(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
+  _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+  _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+  _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+  _require(len(t.eval_times) >= 1 and all(0.0 <= x <= 1.0 for x in t.eval_times),
+           "train.eval_times", f"need at least one time in [0, 1], got {t.eval_times}")
   _require(exp.loss.lambda_txt >= 0 and exp.loss.lambda_vid >= 0, "loss.lambda_txt",
            "loss weights must be non-negative")
   return exp

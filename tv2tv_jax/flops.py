@@ -8,6 +8,12 @@ input is data (the first conv on latents), whose input gradient is never formed.
 
 from __future__ import annotations
 
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
 from tv2tv_jax.config import Experiment
 
 
@@ -68,6 +74,30 @@ def train_step_flops(exp: Experiment, batch_size: int, routed: bool = True) -> f
   return 3 * (sum(f.values()) - f["unet_data_conv"]) + 2 * f["unet_data_conv"]
 
 
-def tokens_per_row(exp: Experiment) -> int:
-  """Slots in one packed row (L)."""
-  return exp.row_len
+# Dense bf16 peak FLOP/s per chip, from the vendors' published figures.
+_PEAK_BY_KIND = (
+    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops() -> float:
+  """Peak FLOP/s of one local device: the published bf16 figure for known accelerators;
+  on CPU, the float32 matmul rate measured now (a 1024^3 jnp.dot, best of 5)."""
+  device = jax.local_devices()[0]
+  kind = device.device_kind.lower()
+  for key, peak in _PEAK_BY_KIND:
+    if key in kind:
+      return peak
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    dot(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  # With N fake CPU devices on one host they share its cores.
+  return 2 * n ** 3 / best / max(1, jax.local_device_count() if kind == "cpu" else 1)

@@ -9,7 +9,7 @@ with the remaining devices):
   sequence  sequence parallelism (room for it: the default rules map nothing here)
 
 Which logical axis (`tv2tv_jax.axes`) lands on which mesh axis is the experiment
-config's `sharding_rules` list. The same code runs on one CPU device, 8 fake CPU
+config's `sharding_rules` list (shared ones: `experiments/sharding_rules.py`). The same code runs on one CPU device, 8 fake CPU
 devices and a TPU topology: only the mesh differs.
 """
 
@@ -33,34 +33,6 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
 
 Rules = tuple[tuple[str, Any], ...]
-
-# The default rules, grouped: what a config gets unless it says otherwise.
-DEFAULT_RULES: Rules = (
-    # activations: batch over data x fsdp; heads, FFN and vocab over tensor.
-    (axes.BATCH, BATCH_AXES),
-    (axes.LENGTH, None),  # 'sequence' here turns on sequence parallelism
-    (axes.ACT_EMBED, None),
-    (axes.ACT_HEADS, "tensor"),
-    (axes.ACT_KV_HEADS, "tensor"),
-    (axes.ACT_MLP, "tensor"),
-    (axes.ACT_VOCAB, "tensor"),
-    # parameters: FSDP over the model width, tensor parallelism over heads/FFN/vocab.
-    (axes.LAYERS, None),
-    (axes.EMBED, "fsdp"),
-    (axes.VOCAB, "tensor"),
-    (axes.Q_HEADS, "tensor"),
-    (axes.KV_HEADS, "tensor"),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, "tensor"),
-    (axes.NORM, None),
-    # the U-Nets are small: replicated.
-    (axes.CONV_IN, None),
-    (axes.CONV_OUT, None),
-    (axes.CONV_HEIGHT, None),
-    (axes.CONV_WIDTH, None),
-    (axes.PATCH, None),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -108,10 +80,11 @@ def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def rules_from_config(cfg: Any) -> Rules:
-  """The config's `sharding_rules` (list of [logical, mesh axis or list or None])."""
+  """The config's `sharding_rules` (list of [logical, mesh axis or list or None]);
+  without any, every axis is replicated."""
   raw = cfg.get("sharding_rules") if hasattr(cfg, "get") else None
   if raw is None:
-    return DEFAULT_RULES
+    return axes.REPLICATED_RULES
   rules = []
   for i, entry in enumerate(raw):
     name, target = entry

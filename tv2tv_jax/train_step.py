@@ -100,18 +100,25 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
     base_rng: the run's base key; this step uses fold_in(base_rng, state.step).
     sample: fixed flow noise instead of a fresh draw (evaluation-style debugging).
   Returns:
-    (new state, metrics: loss, text_ce, video_mse, grad_norm, learning_rate, counts).
+    (new state, metrics: loss, text_ce, video_mse, grad_norm, learning_rate, counts,
+    skipped: 1 when the update was skipped for a non-finite loss or gradient).
   """
   rng = jax.random.fold_in(base_rng, state.step)
   if sample is None:
     sample = flow.sample_flow(rng, batch["latents"].shape, exp.flow)
   grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
+  (loss, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+  # A non-finite loss or gradient skips the update (params and optimizer state stay
+  # as they were); the step still advances so data and randomness stay aligned.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32),
                  learning_rate=learning_rate_schedule(exp.optim)(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return state.replace(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), metrics
 
 
 def make_train_step(model: TV2TV, exp: Experiment, **jit_kwargs) -> Callable:

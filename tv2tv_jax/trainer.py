@@ -1,119 +1,182 @@
-"""The training loop: build, init, compile, train, log. `main.py` only parses flags.
+"""The training loop: mesh, sharded init or resume, train, evaluate, checkpoint, log.
 
-Writes into the work directory:
-  config.json      the full experiment config
-  metrics.jsonl    one JSON object per logged step (both losses, grad norm, lr,
-                   tokens/s, model FLOPs utilisation estimate)
+`main.py` only parses flags. Writes into the work directory (process 0):
+  config.json        the experiment config
+  metrics.jsonl      one JSON object per logged step (appended across resumes)
+  tensorboard/       TensorBoard event files of the same scalars
+  checkpoints/<step> Orbax checkpoints (state, input-iterator state, config)
+
+A run resumes from the newest readable checkpoint in `workdir/checkpoints`; the
+input stream and the per-step randomness (fold_in(seed, step)) resume with it, so a
+resumed run logs exactly the losses an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
+from tv2tv_jax import (checkpoints, evaluation, flops, inputs, metric_logging, sharding,
+                       train_step)
 from tv2tv_jax import config as config_lib
-from tv2tv_jax import flops, synthetic, train_step
 from tv2tv_jax.model import TV2TV
 
 
-def synthetic_batches(exp: config_lib.Experiment, data_cfg: Any) -> Iterator[dict]:
-  """Packed batches of random examples; cycles `synthetic_batches` of them if > 0."""
-  def make(i):
-    return synthetic.random_batch(exp.train.seed * 1_000_003 + i, exp.seq, exp.model,
-                                  exp.train.batch_size, layout=exp.seq.layout,
-                                  max_examples_per_row=data_cfg.get("max_examples_per_row", 3),
-                                  max_text_len=data_cfg.get("max_text_len", 3))
-  count = int(data_cfg.get("synthetic_batches", 0))
-  if count > 0:
-    fixed = [make(i) for i in range(count)]
-    return itertools.cycle(fixed)
-  return (make(i) for i in itertools.count())
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive non-finite losses; the last good checkpoint is intact."""
 
 
-def make_batches(exp: config_lib.Experiment, cfg: ml_collections.ConfigDict) -> Iterator[dict]:
-  """The configured input stream of packed numpy batches."""
-  data_cfg = cfg.get("data", ml_collections.ConfigDict({"source": "synthetic"}))
-  source = data_cfg.get("source", "synthetic")
-  if source == "synthetic":
-    return synthetic_batches(exp, data_cfg)
-  raise config_lib.ConfigError("data.source", f"unknown source {source!r}; known: synthetic")
+def _config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(cfg.to_json_best_effort())
 
 
-def _scalar_metrics(metrics) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+class Run:
+  """Everything a training or evaluation process builds from one config."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
+    self.cfg = cfg
+    self.exp = config_lib.experiment_from_config_dict(cfg)  # validates before any compile
+    self.mesh = sharding.make_mesh(sharding.mesh_config(cfg.get("mesh")), devices)
+    self.rules = sharding.rules_from_config(cfg)
+    sharding.check_divisibility(self.exp, self.mesh)
+    self.model = TV2TV(self.exp.model)
+    self.init_rng, self.step_rng = jax.random.split(jax.random.key(self.exp.train.seed))
+    self.shardings = sharding.state_shardings(self.model, self.exp, self.mesh, self.rules)
+
+  def abstract_state(self):
+    return jax.eval_shape(lambda r: nn.unbox(train_step.boxed_train_state(
+        self.model, self.exp, r)), self.init_rng)
+
+  def restore_target(self):
+    """Abstract saved tree carrying this mesh's shardings."""
+    return checkpoints.abstract_target(checkpoints.state_tree(self.abstract_state()),
+                                       checkpoints.state_tree(self.shardings))
+
+  def state_from_tree(self, tree) -> train_step.TrainState:
+    return train_step.TrainState(step=tree["step"], params=tree["params"],
+                                 opt_state=tree["opt_state"],
+                                 tx=train_step.make_optimizer(self.exp.optim))
+
+  def eval_fn(self):
+    return evaluation.make_eval_fn(self.model, self.exp, self.mesh, self.rules,
+                                   self.shardings.params)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, log=print) -> list[dict[str, float]]:
-  """Trains the configured model; returns the logged metric records.
+def train(cfg: ml_collections.ConfigDict, workdir: str,
+          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+  """Trains (or resumes) the configured model; returns the records logged by this call.
 
-  Args:
-    cfg: an experiment ConfigDict (`experiments/*.py`).
-    workdir: output directory (created).
-    log: where progress lines go.
+  Raises:
+    config.ConfigError: a config field that cannot work (before any compile).
+    NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
   """
-  exp = config_lib.experiment_from_config_dict(cfg)  # validates before any compile
+  run = Run(cfg)
+  exp, mesh = run.exp, run.mesh
+  tc = exp.train
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  logger = metric_logging.MetricLogger(workdir, tc.num_steps, log)
 
-  model = TV2TV(exp.model)
-  rng = jax.random.key(exp.train.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  state = train_step.create_train_state(model, exp, init_rng)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
+                                  async_save=tc.async_checkpoints)
+  data = inputs.make_train_input(exp, cfg)
+  restored = ckpt.restore(run.restore_target(), logger.message)
+  if restored is not None:
+    start, tree, data_state, _ = restored
+    state = run.state_from_tree(tree)
+    data.set_state(data_state)
+    logger.message(f"resumed from checkpoint step {start} in {ckpt.directory}")
+  else:
+    start = 0
+    state, _ = sharding.init_sharded_state(run.model, exp, mesh, run.rules, run.init_rng)
+
+  step_fn = sharding.make_sharded_train_step(run.model, exp, mesh, run.rules, run.shardings)
+  eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  step_fn = train_step.make_train_step(model, exp)
-  batches = make_batches(exp, cfg)
+  step_flops = flops.train_step_flops(exp, tc.batch_size)
+  peak = flops.device_peak_flops() * mesh.size
+  logger.message(
+      f"model: {n_params / 1e6:.2f}M params; row length {exp.row_len} (text {exp.seq.text_len}"
+      f", {exp.seq.max_chunks} chunk copies x {exp.model.tokens_per_chunk} tokens x 2); "
+      f"layout {exp.seq.layout}; {step_flops / 1e9:.2f} GFLOP/step; mesh "
+      f"{dict(mesh.shape)}")
 
-  first = next(batches)
-  compiled = step_fn.lower(state, first, step_rng).compile()
-  mem = compiled.memory_analysis()
-  step_flops = flops.train_step_flops(exp, exp.train.batch_size)
-  log(f"model: {n_params / 1e6:.2f}M params, row length {exp.row_len} "
-      f"(text {exp.seq.text_len}, {exp.seq.max_chunks} chunk copies x "
-      f"{exp.model.tokens_per_chunk} tokens x 2), layout {exp.seq.layout}, "
-      f"{step_flops / 1e9:.2f} GFLOP/step")
-  if mem is not None:
-    log(f"compiled step: temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
-        f"arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB")
-
-  records = []
-  tokens_per_step = exp.train.batch_size * exp.row_len
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  t_last, steps_since = time.perf_counter(), 0
-  with open(metrics_path, "w") as out:
+  records, consecutive_bad, skipped_total = [], 0, 0
+  tokens_per_step = tc.batch_size * exp.row_len
+  steps_in_window, t_start = 0, time.perf_counter()
+  with jax.set_mesh(mesh):
+    first = sharding.put_batch(next(data), mesh)
+    compiled = step_fn.lower(state, first, run.step_rng).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      logger.message(f"compiled step per device: temp {mem.temp_size_in_bytes / 2**20:.1f} "
+                     f"MiB, arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB")
     batch = first
-    for step in range(exp.train.num_steps):
-      state, metrics = compiled(state, batch, step_rng)
-      steps_since += 1
-      if step == 0 or (step + 1) % exp.train.log_every == 0 or step + 1 == exp.train.num_steps:
-        m = _scalar_metrics(metrics)
+    t_window = time.perf_counter()  # step times exclude the compile above
+    for step in range(start, tc.num_steps):
+      state, metrics = compiled(state, batch, run.step_rng)
+      done = step + 1
+      skipped = int(metrics["skipped"])
+      skipped_total += skipped
+      consecutive_bad = consecutive_bad + 1 if skipped else 0
+      steps_in_window += 1
+      if consecutive_bad >= tc.max_nonfinite_steps:
+        ckpt.wait()
+        kept = ckpt.all_steps()
+        raise NonFiniteLossError(
+            f"{consecutive_bad} consecutive non-finite losses (steps {done - consecutive_bad + 1}"
+            f"..{done}); stopping. Last good checkpoint: "
+            f"{kept[-1] if kept else 'none'} in {ckpt.directory}")
+      if done == start + 1 or done % tc.log_every == 0 or done == tc.num_steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        dt = (now - t_last) / steps_since
-        t_last, steps_since = now, 0
-        m.update(step=step + 1, step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                 model_tflops_per_s=step_flops / dt / 1e12)
-        records.append(m)
-        out.write(json.dumps(m) + "\n")
-        out.flush()
-        log(f"step {step + 1:5d}  loss {m['loss']:.4f}  text_ce {m['text_ce']:.4f}  "
-            f"video_mse {m['video_mse']:.4f}  grad_norm {m['grad_norm']:.3f}  "
-            f"lr {m['learning_rate']:.2e}  {m['tokens_per_s']:.0f} tok/s")
-      batch = next(batches)
+        dt = (now - t_window) / steps_in_window
+        t_window, steps_in_window = now, 0
+        m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                 mfu=step_flops / dt / peak, skipped_total=skipped_total,
+                 eta_s=dt * (tc.num_steps - done))
+        logger.write(done, m)
+        records.append({"step": done, **m})
+        logger.console(
+            f"step {done:6d}/{tc.num_steps}  loss {m['loss']:.4f}  text_ce {m['text_ce']:.4f}"
+            f"  video_mse {m['video_mse']:.4f}  |g| {m['grad_norm']:.3f}  lr "
+            f"{m['learning_rate']:.2e}  {m['tokens_per_s']:.0f} tok/s  mfu {m['mfu']:.1%}  "
+            f"eta {metric_logging.format_eta(m['eta_s'])}"
+            + (f"  skipped {skipped_total}" if skipped_total else ""),
+            final=done == tc.num_steps)
+      if (tc.eval_every and done % tc.eval_every == 0) or done == tc.num_steps:
+        ev = evaluation.evaluate(eval_fn, state.params, eval_batches, tc.eval_times, mesh)
+        logger.write(done, ev)
+        records.append({"step": done, **ev})
+        logger.message(f"eval @ {done}: {evaluation.format_eval(ev)}")
+      if (tc.save_every and done % tc.save_every == 0) or done == tc.num_steps:
+        ckpt.save(done, state, data.get_state(), _config_dict(cfg))
+      if done < tc.num_steps:
+        batch = sharding.put_batch(next(data), mesh)
+  ckpt.wait()
+  ckpt.close()
+  logger.message(f"finished {tc.num_steps} steps in {time.perf_counter() - t_start:.1f} s"
+                 + (f" ({skipped_total} updates skipped)" if skipped_total else ""))
+  logger.close()
   return records
 
 
 def final_summary(records: list[dict[str, float]]) -> str:
-  """One line comparing the first and last logged losses."""
-  a, b = records[0], records[-1]
+  """One line comparing the first and last logged training losses."""
+  train_records = [r for r in records if "text_ce" in r]
+  if not train_records:
+    return "no training steps run (already complete)"
+  a, b = train_records[0], train_records[-1]
   return (f"text_ce {a['text_ce']:.3f} -> {b['text_ce']:.3f}, "
           f"video_mse {a['video_mse']:.3f} -> {b['video_mse']:.3f} "
-          f"over {int(b['step'])} steps")
-
-
+          f"(steps {int(a['step'])}..{int(b['step'])})")

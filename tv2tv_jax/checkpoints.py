@@ -1,0 +1,120 @@
+"""Orbax checkpoints: train state + data-iterator state + config, restorable on any mesh.
+
+Layout of a work directory's `checkpoints/<step>/`:
+  state/   step, params, opt_state (Orbax StandardSave; arrays sharded as saved)
+  data/    the input iterator's state (JSON), so input resumes exactly
+  config/  the experiment config (JSON)
+
+Saves are asynchronous: `save` returns once the arrays are copied off device, and
+the write finishes in the background. A failed background write is raised by the
+next `save` or by `wait` (never swallowed). Restoring takes an abstract target
+(`jax.ShapeDtypeStruct`s carrying the *current* mesh's shardings), so a checkpoint
+written on 8 devices restores onto 1 or 4. If the newest checkpoint cannot be read
+(truncated, corrupt), the previous one is used and the reason is reported.
+
+A params-only export (`export_params`) holds just the parameters, for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+from tv2tv_jax import train_step
+
+
+def state_tree(state: train_step.TrainState) -> dict[str, Any]:
+  """The saved part of a TrainState (the optimizer itself is rebuilt from the config)."""
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def abstract_target(abstract_state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings` (same tree) for restoring onto a mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, shardings)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in a directory could be restored; the message lists why."""
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` checkpoints, plus every `keep_every`-th step if set."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every: int | None = None,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every,
+                                           enable_async_checkpointing=async_save, create=True)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                      item_names=("state", "data", "config"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def save(self, step: int, state: train_step.TrainState, data_state: Any,
+           config: dict[str, Any]) -> None:
+    """Starts saving; raises an earlier background save's failure, if any."""
+    self._mgr.check_for_errors()
+    self._mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_tree(state)),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)), force=True)
+
+  def wait(self) -> None:
+    """Blocks until background writes finish; raises their failure."""
+    self._mgr.wait_until_finished()
+    self._mgr.check_for_errors()
+
+  def restore(self, target: dict[str, Any], log: Callable[[str], None] = print,
+              step: int | None = None):
+    """Restores the newest readable checkpoint (or exactly `step`).
+
+    Args:
+      target: `abstract_target(...)` of `state_tree(state)` for the current mesh.
+    Returns:
+      (step, state tree, data state, config dict), or None if there is no checkpoint.
+    Raises:
+      CheckpointError: checkpoints exist but none can be read (or `step` cannot be).
+    """
+    self._mgr.reload()
+    steps = [step] if step is not None else sorted(self._mgr.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures = []
+    for s in steps:
+      try:
+        out = self._mgr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 -- any read failure means "try the previous one"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        failures.append(f"step {s}: {reason}")
+        if step is None:
+          log(f"checkpoint at step {s} in {self.directory} cannot be restored ({reason}); "
+              f"falling back to the previous one")
+        continue
+      if failures:
+        log(f"restored checkpoint step {s} instead of the newest ({len(failures)} unreadable)")
+      return s, out["state"], out["data"], out["config"]
+    raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  "
+                          + "\n  ".join(failures))
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+def export_params(params: Any, path: str) -> None:
+  """Writes a params-only checkpoint (for evaluation and sampling) to `path`."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), params, force=True)
+  ckptr.wait_until_finished()
+
+
+def restore_params(path: str, target: Any) -> Any:
+  """Reads a params-only export onto `target`'s shardings (abstract params tree)."""
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)

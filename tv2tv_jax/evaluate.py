@@ -1,0 +1,70 @@
+r"""Evaluates a checkpoint on whatever devices this process has.
+
+    python -m tv2tv_jax.evaluate --workdir=<train dir> [--checkpoint=<step>]
+    python -m tv2tv_jax.evaluate --workdir=<train dir> --params=<params-only export dir>
+
+The experiment config is read from the checkpoint (or `<workdir>/config.json` for
+a params-only export); `--config.mesh.*` style overrides are not needed: the mesh
+is rebuilt from the devices present. Prints the evaluation losses as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+import jax
+import ml_collections
+
+from tv2tv_jax import checkpoints, distributed, evaluation, inputs, trainer
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's work directory.")
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
+_PARAMS = flags.DEFINE_string("params", None, "A params-only export to evaluate instead.")
+_EXPORT = flags.DEFINE_string("export_params", None, "Also write a params-only export here.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def load_params(workdir: str, step: int | None = None, params_dir: str | None = None,
+                devices=None):
+  """(Run on the present devices, params restored onto its mesh, step or None)."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg.mesh = ml_collections.ConfigDict({"data": -1})  # whatever devices are here
+  run = trainer.Run(cfg, devices)
+  if params_dir:
+    target = checkpoints.abstract_target(run.abstract_state().params, run.shardings.params)
+    return run, checkpoints.restore_params(params_dir, target), None
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  restored = ckpt.restore(run.restore_target(), step=step)
+  if restored is None:
+    raise checkpoints.CheckpointError(f"no checkpoint in {ckpt.directory}")
+  step, tree, _, _ = restored
+  return run, tree["params"], step
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, params_dir: str | None = None,
+                        devices=None) -> dict:
+  """The evaluation losses of a checkpoint (see `evaluation`), plus its step."""
+  run, params, step = load_params(workdir, step, params_dir, devices)
+  batches = inputs.make_eval_batches(run.exp, run.cfg)
+  metrics = evaluation.evaluate(run.eval_fn(), params, batches, run.exp.train.eval_times,
+                                run.mesh)
+  return {"step": step, "devices": run.mesh.size, **metrics}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.setup_process()
+  result = evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _PARAMS.value)
+  if _EXPORT.value:
+    run, params, _ = load_params(_WORKDIR.value, _CHECKPOINT.value, _PARAMS.value)
+    checkpoints.export_params(params, _EXPORT.value)
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)
