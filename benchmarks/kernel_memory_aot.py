@@ -144,7 +144,8 @@ def main():
   mesh, kind = tpu_mesh(args.topology)
   rows = []
   print(f"device: {kind} ({args.topology}); MiB per device = arguments + outputs + temporaries")
-  print(f"{'case':22s} {'impl':7s} {'mode':8s} {'total MiB':>10s} {'temp MiB':>10s} {'compile s':>9s}")
+  print(f"{'case':22s} {'impl':7s} {'mode':8s} {'total MiB':>10s} {'temp MiB':>10s} "
+        f"{'compile s':>9s}")
   for case in (BENCH_CASES if args.cases == "bench" else TEST_CASES):
     r = compile_case(case, mesh)
     rows.append(r)

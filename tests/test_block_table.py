@@ -1,4 +1,4 @@
-"""Block table vs the dense oracle: sound classes, consistent visit lists, tight on aligned layouts."""
+"""Block table vs the dense oracle: sound classes, consistent visit lists, exact when aligned."""
 
 import jax
 import jax.numpy as jnp

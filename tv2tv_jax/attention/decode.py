@@ -58,5 +58,5 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
   out, _ = forward_call(layout(q, lq_pad), layout(k_cache, lk_pad), layout(v_cache, lk_pad),
                         pack_meta(qf), jnp.swapaxes(pack_meta(kf), 1, 2), table,
-                        interpret=bool(interpret))
+                        interpret=interpret)
   return jnp.swapaxes(out, 1, 2)[:, :lq]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from tv2tv_jax.attention.kernel_forward import (DEFAULT_BLOCK_SIZES, BlockSizes,
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  interpret: bool
+  interpret: Any  # bool, or pltpu.InterpretParams (TPU-semantics simulation on CPU)
   scale: float
 
 
@@ -85,7 +85,8 @@ def attention_from_fields(q: jax.Array, k: jax.Array, v: jax.Array, q_fields: ma
       between distinct slots; they only matter for padding self-edges).
     block_sizes: kernel tiles (default: `default_block_sizes()` for device 0), clamped
       to the sequence; lengths are padded to a multiple of the blocks with padding slots.
-    interpret: Pallas interpret mode (default: True on CPU).
+    interpret: Pallas interpret mode (default: True on CPU); a `pltpu.InterpretParams`
+      simulates TPU semantics (DMA, races, NaN-filled uninitialised memory) on CPU.
     scale: logit scale (default 1/sqrt(dh)).
   Returns:
     [B, Lq, H, dh] in q's dtype; a query that sees no key gets exact zeros.
@@ -96,7 +97,9 @@ def attention_from_fields(q: jax.Array, k: jax.Array, v: jax.Array, q_fields: ma
     raise ValueError(f"{hkv} kv heads do not divide {h} query heads")
   bs = (block_sizes or default_block_sizes()).clamp(lq, lk)
   interpret = default_interpret() if interpret is None else interpret
-  static = _Static(interpret=bool(interpret), scale=float(dh ** -0.5 if scale is None else scale))
+  if isinstance(interpret, (bool, int)):
+    interpret = bool(interpret)
+  static = _Static(interpret=interpret, scale=float(dh ** -0.5 if scale is None else scale))
   mq, mk = math.lcm(bs.block_q, bs.block_q_dkv), math.lcm(bs.block_kv, bs.block_kv_dkv)
   qf, kf = bt.pad_fields(q_fields, mq), bt.pad_fields(k_fields, mk)
   lq_pad, lk_pad = qf.segment.shape[1], kf.segment.shape[1]

@@ -85,8 +85,8 @@ def dq_call(q, k, v, do, lse, delta, q_meta, k_meta_t, table: bt.BlockTable, *,
     return kv_index[(b * nq + i) * nk + j]
 
   q_spec = pl.BlockSpec((None, None, bq, dh), lambda b, hh, i, j, *_: (b, hh, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, dh),
-                         lambda b, hh, i, j, kvi, *_: (b, lax.div(hh, groups), kv_block(b, i, j, kvi), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, dh), lambda b, hh, i, j, kvi, *_: (
+      b, lax.div(hh, groups), kv_block(b, i, j, kvi), 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, j, *_: (b, hh, i, 0))
   qm_spec = pl.BlockSpec((None, bq, META_WORDS), lambda b, hh, i, j, *_: (b, i, 0))
   km_spec = pl.BlockSpec((None, META_WORDS, bk),
@@ -149,10 +149,11 @@ def dkv_call(q, k, v, do, lse, delta, q_meta, k_meta_t, table: bt.BlockTable, *,
   def q_block(b, j, t, q_index):
     return q_index[(b * nk + j) * nq + t]
 
-  q_spec = pl.BlockSpec((None, None, bq, dh),
-                        lambda b, hk, j, g, t, qi, *_: (b, hk * groups + g, q_block(b, j, t, qi), 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1),
-                          lambda b, hk, j, g, t, qi, *_: (b, hk * groups + g, q_block(b, j, t, qi), 0))
+  def q_rows(b, hk, j, g, t, qi, *_):  # query head hk*G + g, the t-th listed q-block
+    return b, hk * groups + g, q_block(b, j, t, qi), 0
+
+  q_spec = pl.BlockSpec((None, None, bq, dh), q_rows)
+  row_spec = pl.BlockSpec((None, None, bq, 1), q_rows)
   kv_spec = pl.BlockSpec((None, None, bk, dh), lambda b, hk, j, g, t, *_: (b, hk, j, 0))
   qm_spec = pl.BlockSpec((None, bq, META_WORDS),
                          lambda b, hk, j, g, t, qi, *_: (b, q_block(b, j, t, qi), 0))

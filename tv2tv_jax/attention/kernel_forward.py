@@ -196,8 +196,9 @@ def forward_call(q, k, v, q_meta, k_meta_t, table: bt.BlockTable, *, interpret: 
     return kv_index[(b * nq + i) * nk + j]
 
   q_spec = pl.BlockSpec((None, None, bq, dh), lambda b, hh, i, j, *_: (b, hh, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, dh),
-                         lambda b, hh, i, j, kvi, *_: (b, lax.div(hh, groups), kv_block(b, i, j, kvi), 0))
+  # lax.div, not //: floor division lowers through `sign`, which needs a TPU backend.
+  kv_spec = pl.BlockSpec((None, None, bk, dh), lambda b, hh, i, j, kvi, *_: (
+      b, lax.div(hh, groups), kv_block(b, i, j, kvi), 0))
   qm_spec = pl.BlockSpec((None, bq, META_WORDS), lambda b, hh, i, j, *_: (b, i, 0))
   km_spec = pl.BlockSpec((None, META_WORDS, bk),
                          lambda b, hh, i, j, kvi, *_: (b, 0, kv_block(b, i, j, kvi)))
