@@ -24,7 +24,7 @@ def _base() -> ml_collections.ConfigDict:
   c.vae = ml_collections.ConfigDict(dict(
       frame_size=64, in_channels=3, latent_channels=16, temporal_factor=4, patch_size=2,
       widths=(64, 128, 128), blocks_per_stage=1, mid_blocks=1, kernel_t=3, norm_groups=8,
-      logvar_min=-20.0, logvar_max=10.0, conv_impl="stacked2d", dtype="float32"))
+      logvar_init=-8.0, logvar_min=-20.0, logvar_max=10.0, conv_impl="stacked2d", dtype="float32"))
   # Fields of tv2tv_jax.vae.train.TrainConfig.
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, clip_chunks=2, num_steps=20_000, learning_rate=1e-3, warmup_steps=200,
