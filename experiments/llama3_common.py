@@ -1,0 +1,133 @@
+"""Shared parts of the paper-scale experiments whose text tower starts from Llama-3.
+
+Used by `experiments/csgo_3b.py` (Llama-3.2-3B towers) and `experiments/sports_8b.py`
+(Llama-3.1-8B towers). Values the paper does not state are marked **default**.
+
+Special token ids. The TV2TV roles map to Llama-3 tokens by name
+(`data_pipelines.tokenizer.LLAMA3_SPECIALS`); in the Llama-3.1 / 3.2 `tokenizer.json`
+those names have the ids below (Llama-3.0 differs for pad: 128004). The ids are
+written out because a config cannot read a tokenizer file; `check_tokenizer` (or
+`data_pipelines.tokenizer.check_compatible`) must confirm them against the actual
+`tokenizer.json` before training.
+"""
+
+import ml_collections
+
+from experiments import sharding_rules
+
+# Tower shapes of the Hugging Face config.json files (`tv2tv_jax.llama_init` checks them).
+LLAMA_3_2_3B = dict(vocab_size=128256, d_model=3072, num_layers=28, num_heads=24,
+                    num_kv_heads=8, head_dim=128, mlp_dim=8192, rope_theta=500_000.0,
+                    norm_eps=1e-5)
+LLAMA_3_1_8B = dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
+                    num_kv_heads=8, head_dim=128, mlp_dim=14336, rope_theta=500_000.0,
+                    norm_eps=1e-5)
+
+# role -> (Llama-3.1/3.2 token, id); the tokens are LLAMA3_SPECIALS of data_pipelines.tokenizer.
+LLAMA3_1_SPECIAL_IDS = {
+    "pad": ("<|reserved_special_token_2|>", 128005),
+    "bof": ("<|reserved_special_token_0|>", 128002),
+    "eof": ("<|reserved_special_token_1|>", 128003),
+    "eos": ("<|end_of_text|>", 128001),
+}
+
+# Frames per latent frame of the causal video VAE (Cosmos CV4x8x8-like): 4x in time,
+# 8x8 in space, 16 latent channels; 1 + 4k frames -> 1 + k latents.
+VAE_TIME, VAE_SPACE, VAE_CHANNELS = 4, 8, 16
+FPS = 16
+
+
+def latent_shape(height: int, width: int) -> tuple[int, int, int]:
+  """Latent [h, w, c] of one (height x width) RGB frame chunk under the CV4x8x8 VAE."""
+  if height % VAE_SPACE or width % VAE_SPACE:
+    raise ValueError(f"frame {height}x{width} is not a multiple of {VAE_SPACE}")
+  return (height // VAE_SPACE, width // VAE_SPACE, VAE_CHANNELS)
+
+
+def chunks_for_seconds(seconds: float) -> int:
+  """Latent frames (= clean chunk copies) of a clip of about `seconds` at 16 fps: 1 + k,
+  k = round(seconds * fps / 4); the first latent is the given first frame."""
+  return 1 + round(seconds * FPS / VAE_TIME)
+
+
+def base(tower: dict) -> ml_collections.ConfigDict:
+  """Every section of a Llama-initialised experiment; callers set shapes of the video side."""
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      tower,
+      latent_shape=(16, 30, VAE_CHANNELS), patch_size=2,
+      # U-Net around patchify (**default**: the paper gives no widths).
+      unet_channels=256, unet_blocks=2, unet_groups=32, time_embed_dim=256,
+      # bf16 activations, f32 master weights; the Pallas kernel, scanned and remat'd layers
+      # are what fits these row lengths on TPU (benchmarks/kernel_memory_aot.py).
+      dtype="bfloat16", param_dtype="float32", attention_impl="pallas", scan_layers=True,
+      remat=True))
+  c.seq = ml_collections.ConfigDict(dict(
+      layout="tv2tv", text_len=512, max_chunks=25,
+      **{f"{role}_id": tid for role, (_, tid) in LLAMA3_1_SPECIAL_IDS.items()}))
+  c.flow = ml_collections.ConfigDict(dict(
+      time_mean=0.0, time_std=1.0, time_shift=1.0, cfg_drop_prob=0.1, clean_flip_prob=0.1,
+      clean_flip_min_t=0.8))
+  c.loss = ml_collections.ConfigDict(dict(lambda_txt=1.0, lambda_vid=1.0))
+  # **default**: a fine-tuning-sized peak LR, since the text tower starts pretrained.
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=2000, total_steps=250_000, end_lr_fraction=0.1,
+      weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=512, num_steps=250_000, log_every=50, seed=0,
+      save_every=1000, keep_last=3, keep_every=25_000, async_checkpoints=True,
+      eval_every=5000, eval_batches=4, eval_times=(0.25, 0.5, 0.75), max_nonfinite_steps=5))
+  # **default**: FSDP over every device (params, grads and Adam state sharded over the
+  # width); raise `tensor` (<= 8 KV heads) when the per-device batch gets too small.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+  c.sharding_rules = sharding_rules.fsdp_tensor_rules()
+  # Where the weights come from (read by tv2tv_jax.llama_init.init_from_config):
+  #   llama_dir               a Hugging Face checkpoint directory (config.json + *.safetensors);
+  #                           "" trains from scratch.
+  #   video_tower_from_llama  also start the video tower from the same Llama weights
+  #                           (**default** False: the paper initialises the text tower).
+  #   ignore_rope_scaling     Llama-3.1/3.2 declare rope_type "llama3", which our RoPE lacks;
+  #                           True runs the checkpoint with plain RoPE (docs/llama_init.md).
+  c.init = ml_collections.ConfigDict(dict(llama_dir="", video_tower_from_llama=False,
+                                          ignore_rope_scaling=False))
+  c.data = ml_collections.ConfigDict(dict(
+      # The trainer reads only 'synthetic' so far; the TFDS builder named below is the
+      # intended source once it reads TFDS.
+      source="synthetic", synthetic_batches=0, max_examples_per_row=1, max_text_len=8,
+      tfds_name="",
+      # tokenizer.json of the Llama checkpoint; "" means <init.llama_dir>/tokenizer.json.
+      tokenizer_path=""))
+  return c
+
+
+def tokenizer_path(c: ml_collections.ConfigDict) -> str:
+  """The tokenizer.json a config uses ("" when neither path is set)."""
+  if c.data.tokenizer_path:
+    return c.data.tokenizer_path
+  return f"{c.init.llama_dir.rstrip('/')}/tokenizer.json" if c.init.llama_dir else ""
+
+
+def check_tokenizer(c: ml_collections.ConfigDict):
+  """Loads the config's tokenizer.json and checks the special ids and vocab against it
+  (ConfigError naming the field on a mismatch). Returns the TextTokenizer."""
+  from data_pipelines import tokenizer as tok_lib  # local: configs import without tokenizers
+  path = tokenizer_path(c)
+  if not path:
+    raise ValueError("no tokenizer: set data.tokenizer_path or init.llama_dir")
+  tok = tok_lib.load_tokenizer(path, specials=tok_lib.LLAMA3_SPECIALS)
+  tok_lib.check_compatible(tok, c)
+  return tok
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str, variants: dict) -> None:
+  """Applies comma-separated variant names (`variants` keys, or a layout) to `c`."""
+  layouts = ("tv2tv", "t2v", "think2v")
+  for part in (arg or "default").split(","):
+    part = part.strip()
+    if part in variants:
+      variants[part](c)
+    elif part in layouts:
+      c.seq.layout = part
+    else:
+      raise ValueError(f"unknown config variant {part!r}; variants {sorted(variants)}, "
+                       f"layouts {list(layouts)}")

@@ -1,0 +1,59 @@
+"""TV2TV on captioned sports video at paper scale: an 8B-MoT with Llama-3.1-8B-shaped towers.
+
+Run (from the repo root; a TPU slice, the Llama-3.1-8B Hugging Face checkpoint directory
+holding config.json, *.safetensors and tokenizer.json):
+
+    python -m tv2tv_jax.main --config=experiments/sports_8b.py:default --workdir=$WORKDIR \
+        --config.init.llama_dir=$LLAMA_3_1_8B --config.init.ignore_rope_scaling=True
+
+Llama-3.1-8B's config.json declares rope_type "llama3" (factor 8), which our RoPE does not
+implement; `ignore_rope_scaling=True` accepts running it with plain RoPE (docs/llama_init.md).
+
+Towers (each; DESIGN.md section 7): 32 layers, d 4096, 32 heads / 8 KV heads, head_dim 128,
+FFN 14336, vocab 128256, RoPE theta 5e5, RMSNorm eps 1e-5. Paper recipe: 8K hours, a caption
+every 1.9 s on average, 250K steps at batch 512 (the defaults here). Parameter count of the
+`default` variant (tests/test_paper_configs.py: jax.eval_shape equals the analytic count):
+15,025,207,312 = 2 towers x 6,979,584,000 + embedding and lm_head 2 x 525,336,576 + both
+U-Nets 15,357,968 + text/video final norms 2 x 4,096 (Llama-3.1-8B itself: 8,030,261,248).
+
+Video side (**default**): frames 256x448 (16:9-ish broadcast video), CV4x8x8 latents
+[32, 56, 16], patch 2 -> 16x28 = 448 tokens per chunk copy; 16 fps, 4 frames per chunk.
+
+Variants (the part after the colon; a layout may follow after a comma, e.g. `default,think2v`):
+  default  ~6 s clips (1 + 24 latents, max_chunks 25) with about three captions each;
+           text_len 512. Row: 512 + 2*25*448 = 22912.
+  lowres   frames 128x224 -> latents [16, 28, 16], 112 tokens per copy.
+           Row: 512 + 2*25*112 = 6112.
+  12s      ~12 s clips (1 + 48 latents, max_chunks 49), text_len 1024, frames 128x224.
+           Row: 1024 + 2*49*112 = 12000.
+"""
+
+import ml_collections
+
+from experiments import llama3_common as common
+
+
+def _default(c):
+  c.model.latent_shape = common.latent_shape(256, 448)
+  c.seq.update(max_chunks=common.chunks_for_seconds(6), text_len=512)
+
+
+def _lowres(c):
+  c.model.latent_shape = common.latent_shape(128, 224)
+
+
+def _twelve_seconds(c):
+  c.model.latent_shape = common.latent_shape(128, 224)
+  c.seq.update(max_chunks=common.chunks_for_seconds(12), text_len=1024)
+
+
+_VARIANTS = {"default": _default, "lowres": _lowres, "12s": _twelve_seconds}
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+  """`arg`: `default`, `lowres` or `12s`, optionally `,<layout>` (tv2tv, t2v, think2v)."""
+  c = common.base(common.LLAMA_3_1_8B)
+  _default(c)
+  c.data.tfds_name = "captioned_video_tfds"
+  common.apply_variants(c, arg, _VARIANTS)
+  return c
