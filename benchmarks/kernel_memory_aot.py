@@ -15,7 +15,8 @@ Run (CPU host, about two minutes):
     # writes benchmarks/results/kernel_memory_aot.json
     ... --cases test --out /some/file.json   # the smaller set tests/test_kernel_tpu_aot.py uses
 
-An XLA reference case that does not fit the chip's memory is reported as
+Also compiles the decode path (`decode.decode_attention`, one 256-token chunk against
+a 13184-slot KV cache). An XLA reference case that does not fit the chip's memory is reported as
 'does not compile' with the compiler's message.
 """
 
@@ -131,6 +132,28 @@ def compile_case(case: Case, mesh) -> dict:
   return result
 
 
+def compile_decode(mesh, queries: int = 256, cache: int = 13184, heads: int = 24,
+                   kv_heads: int = 8, head_dim: int = 128, blocks=(256, 512, 256, 512)) -> dict:
+  """Compiles `decode.decode_attention`: one paper-scale chunk (n = 256) against a KV cache."""
+  from tv2tv_jax.attention import decode
+  sh = NamedSharding(mesh, P())
+  spec = lambda shape, d: jax.ShapeDtypeStruct(shape, d, sharding=sh)
+  def meta(length):
+    return masks.SeqMeta(*[spec((1, length), jnp.int32) for _ in range(6)],
+                         spec((1, length), jnp.bool_))
+  q = spec((1, queries, heads, head_dim), jnp.bfloat16)
+  kv = spec((1, cache, kv_heads, head_dim), jnp.bfloat16)
+  fn = lambda q, k, v, qm, km, qs, ks: decode.decode_attention(
+      q, k, v, qm, km, qs, ks, block_sizes=BlockSizes(*blocks), interpret=False)
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(q, kv, kv, meta(queries), meta(cache),
+                               spec((1, queries), jnp.int32), spec((1, cache), jnp.int32)).compile()
+  text = compiled.as_text()
+  return dict(name=f"decode-{queries}x{cache}", compiled=True,
+              seconds=round(time.perf_counter() - t0, 2), mosaic="tpu_custom_call" in text,
+              kernels={KERNEL_NAMES[0]: KERNEL_NAMES[0] in text}, **_memory(compiled))
+
+
 def _mib(x):
   return f"{x / 2**20:10.1f}"
 
@@ -159,10 +182,13 @@ def main():
           continue
         print(f"{case.name:22s} {impl:7s} {mode:8s} {_mib(m['total_bytes'])} "
               f"{_mib(m['temp_size_in_bytes'])} {m['seconds']:9.1f}")
+  dec = compile_decode(mesh)
+  print(f"{dec['name']:22s} {'kernel':7s} {'fwd':8s} {_mib(dec['total_bytes'])} "
+        f"{_mib(dec['temp_size_in_bytes'])} {dec['seconds']:9.1f}")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as fh:
     json.dump(dict(jax_version=jax.__version__, topology=args.topology, device_kind=kind,
-                   rows=rows), fh, indent=1)
+                   rows=rows, decode=dec), fh, indent=1)
   print(f"wrote {args.out}")
 
 

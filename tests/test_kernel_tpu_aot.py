@@ -5,7 +5,7 @@ extra installed. Skips when libtpu is absent. The compile runs in a subprocess
 with JAX_PLATFORMS=cpu, so that it does not depend on this session's backend and
 never touches a TPU runtime; it is `benchmarks/kernel_memory_aot.py --cases test`:
 toy shapes (head_dim 32, f32 and bf16) and paper-scale shapes (L = 8192, 24 / 8
-heads of head_dim 128, bf16) at several block sizes.
+heads of head_dim 128, bf16) at several block sizes, and the decode path.
 """
 
 import json
@@ -32,8 +32,8 @@ def aot_results(tmp_path_factory):
        "--cases", "test", "--out", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  rows = json.loads(out.read_text())["rows"]
-  return {r["name"]: r for r in rows}
+  results = json.loads(out.read_text())
+  return {**{r["name"]: r for r in results["rows"]}, "decode": results["decode"]}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -59,3 +59,8 @@ def test_paper_scale_memory_is_far_below_dense_logits(aot_results):
   dense_logits = 24 * 8192 ** 2 * 4
   for mode in ("kernel_fwd", "kernel_fwd_bwd"):
     assert r[mode]["total_bytes"] < dense_logits / 8, (mode, r[mode]["total_bytes"])
+
+
+def test_decode_path_compiles_with_mosaic(aot_results):
+  r = aot_results["decode"]  # 256 queries (one paper-scale chunk) against a 13184-slot cache
+  assert r["compiled"] and r["mosaic"] and r["kernels"]["tv2tv_splash_fwd"]
