@@ -18,17 +18,11 @@ SMALL = vm.VAEConfig(widths=(8, 16), patch_size=4, latent_channels=4, norm_group
                      kernel_t=3)
 
 
-@jax.jit
-def _add_noise(params, key):
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
-
-
 def _random_params(cfg, seed=0):
   """Init params plus noise, so zero-initialised convs also carry signal (a stricter test)."""
-  return _add_noise(vm.init_params(cfg, jax.random.key(seed)), jax.random.key(seed + 1))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: np.asarray(p) + rng.normal(0, 0.1, p.shape).astype(np.float32),
+                      vm.init_params(cfg, jax.random.key(seed)))
 
 
 def _frames(b, t, seed=0):
@@ -45,11 +39,11 @@ def small_params():
   return _random_params(SMALL)
 
 
-@pytest.mark.parametrize("k", [0, 1, 3])
+@pytest.mark.parametrize("k", [0, 3])  # batch 1, 13 frames: shares compiles with the tests below
 def test_shapes_one_plus_4k_frames_to_one_plus_k_latents(small_params, k):
-  frames = _frames(2, 1 + 4 * k)
+  frames = _frames(1, 1 + 4 * k)
   z = vm.encode(small_params, frames, SMALL)
-  assert z.shape == (2, 1 + k, 8, 8, 4) and z.dtype == jnp.float32
+  assert z.shape == (1, 1 + k, 8, 8, 4) and z.dtype == jnp.float32
   assert z.shape[1:] == SMALL.latent_shape(1 + 4 * k)
   out = vm.decode(small_params, z, SMALL)
   assert out.shape == frames.shape and out.dtype == jnp.float32
@@ -63,9 +57,13 @@ def test_default_config_latent_shape():
 
 
 def test_group_frames_inverts():
-  x = _frames(1, 9)
+  x = np.random.default_rng(0).normal(size=(1, 9, 8, 8, 3)).astype(np.float32)
   g = vm.group_frames(x, 4, 2)
-  assert g.shape == (1, 3, 32, 32, 48)
+  assert g.shape == (1, 3, 4, 4, 48)
+  # Channels are (time, dy, dx, rgb): group 0 holds frame 0 four times, group 1 frames 1..4.
+  np.testing.assert_array_equal(g[0, 0, 0, 0].reshape(4, 2, 2, 3),
+                                np.broadcast_to(x[0, 0, :2, :2], (4, 2, 2, 3)))
+  np.testing.assert_array_equal(g[0, 1, 1, 2].reshape(4, 2, 2, 3), x[0, 1:5, 2:4, 4:6])
   # Group 0 is frame 0 four times; group 1 is frames 1..4.
   np.testing.assert_array_equal(vm.ungroup_frames(g, 4, 2, 3), x)
   np.testing.assert_array_equal(vm.ungroup_frames(g[:, :1], 4, 2, 3), x[:, :1])
@@ -100,7 +98,7 @@ def test_decoder_is_causal(small_params, impl):
 
 
 def test_conv_impls_agree(small_params):
-  frames = _frames(2, 9, seed=5)
+  frames = _frames(1, 13, seed=5)
   a = vm.encode(small_params, frames, dataclasses.replace(SMALL, conv_impl="conv3d"))
   b = vm.encode(small_params, frames, dataclasses.replace(SMALL, conv_impl="stacked2d"))
   np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
