@@ -62,7 +62,7 @@ def _tiny(c):
                  unet_channels=16, unet_groups=4, time_embed_dim=16)
   c.seq.update(text_len=32, max_chunks=4)
   c.optim.update(learning_rate=3e-3, warmup_steps=10, total_steps=300)
-  c.train.update(batch_size=4, num_steps=20, log_every=5, save_every=0, eval_every=0,
+  c.train.update(batch_size=8, num_steps=20, log_every=5, save_every=0, eval_every=0,
                  eval_batches=1)
 
 

@@ -18,6 +18,8 @@ A params-only export (`export_params`) holds just the parameters, for evaluation
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any, Callable
 
 import jax
@@ -98,10 +100,25 @@ class Checkpointer:
               f"falling back to the previous one")
         continue
       if failures:
+        self._set_aside([int(f.split(":")[0].split()[1]) for f in failures], log)
         log(f"restored checkpoint step {s} instead of the newest ({len(failures)} unreadable)")
       return s, out["state"], out["data"], out["config"]
     raise CheckpointError(f"no checkpoint in {self.directory} could be restored:\n  "
                           + "\n  ".join(failures))
+
+  def _set_aside(self, steps: list[int], log: Callable[[str], None]) -> None:
+    """Moves unreadable step directories to `<directory>.unreadable/` (kept for
+    inspection, never deleted), so training can write those steps again."""
+    if jax.process_index() == 0:
+      aside = self.directory + ".unreadable"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(aside, f"{step}-{int(time.time())}")
+        if os.path.exists(src):
+          shutil.move(src, dst)
+          log(f"moved unreadable checkpoint {src} to {dst}")
+    self._mgr.reload()
 
   def close(self) -> None:
     self._mgr.wait_until_finished()

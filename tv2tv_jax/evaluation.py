@@ -31,42 +31,52 @@ def _eval_losses(params, batch, t, *, model: TV2TV, exp: Experiment, rules):
   with nn.logical_axis_rules(rules):
     sample = flow.fixed_flow(batch["latents"].shape, 0.0, _EVAL_NOISE_SEED)
     sample = sample.replace(noisy_t=jnp.full_like(sample.noisy_t, t))
-    _, m = losses.compute_loss(params, model, batch, sample, exp)
-  # Sums and counts, so batches average by target, not by batch.
-  return {"ce_sum": m["text_ce"] * m["text_targets"], "ce_n": m["text_targets"],
-          "mse_sum": m["video_mse"] * m["noisy_chunks"], "mse_n": m["noisy_chunks"]}
+    kwargs, v_target = losses.model_inputs(batch, sample, exp.model.tokens_per_chunk)
+    logits, velocity = model.apply({"params": params}, **kwargs)
+  # Per-token and per-copy values, reduced on the host in float64 in a fixed order:
+  # a device-side sum would depend on how rows are split over devices, and the
+  # evaluation must not change with the device count.
+  return {"nll": losses.token_nll(logits, batch["text_targets"]),
+          "mse": losses.copy_mse(velocity, v_target)}
 
 
 def make_eval_fn(model: TV2TV, exp: Experiment, mesh, rules, param_shardings):
-  """A jitted `(params, batch, t) -> sums` on `mesh`."""
+  """A jitted `(params, batch, t) -> {nll f32[B, T], mse f32[B, K]}` on `mesh`."""
   fn = functools.partial(_eval_losses, model=model, exp=exp, rules=rules)
   return jax.jit(fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh),
                                    sharding.replicated(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.batch_sharding(mesh))
 
 
 def evaluate(eval_fn, params, batches: Sequence[dict], times: Sequence[float],
              mesh) -> dict[str, float]:
-  """Averages over `batches` (host numpy, this process's rows) at each time in `times`."""
-  out = {}
-  ce_sum = ce_n = 0.0
-  mses = []
+  """Averages over `batches` (host numpy, this process's rows) at each time in `times`.
+
+  Text CE is averaged over text targets, video MSE over valid noisy copies."""
+  out, nll = {}, []
   with jax.set_mesh(mesh):
     device_batches = [sharding.put_batch(b, mesh) for b in batches]
-    for t in times:
-      mse_sum = mse_n = 0.0
-      for b in device_batches:
-        r = jax.device_get(eval_fn(params, b, jnp.float32(t)))
-        mse_sum += float(r["mse_sum"])
-        mse_n += float(r["mse_n"])
-        if t == times[0]:
-          ce_sum += float(r["ce_sum"])
-          ce_n += float(r["ce_n"])
-      out[f"eval/video_mse@{t:g}"] = mse_sum / max(mse_n, 1.0)
-      mses.append(out[f"eval/video_mse@{t:g}"])
-  out["eval/text_ce"] = ce_sum / max(ce_n, 1.0)
-  out["eval/video_mse"] = float(np.mean(mses))
+    for i, t in enumerate(times):
+      mse = []
+      for b, host in zip(device_batches, batches):
+        r = _host_values(eval_fn(params, b, jnp.float32(t)))
+        mse.append(r["mse"][host["noisy_valid"]])
+        if i == 0:  # text never sees a noisy copy: the same at every t
+          nll.append(r["nll"][host["text_target_mask"]])
+      out[f"eval/video_mse@{t:g}"] = float(np.mean(np.concatenate(mse).astype(np.float64)))
+  nll = np.concatenate(nll).astype(np.float64)
+  out["eval/text_ce"] = float(np.mean(nll)) if nll.size else 0.0
+  out["eval/video_mse"] = float(np.mean([out[f"eval/video_mse@{t:g}"] for t in times]))
   return out
+
+
+def _host_values(tree):
+  """Device values -> numpy (only this process's rows when running multi-host)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return jax.tree.map(lambda x: np.concatenate(
+      [np.asarray(s.data) for s in sorted(x.addressable_shards,
+                                          key=lambda s: s.index[0].start or 0)]), tree)
 
 
 def format_eval(metrics: dict[str, Any]) -> str:

@@ -42,12 +42,23 @@ def model_inputs(batch: Mapping[str, jax.Array], sample: flow.FlowSample, n: int
   return kwargs, flow.velocity_target(x, sample.noise)
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-slot negative log-likelihood: logits f32[B, T, V], targets i32[B, T] -> f32[B, T]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def copy_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-copy mean squared error: f32[B, K, h, w, c] twice -> f32[B, K]."""
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target).reshape(*pred.shape[:2], -1),
+                  axis=-1)
+
+
 def text_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """Mean CE over weighted slots. logits f32[B, T, V], targets i32[B, T], weights [B, T].
 
   Returns (mean CE, number of targets)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  nll = token_nll(logits, targets)
   w = weights.astype(jnp.float32)
   count = jnp.sum(w)
   return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
@@ -57,10 +68,9 @@ def velocity_mse(pred: jax.Array, target: jax.Array, valid: jax.Array):
   """Mean squared error over valid copies. pred/target f32[B, K, ...], valid bool[B, K].
 
   Returns (mean over all elements of valid copies, number of valid copies)."""
-  sq = jnp.square(pred.astype(jnp.float32) - target).reshape(*valid.shape, -1)
+  per_copy = copy_mse(pred, target)
   w = valid.astype(jnp.float32)
   count = jnp.sum(w)
-  per_copy = jnp.mean(sq, axis=-1)
   return jnp.sum(per_copy * w) / jnp.maximum(count, 1.0), count
 
 

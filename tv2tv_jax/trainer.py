@@ -69,15 +69,17 @@ class Run:
                                    self.shardings.params)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str,
-          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+          devices=None) -> list[dict[str, float]]:
   """Trains (or resumes) the configured model; returns the records logged by this call.
+
+  `devices` (default: all) are the devices the mesh is built on.
 
   Raises:
     config.ConfigError: a config field that cannot work (before any compile).
     NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
   """
-  run = Run(cfg)
+  run = Run(cfg, devices)
   exp, mesh = run.exp, run.mesh
   tc = exp.train
   os.makedirs(workdir, exist_ok=True)
@@ -160,7 +162,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str,
         records.append({"step": done, **ev})
         logger.message(f"eval @ {done}: {evaluation.format_eval(ev)}")
       if (tc.save_every and done % tc.save_every == 0) or done == tc.num_steps:
-        ckpt.save(done, state, data.get_state(), _config_dict(cfg))
+        if consecutive_bad:
+          # Keep the last checkpoint before the trouble as the newest one.
+          logger.message(f"not saving a checkpoint at step {done}: its update was skipped "
+                         f"(non-finite loss)")
+        else:
+          ckpt.save(done, state, data.get_state(), _config_dict(cfg))
       if done < tc.num_steps:
         batch = sharding.put_batch(next(data), mesh)
   ckpt.wait()
