@@ -147,3 +147,56 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
   # The skipped steps left the parameters as they were after step 4.
   run, params4, _ = evaluate.load_params(str(tmp_path), step=4, devices=jax.devices()[:1])
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params4))
+
+
+def _write_llama(path, exp, seed=0):
+  """A Llama-format checkpoint (config.json + model.safetensors) shaped like `exp`'s towers."""
+  from safetensors.numpy import save_file
+  m = exp.model
+  rng = np.random.default_rng(seed)
+  w = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  t = {"model.embed_tokens.weight": w(m.vocab_size, m.d_model),
+       "model.norm.weight": w(m.d_model), "lm_head.weight": w(m.vocab_size, m.d_model)}
+  for i in range(m.num_layers):
+    p = f"model.layers.{i}."
+    t.update({p + "self_attn.q_proj.weight": w(m.num_heads * m.head_dim, m.d_model),
+              p + "self_attn.k_proj.weight": w(m.num_kv_heads * m.head_dim, m.d_model),
+              p + "self_attn.v_proj.weight": w(m.num_kv_heads * m.head_dim, m.d_model),
+              p + "self_attn.o_proj.weight": w(m.d_model, m.num_heads * m.head_dim),
+              p + "mlp.gate_proj.weight": w(m.mlp_dim, m.d_model),
+              p + "mlp.up_proj.weight": w(m.mlp_dim, m.d_model),
+              p + "mlp.down_proj.weight": w(m.d_model, m.mlp_dim),
+              p + "input_layernorm.weight": w(m.d_model),
+              p + "post_attention_layernorm.weight": w(m.d_model)})
+  os.makedirs(path, exist_ok=True)
+  save_file(t, os.path.join(path, "model.safetensors"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                   hidden_size=m.d_model, num_hidden_layers=m.num_layers,
+                   num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                   head_dim=m.head_dim, intermediate_size=m.mlp_dim, vocab_size=m.vocab_size,
+                   rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+                   tie_word_embeddings=False), f)
+  return t
+
+
+def test_trainer_initialises_text_tower_from_llama(tmp_path, tiny_exp):
+  tensors = _write_llama(str(tmp_path / "llama"), tiny_exp)
+  cfg = _tiny_cfg(num_steps=1)
+  cfg.optim.learning_rate = 1e-6  # one step barely moves the loaded weights
+  cfg.init = ml_collections.ConfigDict(dict(llama_dir=str(tmp_path / "llama"),
+                                            video_tower_from_llama=False,
+                                            ignore_rope_scaling=False))
+  lines = []
+  trainer.train(cfg, str(tmp_path / "run"), log=lines.append, devices=jax.devices()[:1])
+  _, params, _ = evaluate.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])
+  np.testing.assert_allclose(np.asarray(params["embed"]["embedding"]),
+                             tensors["model.embed_tokens.weight"], atol=1e-4)
+  wq = np.asarray(params["stack"]["layers"]["text"]["qkv"]["wq"][1])  # layer 1, [D, H, dh]
+  m = tiny_exp.model
+  hf = tensors["model.layers.1.self_attn.q_proj.weight"].reshape(m.num_heads, m.head_dim,
+                                                                 m.d_model)
+  np.testing.assert_allclose(wq, hf.transpose(2, 0, 1), atol=1e-4)
+  # The video tower was not taken from Llama (config choice).
+  wq_video = np.asarray(params["stack"]["layers"]["video"]["qkv"]["wq"][1])
+  assert not np.allclose(wq_video, hf.transpose(2, 0, 1), atol=1e-2)

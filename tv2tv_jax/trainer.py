@@ -23,8 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from tv2tv_jax import (checkpoints, evaluation, flops, inputs, metric_logging, sharding,
-                       train_step)
+from tv2tv_jax import (checkpoints, evaluation, flops, inputs, llama_init, metric_logging,
+                       sharding, train_step)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
 
@@ -101,6 +101,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Non
   else:
     start = 0
     state, _ = sharding.init_sharded_state(run.model, exp, mesh, run.rules, run.init_rng)
+    if (cfg.get("init") or {}).get("llama_dir"):
+      # Text tower (and optionally the video tower) from a Llama-3 checkpoint; the
+      # optimizer state is all zeros, so it need not be rebuilt.
+      state = state.replace(params=llama_init.init_from_config(
+          cfg.init, exp.model, state.params, log=logger.message))
 
   step_fn = sharding.make_sharded_train_step(run.model, exp, mesh, run.rules, run.shardings)
   eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg)
