@@ -6,8 +6,10 @@ Run (from the repo root):
 
 Variants (the part after the colon):
   tiny     the test model (tests/test_vae.py): a few steps in seconds; no quality target.
-  quick    trains on 2 CPU cores in under 10 minutes; expected result (docs/vae.md):
-           held-out PSNR >= 30 dB on 32 clips of 4 chunks (seeds from 1_000_000).
+  quick    2000 steps of 2 clips, about 10 minutes on 2 shared CPU cores. Measured
+           (docs/vae.md): held-out PSNR 27.99 dB mean (worst clip 26.1, frame 0 alone 30.0)
+           on 32 clips of 4 chunks (seeds from 1_000_000), 607 s of training; the 30 dB
+           target needs more steps than fit in 10 minutes there.
   default  wider and longer, for a workstation or one accelerator.
 
 Training clips are `generate_clip(seed)` for seeds train_seed_start + step * batch + i
@@ -29,7 +31,7 @@ def _base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, clip_chunks=2, num_steps=20_000, learning_rate=1e-3, warmup_steps=200,
       end_lr_fraction=0.05, weight_decay=1e-4, b1=0.9, b2=0.99, grad_clip=1.0,
-      recon_loss="l1", kl_weight=1e-4, seed=0, train_seed_start=0,
+      recon_loss="mse", kl_weight=1e-5, seed=0, train_seed_start=0,
       eval_seed_start=1_000_000, eval_clips=32, eval_chunks=4, eval_batch=8,
       stats_clips=32, log_every=100, prefetch=2))
   return c
@@ -43,7 +45,8 @@ def _tiny(c):
 
 def _quick(c):
   c.vae.update(widths=(32, 64, 64), kernel_t=2)
-  c.train.update(batch_size=4, clip_chunks=2, num_steps=2000, learning_rate=2e-3,
+  # Batch 2 x 2000 steps beat batch 4 x 1000 steps at equal compute (docs/vae.md).
+  c.train.update(batch_size=2, clip_chunks=2, num_steps=2000, learning_rate=2e-3,
                  warmup_steps=100, log_every=100)
 
 
