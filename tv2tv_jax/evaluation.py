@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,11 +38,12 @@ def _eval_losses(params, batch, t, *, model: TV2TV, exp: Experiment, rules):
   # a device-side sum would depend on how rows are split over devices, and the
   # evaluation must not change with the device count.
   return {"nll": losses.token_nll(logits, batch["text_targets"]),
-          "mse": losses.copy_mse(velocity, v_target)}
+          "nll_mask": batch["text_target_mask"],
+          "mse": losses.copy_mse(velocity, v_target), "mse_mask": batch["noisy_valid"]}
 
 
 def make_eval_fn(model: TV2TV, exp: Experiment, mesh, rules, param_shardings):
-  """A jitted `(params, batch, t) -> {nll f32[B, T], mse f32[B, K]}` on `mesh`."""
+  """A jitted `(params, batch, t) -> {nll f32[B, T], mse f32[B, K], and their masks}`."""
   fn = functools.partial(_eval_losses, model=model, exp=exp, rules=rules)
   return jax.jit(fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh),
                                    sharding.replicated(mesh)),
@@ -50,7 +52,8 @@ def make_eval_fn(model: TV2TV, exp: Experiment, mesh, rules, param_shardings):
 
 def evaluate(eval_fn, params, batches: Sequence[dict], times: Sequence[float],
              mesh) -> dict[str, float]:
-  """Averages over `batches` (host numpy, this process's rows) at each time in `times`.
+  """Averages over `batches` (host numpy, this process's rows) at each time in `times`;
+  every process returns the average over all processes' rows.
 
   Text CE is averaged over text targets, video MSE over valid noisy copies."""
   out, nll = {}, []
@@ -58,11 +61,11 @@ def evaluate(eval_fn, params, batches: Sequence[dict], times: Sequence[float],
     device_batches = [sharding.put_batch(b, mesh) for b in batches]
     for i, t in enumerate(times):
       mse = []
-      for b, host in zip(device_batches, batches):
+      for b in device_batches:
         r = _host_values(eval_fn(params, b, jnp.float32(t)))
-        mse.append(r["mse"][host["noisy_valid"]])
+        mse.append(r["mse"][r["mse_mask"]])
         if i == 0:  # text never sees a noisy copy: the same at every t
-          nll.append(r["nll"][host["text_target_mask"]])
+          nll.append(r["nll"][r["nll_mask"]])
       out[f"eval/video_mse@{t:g}"] = float(np.mean(np.concatenate(mse).astype(np.float64)))
   nll = np.concatenate(nll).astype(np.float64)
   out["eval/text_ce"] = float(np.mean(nll)) if nll.size else 0.0
@@ -71,12 +74,10 @@ def evaluate(eval_fn, params, batches: Sequence[dict], times: Sequence[float],
 
 
 def _host_values(tree):
-  """Device values -> numpy (only this process's rows when running multi-host)."""
+  """Global batch-sharded values -> numpy on every process (all rows, all hosts)."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  return jax.tree.map(lambda x: np.concatenate(
-      [np.asarray(s.data) for s in sorted(x.addressable_shards,
-                                          key=lambda s: s.index[0].start or 0)]), tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def format_eval(metrics: dict[str, Any]) -> str:
