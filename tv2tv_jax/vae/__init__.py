@@ -1,0 +1,6 @@
+"""The video tokenizer: a causal 3D-CNN VAE (4x in time, 8x8 in space); see docs/vae.md.
+
+`model`: VAEConfig, VideoVAE, encode(params, frames, config), decode(params, latents, config),
+LatentStats, normalize, denormalize. `train`: the training loop, held-out PSNR, save /
+load_tokenizer, compute_latent_stats, and the `python -m tv2tv_jax.vae.train` entry.
+"""

@@ -212,7 +212,7 @@ def make_train_step(vae_cfg: VAEConfig, cfg: TrainConfig):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frames, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule_lr(state.step))
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule_lr(state.step))
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return jax.jit(step, donate_argnums=0)
