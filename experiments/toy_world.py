@@ -52,7 +52,20 @@ def _base() -> ml_collections.ConfigDict:
       source="synthetic",
       # 'synthetic': how many distinct batches to cycle through (0 = fresh every step).
       synthetic_batches=0,
-      max_examples_per_row=3, max_text_len=3))
+      max_examples_per_row=3, max_text_len=3,
+      # 'toy_world' (data_pipelines/main_job.py, grain_pipeline.py): the cached stages live
+      # in data_dir ('' = <workdir>/toy_world_data).
+      data_dir="",
+      # TFDS builder config: a registered name only ({name: 'small'}) or custom sizes.
+      toy_world=dict(name="quick", num_train=64, num_validation=8, num_chunks=3,
+                     caption_mode="dense"),
+      vae_variant="quick",  # experiments/vae_toy_world.py variant; channels = latent_shape[-1]
+      vae_overrides=dict(train=dict(num_steps=300, eval_clips=8, stats_clips=16)),
+      prompt="toy world",  # meta-prompt text of every example
+      shuffle_seed=0, num_workers=0,
+      caption_every=1,  # keep the text of every k-th chunk only
+      wrong_caption_rate=0.0,  # share of kept texts replaced by another chunk's text
+      max_open=4, window=64))  # RowPacker rows kept open; examples per packing window
   return c
 
 

@@ -9,6 +9,8 @@ With several processes each one yields only its own rows of the global batch
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Iterator
 
 import jax
@@ -76,17 +78,66 @@ class SyntheticBatches:
     self.index = int(state["index"])
 
 
-def make_train_input(exp: Experiment, cfg: Any):
-  """The configured training stream (see `data.source`)."""
+def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | None):
+  """Prepares the toy-world data stages (cached) and returns the pipeline config.
+
+  The data directory is `data.data_dir`, else <workdir>/toy_world_data. Process 0 runs
+  the missing stages; the others wait for it at a barrier and then read the same files.
+  """
+  from data_pipelines import main_job, tokenizer as tokenizer_lib  # local: heavy imports
+  data_cfg = cfg.get("data") or {}
+  data_dir = data_cfg.get("data_dir") or (os.path.join(workdir, "toy_world_data")
+                                          if workdir else "")
+  if not data_dir:
+    raise ConfigError("data.data_dir", "data.source='toy_world' needs data.data_dir or a "
+                      "work directory (make_train_input(..., workdir=...))")
+  if jax.process_index() == 0:
+    main_job.prepare_toy_world(data_dir, cfg)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("toy_world_data_prepared")
+  pcfg = main_job.pipeline_config(data_dir, cfg)
+  tokenizer_lib.check_compatible(tokenizer_lib.load_tokenizer(pcfg.tokenizer_path), exp)
+  return pcfg
+
+
+def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | None, split: str,
+                      train: bool):
+  from data_pipelines import grain_pipeline  # local: grain is only needed for this source
+  pcfg = _toy_world_pipeline(exp, cfg, workdir)
+  if not train:  # evaluation: a fixed, unshuffled pass over validation, in this process
+    pcfg = dataclasses.replace(pcfg, num_workers=0)
+  ds = grain_pipeline.make_dataset(pcfg, split, exp.seq, exp.model, exp.train.batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count(), shuffle=train)
+  return grain_pipeline.GrainBatches(ds)
+
+
+def make_train_input(exp: Experiment, cfg: Any, workdir: str | None = None):
+  """The configured training stream (see `data.source`).
+
+  `workdir`: the run's work directory; 'toy_world' caches its data stages under it
+  unless `data.data_dir` is set.
+  """
   data_cfg = cfg.get("data") or {}
   source = data_cfg.get("source", "synthetic")
   if source == "synthetic":
     return SyntheticBatches(exp, data_cfg, seed=exp.train.seed)
-  raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic")
+  if source == "toy_world":
+    return _toy_world_stream(exp, cfg, workdir, "train", train=True)
+  raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic, toy_world")
 
 
-def make_eval_batches(exp: Experiment, cfg: Any) -> list[dict[str, np.ndarray]]:
-  """`train.eval_batches` held-out batches (this process's rows), fixed for the run."""
+def make_eval_batches(exp: Experiment, cfg: Any,
+                      workdir: str | None = None) -> list[dict[str, np.ndarray]]:
+  """`train.eval_batches` held-out batches (this process's rows), fixed for the run.
+
+  'toy_world': the first batches of the validation split, unshuffled (repeated if the
+  split holds fewer).
+  """
+  if (cfg.get("data") or {}).get("source") == "toy_world":
+    stream = _toy_world_stream(exp, cfg, workdir, "validation", train=False)
+    return [next(stream) for _ in range(exp.train.eval_batches)]
   data_cfg = dict(cfg.get("data") or {}, synthetic_batches=0)
   stream = SyntheticBatches(exp, data_cfg, seed=_EVAL_SEED_BASE + exp.train.seed)
   return [next(stream) for _ in range(exp.train.eval_batches)]

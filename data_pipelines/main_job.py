@@ -1,0 +1,205 @@
+r"""The toy-world main job's data stages, cached in a data directory.
+
+    build the toy-world TFDS dataset -> train the VAE -> encode latents -> train a tokenizer
+
+`prepare_toy_world(data_dir, cfg)` runs the stages that are missing and returns the
+`grain_pipeline.PipelineConfig` the trainer's input stream reads. `tv2tv_jax.inputs`
+calls it when `data.source = 'toy_world'`, so the README command runs the whole chain:
+
+    python -m tv2tv_jax.main --config=experiments/toy_world.py:quick --workdir=/tmp/tv2tv_quick
+
+(the data directory defaults to <workdir>/toy_world_data). This module is also a program
+that prepares the data and then trains, for a trainer that does not pass its workdir:
+
+    python -m data_pipelines.main_job --config=experiments/toy_world.py:quick --workdir=...
+
+Layout of the data directory; each stage's marker is written last and records the
+stage's settings, so a finished stage is skipped and a stage whose settings changed (or
+whose upstream stage was redone) is run again:
+
+  tfds/           toy_world TFDS dataset (ArrayRecord)       marker: stage_tfds.json
+  vae/            trained VAE (tv2tv_jax.vae.train layout)     marker: stage_vae.json (+ eval PSNR)
+  latents/        latent dataset (data_pipelines.latent_dataset) marker: stage_latents.json
+  tokenizer.json  character-level BPE on the dataset's texts   marker: stage_tokenizer.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+from data_pipelines import grain_pipeline
+
+STAGES = ("tfds", "vae", "latents", "tokenizer")
+
+
+def _section(cfg: Any, name: str) -> dict[str, Any]:
+  sec = cfg.get(name) if hasattr(cfg, "get") else None
+  if sec is None:
+    return {}
+  return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
+
+
+def _jsonable(x: Any) -> Any:
+  return json.loads(json.dumps(x, default=str))
+
+
+def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
+  """What each stage's output depends on (its own settings and its upstream stages')."""
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  tfds = {"toy_world": data.get("toy_world") or {}}
+  vae = {"tfds": tfds, "vae_variant": data.get("vae_variant", "quick"),
+         "vae_overrides": data.get("vae_overrides") or {},
+         "latent_channels": int(model["latent_shape"][-1])}
+  latents = {"vae": vae}
+  tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
+               "prompt": data.get("prompt", "")}
+  return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
+
+
+def _builder_config(data: dict[str, Any]):
+  from data_pipelines import toy_world_tfds
+  tw = dict(data.get("toy_world") or {})
+  name = tw.pop("name", "custom")
+  if not tw:  # a registered config by name
+    return name
+  return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="main job", **tw)
+
+
+def _vae_config(cfg: Any):
+  from experiments import vae_toy_world
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  vcfg = vae_toy_world.get_config(data.get("vae_variant", "quick"))
+  # The flow model's latent channels decide the VAE's (the spatial size is fixed by the VAE's
+  # 8x downsampling of 64x64 frames and checked against model.latent_shape downstream).
+  vcfg.vae.latent_channels = int(model["latent_shape"][-1])
+  for section, values in (data.get("vae_overrides") or {}).items():
+    vcfg[section].update(values)  # e.g. {"train": {"num_steps": 300}}
+  return vcfg
+
+
+def _done(data_dir: str, stage: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+  path = os.path.join(data_dir, f"stage_{stage}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    marker = json.load(f)
+  return marker if marker.get("settings") == settings else None
+
+
+def _mark(data_dir: str, stage: str, settings: dict[str, Any], **info) -> dict[str, Any]:
+  marker = {"settings": settings, **_jsonable(info)}
+  tmp = os.path.join(data_dir, f".stage_{stage}.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(marker, f, indent=2)
+  os.replace(tmp, os.path.join(data_dir, f"stage_{stage}.json"))  # atomic: no half markers
+  return marker
+
+
+def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
+  from data_pipelines import latent_dataset, tokenizer as tokenizer_lib
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  latent_dir = os.path.join(data_dir, "latents")
+  src = latent_dataset.data_source(latent_dir, "train")
+  texts = [t for i in range(len(src)) for t in latent_dataset.parse_record(src[i])["texts"] if t]
+  corpus = tokenizer_lib.toy_world_corpus() + texts + [data.get("prompt", "")]
+  tok = tokenizer_lib.train_bpe([t for t in corpus if t], int(model["vocab_size"]),
+                                byte_level=False)
+  tok.save(path)
+  return tok.vocab_size
+
+
+def prepare_toy_world(data_dir: str, cfg: Any,
+                      log: Callable[[str], None] = print) -> grain_pipeline.PipelineConfig:
+  """Runs the missing stages (module docstring) into `data_dir`; returns the pipeline config.
+
+  Args:
+    data_dir: the stage cache directory (created).
+    cfg: the experiment ConfigDict (sections data and model).
+  """
+  from data_pipelines import latent_dataset, toy_world_tfds
+  from tv2tv_jax.vae import train as vae_train
+
+  os.makedirs(data_dir, exist_ok=True)
+  data = _section(cfg, "data")
+  settings = stage_settings(cfg)
+  tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, "vae")
+  latent_dir, tok_path = os.path.join(data_dir, "latents"), os.path.join(data_dir,
+                                                                         "tokenizer.json")
+  redo = False  # a redone stage invalidates everything downstream
+  for stage in STAGES:
+    marker = None if redo else _done(data_dir, stage, settings[stage])
+    if marker is not None:
+      log(f"data stage {stage}: cached ({marker.get('seconds', 0):.1f}s when built)")
+      continue
+    redo = True
+    t0 = time.time()
+    info: dict[str, Any] = {}
+    if stage == "tfds":
+      builder = toy_world_tfds.ToyWorld(config=_builder_config(data), data_dir=tfds_dir)
+      builder.download_and_prepare()
+      info["splits"] = {k: v.num_examples for k, v in builder.info.splits.items()}
+    elif stage == "vae":
+      summary = vae_train.train(_vae_config(cfg), vae_dir, log=log)
+      info["eval"] = summary["eval"]
+    elif stage == "latents":
+      meta = latent_dataset.build_latent_dataset(tfds_dir, _builder_config(data), vae_dir,
+                                                 latent_dir, log=log)
+      info["splits"] = {s: {"num_records": v["num_records"], "skipped": len(v["skipped"])}
+                        for s, v in meta["splits"].items()}
+    else:
+      info["vocab_size"] = _train_tokenizer(data_dir, cfg, tok_path)
+    info["seconds"] = time.time() - t0
+    _mark(data_dir, stage, settings[stage], **info)
+    log(f"data stage {stage}: built in {info['seconds']:.1f}s "
+        f"{json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
+  return pipeline_config(data_dir, cfg)
+
+
+def pipeline_config(data_dir: str, cfg: Any) -> grain_pipeline.PipelineConfig:
+  """The PipelineConfig for a prepared data directory and the config's `data` knobs."""
+  data = _section(cfg, "data")
+  return grain_pipeline.PipelineConfig(
+      latent_dir=os.path.join(data_dir, "latents"),
+      tokenizer_path=os.path.join(data_dir, "tokenizer.json"),
+      prompt=data.get("prompt", ""), shuffle_seed=int(data.get("shuffle_seed", 0)),
+      num_workers=int(data.get("num_workers", 0)),
+      caption_every=int(data.get("caption_every", 1)),
+      wrong_caption_rate=float(data.get("wrong_caption_rate", 0.0)),
+      max_open=int(data.get("max_open", 4)), window=int(data.get("window", 64)))
+
+
+def stage_timings(data_dir: str) -> dict[str, float]:
+  """Seconds each finished stage took when it was built."""
+  out = {}
+  for stage in STAGES:
+    path = os.path.join(data_dir, f"stage_{stage}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[stage] = json.load(f).get("seconds")
+  return out
+
+
+def _main(argv):
+  from tv2tv_jax import distributed, trainer
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  distributed.setup_process()
+  cfg = _CONFIG.value
+  with cfg.unlocked():
+    cfg.data.data_dir = cfg.data.get("data_dir") or os.path.join(_WORKDIR.value,
+                                                                 "toy_world_data")
+  records = trainer.train(cfg, _WORKDIR.value)
+  print("done:", trainer.final_summary(records))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(_main)
