@@ -6,17 +6,19 @@ Run (from the repo root):
 
 Variants (the part after the colon):
   tiny    the test model: trains a few steps in seconds; used throughout tests/.
-  quick   the README's main job: a small model, 300 steps on CPU in a few minutes;
-          both losses fall (text CE from ~ln(vocab) well below 1; video MSE from ~2).
+  quick   the README's main job: the whole toy-world chain with cached stages (build the
+          TFDS dataset, train a VAE, encode latents, train a tokenizer; see
+          data_pipelines/main_job.py), then a small model for 300 steps, on CPU in minutes.
   small   the throughput/MFU benchmark model (benchmarks/train_step_throughput.py).
   default a larger toy-world model for a workstation or one accelerator.
 
 Layout variants compose with a comma: `quick,t2v` or `quick,think2v` train the
 baselines of DESIGN.md section 4 with the same model and code.
 
-Until the toy-world data pipeline lands, `data.source = 'synthetic'` trains on
-random latents and texts laid out by `tv2tv_jax.sequence` (correct structure,
-no meaning), which is enough to exercise and measure every part of the model.
+`data.source = 'toy_world'` (quick) reads VAE latents of toy-world clips through the
+Grain pipeline (data_pipelines/grain_pipeline.py, docs/pipeline.md); 'synthetic' (the
+other variants) trains on random latents and texts laid out by `tv2tv_jax.sequence`
+(correct structure, no meaning), enough to exercise and measure every part of the model.
 """
 
 import ml_collections
@@ -82,10 +84,14 @@ def _tiny(c):
 def _quick(c):
   c.model.update(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, mlp_dim=384, latent_shape=(8, 8, 8), unet_channels=32)
-  c.seq.update(text_len=96, max_chunks=8)
+  # Rows of 2 toy-world clips of 3 chunks: 2 x 4 clean copies fill max_chunks=8; their
+  # texts (prompt, ~1.2 tokens per chunk text, BOF/EOF, EOS) take at most 30 text slots.
+  c.seq.update(text_len=32, max_chunks=8)
   c.optim.update(learning_rate=2e-3, warmup_steps=30, total_steps=300)
   c.train.update(batch_size=4, num_steps=300, log_every=25, save_every=100, eval_every=100)
-  c.data.update(synthetic_batches=4)
+  # The whole chain on CPU in minutes (data_pipelines/main_job.py): 64 clips, a 300-step
+  # VAE with 8 latent channels, a character-level BPE tokenizer, then this model.
+  c.data.update(source="toy_world", synthetic_batches=4)
 
 
 def _small(c):
