@@ -345,7 +345,7 @@ def format_report(r: dict[str, Any]) -> str:
   lines = [
       f"{r['topology']} ({r['topology_desc']['topology_name']}, {r['num_devices']} x "
       f"{r['device_kind']}), mesh {r['mesh']}, batch {r['batch_size']} x {r['row_len']}, "
-      f"{r['params'] / 1e9:.3f}B params",
+      f"{r['params'] / 1e6:,.2f}M params",
       f"  per device: peak {_gib(m['peak_bytes'])} of {_gib(m['hbm_bytes'])} HBM "
       f"({100 * m['hbm_fraction']:.1f}%) -> {'fits' if m['fits'] else 'DOES NOT FIT'}; "
       f"arguments {_gib(m['argument_size_in_bytes'])}, outputs "
