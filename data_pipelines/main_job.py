@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -50,10 +51,12 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   """What each stage's output depends on (its own settings and its upstream stages')."""
   data, model = _section(cfg, "data"), _section(cfg, "model")
   tfds = {"toy_world": data.get("toy_world") or {}}
-  vae = {"tfds": tfds, "vae_variant": data.get("vae_variant", "quick"),
+  # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so a
+  # resized dataset keeps the trained VAE.
+  vae = {"vae_variant": data.get("vae_variant", "quick"),
          "vae_overrides": data.get("vae_overrides") or {},
          "latent_channels": int(model["latent_shape"][-1])}
-  latents = {"vae": vae}
+  latents = {"tfds": tfds, "vae": vae}
   tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
                "prompt": data.get("prompt", "")}
   return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
@@ -128,15 +131,19 @@ def prepare_toy_world(data_dir: str, cfg: Any,
   tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, "vae")
   latent_dir, tok_path = os.path.join(data_dir, "latents"), os.path.join(data_dir,
                                                                          "tokenizer.json")
-  redo = False  # a redone stage invalidates everything downstream
   for stage in STAGES:
-    marker = None if redo else _done(data_dir, stage, settings[stage])
+    # Settings nest their upstream stages' settings, so a changed stage invalidates
+    # exactly the stages downstream of it.
+    marker = _done(data_dir, stage, settings[stage])
     if marker is not None:
       log(f"data stage {stage}: cached ({marker.get('seconds', 0):.1f}s when built)")
       continue
-    redo = True
     t0 = time.time()
     info: dict[str, Any] = {}
+    if stage in ("tfds", "latents"):
+      # A stale directory must go: TFDS would otherwise reuse a prepared dataset of the
+      # same name and version with the old sizes.
+      shutil.rmtree(tfds_dir if stage == "tfds" else latent_dir, ignore_errors=True)
     if stage == "tfds":
       builder = toy_world_tfds.ToyWorld(config=_builder_config(data), data_dir=tfds_dir)
       builder.download_and_prepare()

@@ -59,7 +59,7 @@ def _base() -> ml_collections.ConfigDict:
       # in data_dir ('' = <workdir>/toy_world_data).
       data_dir="",
       # TFDS builder config: a registered name only ({name: 'small'}) or custom sizes.
-      toy_world=dict(name="quick", num_train=64, num_validation=8, num_chunks=3,
+      toy_world=dict(name="quick", num_train=256, num_validation=16, num_chunks=3,
                      caption_mode="dense"),
       vae_variant="quick",  # experiments/vae_toy_world.py variant; channels = latent_shape[-1]
       vae_overrides=dict(train=dict(num_steps=300, eval_clips=8, stats_clips=16)),
@@ -89,7 +89,7 @@ def _quick(c):
   c.seq.update(text_len=32, max_chunks=8)
   c.optim.update(learning_rate=2e-3, warmup_steps=30, total_steps=300)
   c.train.update(batch_size=4, num_steps=300, log_every=25, save_every=100, eval_every=100)
-  # The whole chain on CPU in minutes (data_pipelines/main_job.py): 64 clips, a 300-step
+  # The whole chain on CPU in minutes (data_pipelines/main_job.py): 256 clips, a 300-step
   # VAE with 8 latent channels, a character-level BPE tokenizer, then this model.
   c.data.update(source="toy_world", synthetic_batches=4)
 

@@ -225,3 +225,27 @@ def test_packing_efficiency_on_toy_world_rows(pcfg, tmp_path):
     assert video.mean() >= 31 / 32 - 1e-9  # 16 clean + 15 noisy of 16 + 16 copies
     if want:  # at text_len 256 the text region is mostly padding (measured in the benchmark)
       assert sequence.packing_efficiency(seg) >= want, sequence.packing_efficiency(seg)
+
+
+@pytest.mark.slow
+def test_main_job_stages_run_once_then_train(tmp_path):
+  """data.source='toy_world' end to end: stages built once (then cached), trainer runs."""
+  from data_pipelines import main_job
+  from tv2tv_jax import config as config_lib, inputs, trainer
+  c = grain_fixture.experiment_config()
+  data_dir = str(tmp_path / "data")
+  c.data.update(source="toy_world", data_dir=data_dir, vae_variant="tiny",
+                toy_world=dict(name="t", num_train=12, num_validation=4, num_chunks=2,
+                               caption_mode="sports"), caption_every=2)
+  c.data.vae_overrides = {"train": {"num_steps": 4}}
+  c.train.update(num_steps=3, eval_every=3, eval_batches=1)
+  exp = config_lib.experiment_from_config_dict(c)
+  stream = inputs.make_train_input(exp, c)
+  assert set(main_job.stage_timings(data_dir)) == set(main_job.STAGES)
+  batch = next(stream)
+  assert batch["latents"].shape == (exp.train.batch_size, 6, 8, 8, 4)
+  logs = []
+  main_job.prepare_toy_world(data_dir, c, log=logs.append)
+  assert logs and all("cached" in line for line in logs), logs
+  records = trainer.train(c, str(tmp_path / "run"), log=lambda s: None)
+  assert records and np.isfinite(records[-1]["loss"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -81,16 +82,17 @@ class SyntheticBatches:
 def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | None):
   """Prepares the toy-world data stages (cached) and returns the pipeline config.
 
-  The data directory is `data.data_dir`, else <workdir>/toy_world_data. Process 0 runs
+  The data directory is `data.data_dir`, else <workdir>/toy_world_data, else
+  <system temp dir>/tv2tv_toy_world_data. Process 0 runs
   the missing stages; the others wait for it at a barrier and then read the same files.
   """
   from data_pipelines import main_job, tokenizer as tokenizer_lib  # local: heavy imports
   data_cfg = cfg.get("data") or {}
-  data_dir = data_cfg.get("data_dir") or (os.path.join(workdir, "toy_world_data")
-                                          if workdir else "")
-  if not data_dir:
-    raise ConfigError("data.data_dir", "data.source='toy_world' needs data.data_dir or a "
-                      "work directory (make_train_input(..., workdir=...))")
+  data_dir = data_cfg.get("data_dir") or (
+      os.path.join(workdir, "toy_world_data") if workdir
+      # No work directory given (a caller of the older signature): a shared cache in the
+      # system temp directory; stage markers keep it correct across configs.
+      else os.path.join(tempfile.gettempdir(), "tv2tv_toy_world_data"))
   if jax.process_index() == 0:
     main_job.prepare_toy_world(data_dir, cfg)
   if jax.process_count() > 1:
