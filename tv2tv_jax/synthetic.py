@@ -52,7 +52,10 @@ def random_batch(seed: int, seq: SequenceConfig, model: ModelConfig, batch_size:
       ex = random_example(rng, seq, model, num_chunks=num_chunks, first_frame=first_frame,
                           prompt_len=int(rng.integers(1, 5)), max_text_len=max_text_len,
                           name=f"synthetic[{seed}:{b}:{e}]")
-      laid = sequence.layout_example(ex, seq, model, layout)
+      try:
+        laid = sequence.layout_example(ex, seq, model, layout)
+      except sequence.ExampleError:  # drawn too long for a row on its own
+        break
       if text_used + laid.num_text > seq.text_len:
         break
       group.append(laid)
