@@ -42,7 +42,7 @@ Features, one example per clip (T = 1 + 4k):
   frames      uint8[T, height, width, 3]  RGB
   texts       Text[k]  the joined captions per chunk ("" where none)
 
-Bad records (`csgo_tfds.BadRecords`, the same policy as CS:GO): an entry that is not an
+Bad records (`tfds_common.BadRecords`, the same policy as CS:GO): an entry that is not an
 object or lacks "file"/"captions" (missing_key), a malformed caption or split
 (bad_entry), a missing or undecodable file or one without a video stream (unreadable),
 a video too short for one clip (too_short), and a caption time outside [0, duration)
@@ -63,7 +63,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines.csgo_tfds import BadRecords, FRAMES_PER_CHUNK
+from data_pipelines.csgo_tfds import FRAMES_PER_CHUNK
+from data_pipelines.tfds_common import ArrayRecordBuilder, BadRecords
 
 SPLITS = ("train", "validation")
 _EPS = 1e-6  # seconds: float slack when comparing frame times
@@ -237,7 +238,7 @@ def read_captions(root: epath.PathLike, cfg: CaptionedVideoBuilderConfig) -> lis
   return spec["videos"]
 
 
-class CaptionedVideo(tfds.core.GeneratorBasedBuilder):
+class CaptionedVideo(ArrayRecordBuilder):
   """Clips of captioned videos at 16 fps (registered as 'captioned_video')."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -254,16 +255,6 @@ class CaptionedVideo(tfds.core.GeneratorBasedBuilder):
                                   height=64, width=64, num_chunks=64),
   ]
   DEFAULT_CONFIG_NAME = "r64"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS derives this via `importlib_resources`, an undeclared dependency; see toy_world_tfds.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format: str | None = "array_record", **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
-    self.bad_records = BadRecords(self.name)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: CaptionedVideoBuilderConfig = self.builder_config

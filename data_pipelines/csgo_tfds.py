@@ -56,7 +56,6 @@ data: bad_records[split] = {count, by_kind, records}). Nothing is dropped silent
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import logging
 import re
@@ -65,6 +64,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from data_pipelines.tfds_common import ArrayRecordBuilder, BadRecords
 
 KEY_NAMES = ("w", "a", "s", "d", "space", "ctrl", "shift", "1", "2", "3", "r")
 MOUSE_X_BINS = (-1000.0, -500.0, -300.0, -200.0, -100.0, -60.0, -30.0, -20.0, -10.0, -4.0,
@@ -82,54 +83,7 @@ KEY_WORDS = dict(zip(KEY_NAMES, ("forward", "left", "back", "right", "jump", "cr
                                  "weapon1", "weapon2", "weapon3", "reload")))
 _HEAD_WORDS = ("forward", "back", "left", "right", "jump", "crouch", "walk")
 _TAIL_WORDS = ("reload", "weapon1", "weapon2", "weapon3")
-# Every reason a record can be skipped for, in both builders that read files.
-BAD_RECORD_KINDS = ("unreadable", "no_frames", "too_short", "missing_key", "wrong_shape",
-                    "caption_time", "bad_entry")
-MAX_STORED_REPORTS = 1000  # per split in metadata; the count is always complete
-
 _FRAME_KEY = re.compile(r"^frame_(\d+)_(x|y|xaux|helperarr)$")
-
-
-# --------------------------------------------------------------------------- bad records
-
-@dataclasses.dataclass(frozen=True)
-class BadRecordReport:
-  """One skipped record: `name` (file, or file/frames range, or video), `kind` in
-  BAD_RECORD_KINDS, `reason` (what exactly was wrong)."""
-  split: str
-  name: str
-  kind: str
-  reason: str
-
-
-class BadRecords:
-  """Collects BadRecordReports during generation; each is logged when added.
-
-  Shared by the CS:GO and captioned-video builders. `to_metadata()` is what the builders
-  store under metadata["bad_records"][split].
-  """
-
-  def __init__(self, dataset: str):
-    self.dataset = dataset
-    self.reports: list[BadRecordReport] = []
-
-  def add(self, split: str, name: str, kind: str, reason: str) -> None:
-    if kind not in BAD_RECORD_KINDS:
-      raise ValueError(f"unknown bad-record kind {kind!r}; one of {BAD_RECORD_KINDS}")
-    self.reports.append(BadRecordReport(split, name, kind, reason))
-    logging.warning("%s: skipping bad record %s [%s]: %s", self.dataset, name, kind, reason)
-
-  def for_split(self, split: str) -> list[BadRecordReport]:
-    return [r for r in self.reports if r.split == split]
-
-  def to_metadata(self, split: str) -> dict:
-    reports = self.for_split(split)
-    return {
-        "count": len(reports),
-        "by_kind": dict(collections.Counter(r.kind for r in reports)),
-        "records": [{"name": r.name, "kind": r.kind, "reason": r.reason}
-                    for r in reports[:MAX_STORED_REPORTS]],
-    }
 
 
 # --------------------------------------------------------------------------- frames
@@ -304,7 +258,7 @@ def _read_clip(h5, keys: set, start: int, t: int, cfg: CsgoBuilderConfig, name: 
   return frames, actions
 
 
-class CsgoDust2(tfds.core.GeneratorBasedBuilder):
+class CsgoDust2(ArrayRecordBuilder):
   """CS:GO deathmatch clips with per-chunk action texts (registered as 'csgo_dust2')."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -321,16 +275,6 @@ class CsgoDust2(tfds.core.GeneratorBasedBuilder):
                         height=64, width=64, num_chunks=16),
   ]
   DEFAULT_CONFIG_NAME = "r64"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS derives this via `importlib_resources`, an undeclared dependency; see toy_world_tfds.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format: str | None = "array_record", **kwargs):
-    super().__init__(file_format=file_format, **kwargs)
-    self.bad_records = BadRecords(self.name)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: CsgoBuilderConfig = self.builder_config

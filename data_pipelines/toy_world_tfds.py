@@ -38,9 +38,9 @@ from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from data_pipelines import toy_world
+from data_pipelines.tfds_common import ArrayRecordBuilder
 
 VALIDATION_SEED_OFFSET = 1_000_000_000
 CAPTION_MODES = ("dense", "sports")
@@ -128,24 +128,13 @@ def generate_example(seed: int, config: ToyWorldBuilderConfig, split: str = "tra
   }
 
 
-class ToyWorld(tfds.core.GeneratorBasedBuilder):
+class ToyWorld(ArrayRecordBuilder):
   """The toy world's clips with per-chunk texts (registered as 'toy_world')."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = _configs()
   DEFAULT_CONFIG_NAME = "tiny"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS derives this from the package via `importlib_resources`, which it does not
-    # declare as a dependency (ModuleNotFoundError here); the module file is the answer.
-    return epath.Path(__file__)
-
-  def __init__(self, *, file_format: str | None = "array_record", **kwargs):
-    # ArrayRecord is the only format readable without TensorFlow (random access for Grain).
-    super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: ToyWorldBuilderConfig = self.builder_config

@@ -14,7 +14,7 @@ import numpy as np
 from tv2tv_jax import masks, synthetic
 from tv2tv_jax.attention import reference
 from tv2tv_jax.config import ModelConfig, SequenceConfig
-from tv2tv_jax.sequence import CLEAN, NOISY, PAD, TEXT
+from tv2tv_jax.sequence import CLEAN, NOISY, TEXT
 
 
 def _expected(row, drop):

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from tv2tv_jax import flops, flow, losses, sequence, synthetic, train_step
-from tv2tv_jax.config import Experiment
 from tv2tv_jax.model import TV2TV
-from tv2tv_jax.sequence import NOISY, TEXT
+from tv2tv_jax.sequence import TEXT
 
 
 def _live_params(model, exp, seed=0):

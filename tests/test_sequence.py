@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tv2tv_jax import sequence, synthetic
-from tv2tv_jax.sequence import CLEAN, NOISY, PAD, TEXT
+from tv2tv_jax.sequence import NOISY, PAD, TEXT
 
 
 def _example(exp, num_chunks=3, first_frame=True, seed=0, **kw):
