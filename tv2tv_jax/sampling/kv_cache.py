@@ -1,0 +1,211 @@
+"""The sampler's KV cache and the cached forward pass of a few tokens against it.
+
+One cache serves both towers: per layer, keys and values of every *cached* slot
+(text tokens and clean chunk tokens, whichever tower produced them), plus the
+per-slot metadata the mask rule reads (`masks.SeqMeta` of [B, C]) and a length
+per row. Noisy chunk tokens are never written: they are queries only, and each
+flow step recomputes them (DESIGN.md section 6).
+
+Shapes (B rows, C capacity, Lyr layers, Hkv kv heads, dh head dim):
+
+  k, v      [Lyr, B, C, Hkv, dh]  in the model's activation dtype; RoPE applied to k
+  meta      SeqMeta of [B, C]     unused slots: segment 0 (padding), so the mask
+                                  rule hides them from every real query
+  length    i32[B]                slots in use per row (filled from slot 0)
+
+Slot ids for the mask's padding self-edge: cache slot s has id s, the Lq new
+query tokens have ids C .. C + Lq - 1, so ids never collide.
+
+The cached forward (`forward_tokens`) runs ONE tower for all layers on Lq new
+tokens: per layer, `TowerLayer.project`, RoPE at the tokens' positions,
+attention over [cache keys | own keys] under `masks.cross_mask`, then
+`TowerLayer.finish`. It reads per-layer parameter slices from the model's
+params, so it works for scanned (`params['stack']['layers']`, stacked on a
+leading layer axis) and unrolled (`params['stack']['layer_i']`) models alike.
+Everything here is pure: a cache goes in, a new cache comes out.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tv2tv_jax import layers, masks
+from tv2tv_jax.attention.reference import masked_attention
+from tv2tv_jax.config import ModelConfig
+
+TOWERS = ("text", "video")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of cached slots for every layer, with their mask metadata.
+
+  k, v: [Lyr, B, C, Hkv, dh]; meta: SeqMeta of [B, C]; length: i32[B].
+  """
+  k: jax.Array
+  v: jax.Array
+  meta: masks.SeqMeta
+  length: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return int(self.k.shape[2])
+
+  @property
+  def batch(self) -> int:
+    return int(self.k.shape[1])
+
+  def tile(self, reps: int) -> "KVCache":
+    """The cache repeated `reps` times along the batch (row b -> rows b·reps .. b·reps+reps-1).
+
+    Used for the classifier-free-guidance pass: the conditional and unconditional
+    branches attend to the same cache and differ only in their queries' drop flag.
+    """
+    rep = lambda a, axis: jnp.repeat(a, reps, axis=axis)
+    return KVCache(k=rep(self.k, 1), v=rep(self.v, 1),
+                   meta=jax.tree.map(lambda a: rep(a, 0), self.meta),
+                   length=rep(self.length, 0))
+
+
+def empty_meta(batch: int, length: int) -> masks.SeqMeta:
+  """All-padding metadata of [batch, length] (segment 0, modality PAD)."""
+  zeros = jnp.zeros((batch, length), jnp.int32)
+  return masks.SeqMeta(segment_ids=zeros, modality=zeros, chunk_ids=zeros, positions=zeros,
+                       order=zeros, plan_ids=zeros, cfg_drop=jnp.zeros((batch, length), bool))
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
+  """An empty cache of `capacity` slots per row (zeros, all slots padding)."""
+  if capacity < 1:
+    raise ValueError(f"capacity must be positive, got {capacity}")
+  shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(cfg.dtype)
+  return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                 meta=empty_meta(batch, capacity), length=jnp.zeros((batch,), jnp.int32))
+
+
+def layer_params(params, cfg: ModelConfig) -> list[dict]:
+  """Per-layer parameter dicts {'text': ..., 'video': ...} for scanned or unrolled stacks."""
+  stack = params["stack"]
+  if cfg.scan_layers:
+    # nn.scan stacks every leaf on a leading `layers` axis.
+    return [jax.tree.map(lambda a, i=i: a[i], stack["layers"]) for i in range(cfg.num_layers)]
+  return [stack[f"layer_{i}"] for i in range(cfg.num_layers)]
+
+
+def attention_mask(cache: KVCache, q_meta: masks.SeqMeta) -> jax.Array:
+  """bool[Bq, Lq, C + Lq]: what each new query may see among [cache slots | new tokens].
+
+  Bq may be a multiple of the cache's batch only after `KVCache.tile`; here the
+  batches must match. This is the one mask every cached forward uses.
+  """
+  b, lq = q_meta.segment_ids.shape
+  c = cache.capacity
+  q_slot = jnp.broadcast_to(c + jnp.arange(lq, dtype=jnp.int32), (b, lq))
+  k_slot = jnp.broadcast_to(jnp.arange(c + lq, dtype=jnp.int32), (b, c + lq))
+  k_meta = jax.tree.map(lambda a, n: jnp.concatenate([a, n], axis=1), cache.meta, q_meta)
+  return masks.cross_mask(q_meta, k_meta, q_slot, k_slot)
+
+
+def forward_tokens(cfg: ModelConfig, params, cache: KVCache, x: jax.Array, tower: str,
+                   q_meta: masks.SeqMeta):
+  """Runs Lq new tokens of one tower through every layer against the cache.
+
+  Args:
+    cfg: the model config; params: the TV2TV params (scanned or unrolled stack).
+    cache: KVCache with the same batch B as x.
+    x: [B, Lq, D] the tokens' embeddings (text embeddings or downsampled chunk tokens).
+    tower: 'text' or 'video' (whose parameters the tokens use in every layer).
+    q_meta: SeqMeta of [B, Lq] (positions for RoPE; mask fields for `attention_mask`).
+  Returns:
+    (x_out [B, Lq, D] after the last layer, k_new [Lyr, B, Lq, Hkv, dh],
+     v_new [Lyr, B, Lq, Hkv, dh]); the cache itself is not modified (see `write`).
+  """
+  if tower not in TOWERS:
+    raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+  module = layers.TowerLayer(cfg)
+  mask = attention_mask(cache, q_meta)  # the same for every layer
+  ks, vs = [], []
+  for li, p in enumerate(layer_params(params, cfg)):
+    variables = {"params": p[tower]}
+    q, k, v = module.apply(variables, x, method="project")
+    q = layers.apply_rope(q, q_meta.positions, cfg.rope_theta)
+    k = layers.apply_rope(k, q_meta.positions, cfg.rope_theta)
+    o = masked_attention(q, jnp.concatenate([cache.k[li], k], axis=1),
+                         jnp.concatenate([cache.v[li], v], axis=1), mask)
+    x = module.apply(variables, x, o, method="finish")
+    ks.append(k)
+    vs.append(v)
+  return x, jnp.stack(ks), jnp.stack(vs)
+
+
+def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array,
+          q_meta: masks.SeqMeta) -> KVCache:
+  """Appends Lq slots per row at that row's `length` (k_new/v_new [Lyr, B, Lq, Hkv, dh]).
+
+  The caller checks capacity first (`dynamic_update_slice` would silently clamp
+  an overflowing write onto the last slots).
+  """
+  def put(buf, new, start, axis):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=axis)
+
+  k = jax.vmap(lambda b, n, s: put(b, n, s, 1), in_axes=(1, 1, 0), out_axes=1)(
+      cache.k, k_new, cache.length)
+  v = jax.vmap(lambda b, n, s: put(b, n, s, 1), in_axes=(1, 1, 0), out_axes=1)(
+      cache.v, v_new, cache.length)
+  meta = jax.tree.map(lambda b, n: jax.vmap(lambda bb, nn, s: put(bb, nn, s, 0))(
+      b, n.astype(b.dtype), cache.length), cache.meta, q_meta)
+  lq = q_meta.segment_ids.shape[1]
+  return KVCache(k=k, v=v, meta=meta, length=cache.length + lq)
+
+
+# ----------------------------------------------------------------------------------
+# Model-level steps (jit these; `model` is a TV2TV module, static).
+
+
+def append_text(model, params, cache: KVCache, tokens: jax.Array, q_meta: masks.SeqMeta):
+  """Appends text tokens i32[B, N] (metadata q_meta [B, N]) in one forward pass.
+
+  Returns (new cache, logits f32[B, N, vocab] of the appended tokens).
+  """
+  variables = {"params": params}
+  x = model.apply(variables, tokens, method=lambda m, t: m.embed(t))
+  x, k_new, v_new = forward_tokens(model.cfg, params, cache, x, "text", q_meta)
+  logits = model.apply(variables, x, method=lambda m, h: m.text_logits(h))
+  return write(cache, k_new, v_new, q_meta), logits
+
+
+def append_clean(model, params, cache: KVCache, latent: jax.Array, q_meta: masks.SeqMeta):
+  """Appends one clean chunk f32[B, h, w, c] (flow time 1; q_meta [B, n]) in one pass."""
+  b = latent.shape[0]
+  tokens, _ = model.apply({"params": params}, latent[:, None], jnp.ones((b, 1), jnp.float32),
+                          method=lambda m, l, t: m.encode_chunks(l, t))
+  _, k_new, v_new = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype),
+                                   "video", q_meta)
+  return write(cache, k_new, v_new, q_meta)
+
+
+def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
+                   q_meta: masks.SeqMeta) -> jax.Array:
+  """Velocity of one noisy chunk per row against the cache; nothing is written.
+
+  x_t: f32[Bq, h, w, c], t: f32[Bq], q_meta: SeqMeta of [Bq, n] where Bq = r·B
+  (rows b·r .. b·r + r - 1 all use cache row b, e.g. r = 2 for the batched CFG
+  pass whose rows differ only in `q_meta.cfg_drop`). Returns f32[Bq, h, w, c].
+  """
+  reps = x_t.shape[0] // cache.batch
+  if reps * cache.batch != x_t.shape[0]:
+    raise ValueError(f"query batch {x_t.shape[0]} is not a multiple of the cache batch "
+                     f"{cache.batch}")
+  if reps > 1:
+    cache = cache.tile(reps)
+  variables = {"params": params}
+  tokens, skip = model.apply(variables, x_t[:, None], t[:, None],
+                             method=lambda m, l, tt: m.encode_chunks(l, tt))
+  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
+                           q_meta)
+  vel = model.apply(variables, x, skip, t[:, None],
+                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
+  return vel[:, 0]
