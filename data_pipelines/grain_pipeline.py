@@ -2,7 +2,7 @@
 
     source (latent ArrayRecord, this host's shard: records[process_index::process_count])
       -> shuffle(seed), repeat (reshuffled every epoch)            MapDataset
-      -> ToExample: tokenise texts, caption knobs, layout          MapDataset (LaidOut | None)
+      -> ToExample: tokenise texts, caption knobs, layout          MapDataset (LaidOut | Rejected)
       -> to_iter_dataset -> PackIterDataset (sequence.RowPacker)   rows (numpy, no batch axis)
       -> batch(B / process_count)                                  dict of [B_local, ...] arrays
       -> mp_prefetch(num_workers)                                  optional worker processes
@@ -75,11 +75,19 @@ class PipelineConfig:
       raise ConfigError("data", "num_workers >= 0, max_open >= 1 and window >= 1 required")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+  """A bad example's name and reason. Not None: Grain's iterators silently drop None
+  elements (its filter marker), which would hide rejects from the packer's count."""
+  name: str
+  reason: str
+
+
 class ToExample(grain.transforms.Map):
-  """Raw latent-dataset record (bytes) -> `sequence.LaidOut`, or None for a bad example.
+  """Raw latent-dataset record (bytes) -> `sequence.LaidOut`, or `Rejected` for a bad one.
 
   Bad examples (ExampleError: wrong latent shape, unknown token, too long for a row) are
-  logged by name and become None; `PackIterator` skips and counts them.
+  logged by name; `PackIterator` skips and counts them.
   """
 
   def __init__(self, pcfg: PipelineConfig, seq: SequenceConfig, model: ModelConfig,
@@ -119,20 +127,23 @@ class ToExample(grain.transforms.Map):
     return out
 
   def example(self, raw: bytes) -> sequence.Example:
-    rec = latent_dataset.parse_record(raw)
+    """The `sequence.Example` of one raw record (texts tokenised after the caption knobs)."""
+    return self._example(latent_dataset.parse_record(raw))
+
+  def _example(self, rec: Mapping[str, Any]) -> sequence.Example:
     tok = self._tokenizer()
     return sequence.Example(
         prompt=tok.encode(self.pcfg.prompt) if self.pcfg.prompt else np.zeros(0, np.int32),
         chunk_texts=[tok.encode(t) if t else np.zeros(0, np.int32) for t in self.texts(rec)],
         latents=rec["latents"], first_frame=True, name=rec["name"])
 
-  def map(self, raw: bytes) -> sequence.LaidOut | None:
+  def map(self, raw: bytes) -> sequence.LaidOut | Rejected:
+    rec = latent_dataset.parse_record(raw)  # an unreadable record is a broken dataset: raise
     try:
-      ex = self.example(raw)
-      return sequence.layout_example(ex, self.seq, self.model, self.layout)
+      return sequence.layout_example(self._example(rec), self.seq, self.model, self.layout)
     except (sequence.ExampleError, ValueError) as e:  # UnknownCharacterError is a ValueError
-      logging.warning("grain pipeline: skipping example: %s", e)
-      return None
+      logging.warning("grain pipeline: skipping example %s: %s", rec["name"], e)
+      return Rejected(rec["name"], str(e))
 
 
 class PackIterator(grain.DatasetIterator):
@@ -163,7 +174,7 @@ class PackIterator(grain.DatasetIterator):
       except StopIteration:
         break
       seen += 1
-      if laid is None:
+      if isinstance(laid, Rejected):
         self.skipped += 1
         continue
       good += 1
@@ -202,7 +213,7 @@ class PackIterator(grain.DatasetIterator):
 
 
 class PackIterDataset(grain.IterDataset):
-  """IterDataset of packed rows over an IterDataset of `LaidOut | None` (see PackIterator)."""
+  """IterDataset of packed rows over an IterDataset of `LaidOut | Rejected` (PackIterator)."""
 
   def __init__(self, parent: grain.IterDataset, seq: SequenceConfig, model: ModelConfig,
                max_open: int = 4, window: int = 64):
