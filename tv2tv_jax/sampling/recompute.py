@@ -80,6 +80,10 @@ class RecomputeBackend:
   def _row(self, pending: np.ndarray | None):
     """Lays out prompt, first frame, finished chunks and (if open) the pending chunk."""
     lat = list(self.latents)
+    if len(self.texts) == len(lat) and not lat and self.first_frame is None:
+      # A prompt alone is not a valid example (it needs a frame): lay out an empty
+      # placeholder chunk after it, which the causal mask hides from the prompt.
+      self._open(1)
     if len(self.texts) > len(lat):
       lat.append(np.zeros(self.exp.model.latent_shape, np.float32) if pending is None
                  else np.asarray(pending, np.float32))

@@ -199,7 +199,8 @@ class CachedBackend:
 
   def _keep(self, kind: str, q_meta: masks.SeqMeta, cache: kv_cache.KVCache):
     if self.record:
-      m = np.asarray(kv_cache.attention_mask(cache, q_meta))
+      reps = q_meta.segment_ids.shape[0] // cache.batch
+      m = np.asarray(kv_cache.attention_mask(cache.tile(reps) if reps > 1 else cache, q_meta))
       used = int(np.asarray(cache.length)[0])
       self.records.append({
           "kind": kind, "drop": np.asarray(q_meta.cfg_drop[:, 0]),

@@ -1,0 +1,330 @@
+"""The KV-cached sampler: cache vs from-scratch recompute, masks, interventions, errors."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tv2tv_jax import masks, sequence, train_step
+from tv2tv_jax.model import TV2TV
+from tv2tv_jax.sampling import decoding, kv_cache, recompute, sampler
+from tv2tv_jax.sampling.decoding import Request, RequestError, SamplerConfig
+
+PROMPT = [5, 6, 7]
+
+
+def _live_params(model, exp, seed=0):
+  """Initial params plus noise everywhere (zero-initialised output convs would make
+  every velocity 0 and hide any difference between the paths)."""
+  params = train_step.create_train_state(model, exp, jax.random.key(seed)).params
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_exp):
+  model = TV2TV(tiny_exp.model)
+  return tiny_exp, model, _live_params(model, tiny_exp)
+
+
+def _first_frame(exp, seed=11):
+  return np.random.default_rng(seed).standard_normal(exp.model.latent_shape).astype(np.float32)
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+# Top-k sampling (not greedy) so that the token comparison is a real test of the
+# logits; short texts keep the oracle's rows small.
+SC = SamplerConfig(steps=3, cfg_scale=2.5, top_k=16, temperature=1.3, max_text_tokens=2)
+REQ = Request(prompt=PROMPT, num_chunks=3, interventions={1: [9, 10]}, seed=4)
+
+
+def _recompute(model, params, exp, req, sc):
+  backend = recompute.RecomputeBackend(model, params, exp, layout=sc.layout)
+  return sampler.generate(backend, req, exp, sc)
+
+
+def _assert_same(cached, oracle):
+  assert cached.transcript == oracle.transcript
+  assert cached.stop_reason == oracle.stop_reason
+  assert cached.chunks.shape == oracle.chunks.shape and len(cached.chunks) > 0
+  assert _rel(cached.chunks, oracle.chunks) < 1e-5
+
+
+def test_cache_matches_recompute_with_intervention_and_cfg(setup):
+  exp, model, params = setup
+  req = dataclasses.replace(REQ, first_frame=_first_frame(exp))
+  cached = sampler.sample(model, params, exp, req, SC)
+  oracle = _recompute(model, params, exp, req, SC)
+  _assert_same(cached, oracle)
+  assert cached.transcript[1] == {"chunk": 1, "text": [9, 10], "forced": True}
+  assert not cached.transcript[0]["forced"] and cached.transcript[0]["text"]
+
+
+def test_cached_logits_and_velocity_match_recompute_step_by_step(setup):
+  """The outputs themselves (not just the decisions) agree at every query."""
+  exp, model, params = setup
+  cached = sampler.CachedBackend(model, params, exp)
+  oracle = recompute.RecomputeBackend(model, params, exp)
+  x = np.random.default_rng(0).standard_normal(exp.model.latent_shape).astype(np.float32)
+  for b in (cached, oracle):
+    b.append_text(np.asarray(PROMPT, np.int32), 0)
+  assert _rel(cached.logits(), oracle.logits()) < 1e-5
+  for b in (cached, oracle):
+    b.append_text(np.asarray([20, 21], np.int32), 1)
+  assert _rel(cached.logits(), oracle.logits()) < 1e-5
+  for b in (cached, oracle):
+    b.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
+  v_c, v_o = cached.velocities(x, 0.3, 0, 2), oracle.velocities(x, 0.3, 0, 2)
+  assert _rel(v_c, v_o) < 1e-5
+  # The text drop must matter, or the CFG comparison above proves nothing.
+  assert _rel(v_c[0], v_c[1]) > 1e-3
+  for b in (cached, oracle):
+    b.append_chunk(x, 0)
+    b.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
+  assert _rel(cached.logits(), oracle.logits()) < 1e-5
+
+
+def test_unrolled_params_and_heun_match_scanned_recompute(setup):
+  """The cached forward reads unrolled stacks too: same generation as the scanned oracle."""
+  exp, model, params = setup
+  exp_u = dataclasses.replace(exp, model=dataclasses.replace(exp.model, scan_layers=False))
+  layers = params["stack"]["layers"]
+  stack_u = {f"layer_{i}": jax.tree.map(lambda a, i=i: a[i], layers)
+             for i in range(exp.model.num_layers)}
+  params_u = dict(params, stack=stack_u)
+  sc = dataclasses.replace(SC, solver="heun", steps=2, cfg_scale=1.0)
+  req = dataclasses.replace(REQ, num_chunks=2)
+  cached = sampler.sample(TV2TV(exp_u.model), params_u, exp_u, req, sc)
+  _assert_same(cached, _recompute(model, params, exp, req, sc))
+
+
+def test_t2v_layout_matches_recompute(setup):
+  exp, model, params = setup
+  sc = dataclasses.replace(SC, layout="t2v")
+  req = Request(prompt=PROMPT, num_chunks=2, first_frame=_first_frame(exp), seed=1)
+  cached = sampler.sample(model, params, exp, req, sc)
+  _assert_same(cached, _recompute(model, params, exp, req, sc))
+  assert all(t["text"] == [] for t in cached.transcript)
+
+
+def _generate_recorded(model, params, exp, req, sc):
+  backend = sampler.CachedBackend(model, params, exp, record=True)
+  return backend, sampler.generate(backend, req, exp, sc)
+
+
+def test_noisy_chunk_never_enters_the_cache(setup):
+  exp, model, params = setup
+  req = dataclasses.replace(REQ, first_frame=_first_frame(exp))
+  backend, gen = _generate_recorded(model, params, exp, req, SC)
+  n = exp.model.tokens_per_chunk
+  used = int(backend.cache.length[0])
+  modality = np.asarray(backend.cache.meta.modality[0])
+  n_text = len(PROMPT) + sum(len(t) + 2 for t in gen.texts)  # + BOF, EOF per chunk
+  assert used == n_text + n * (len(gen.chunks) + 1)  # clean chunks and the first frame
+  assert np.sum(modality == sequence.TEXT) == n_text
+  assert np.sum(modality == sequence.CLEAN) == n * (len(gen.chunks) + 1)
+  assert not np.any(modality == sequence.NOISY) and np.all(modality[used:] == sequence.PAD)
+  noisy = [r for r in backend.records if r["kind"] == "noisy"]
+  assert len(noisy) == SC.steps * len(gen.chunks)
+  for rec in backend.records:
+    assert not np.any(rec["k_modality"] == sequence.NOISY)
+
+
+def test_sampling_mask_equals_oracle_mask_of_final_sequence(setup):
+  exp, model, params = setup
+  req = dataclasses.replace(REQ, first_frame=_first_frame(exp))
+  backend, gen = _generate_recorded(model, params, exp, req, SC)
+  ex = sequence.Example(prompt=np.asarray(PROMPT, np.int32), chunk_texts=gen.texts,
+                        latents=np.concatenate([req.first_frame[None], gen.chunks]),
+                        first_frame=True)
+  row = sequence.pack_row([sequence.layout_example(ex, exp.seq, exp.model)], exp.seq, exp.model)
+  batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+  noisy_slots = row["modality"] == sequence.NOISY
+  oracle = {drop: np.asarray(masks.dense_mask(masks.SeqMeta.from_batch(
+      batch, cfg_drop=(noisy_slots & drop)[None])))[0] for drop in (False, True)}
+  slot_of = {int(o): s for s, o in enumerate(row["order"]) if row["segment_ids"][s] == 1}
+  kinds = set()
+  for rec in backend.records:
+    assert not rec["unused_visible"]
+    q = [slot_of[int(o)] for o in rec["q_order"]]
+    k = [slot_of[int(o)] for o in rec["k_order"]]
+    for r, drop in enumerate(rec["drop"]):
+      np.testing.assert_array_equal(rec["mask"][r], oracle[bool(drop)][np.ix_(q, k)])
+      kinds.add((rec["kind"], bool(drop)))
+  assert kinds == {("text", False), ("clean", False), ("noisy", False), ("noisy", True)}
+
+
+def test_intervention_at_chunk_i_changes_nothing_before_i(setup):
+  exp, model, params = setup
+  base = sampler.sample(model, params, exp, dataclasses.replace(REQ, interventions={}), SC)
+  forced = [40, 41]
+  assert base.transcript[2]["text"] != forced
+  changed = sampler.sample(model, params, exp,
+                           dataclasses.replace(REQ, interventions={2: forced}), SC)
+  assert changed.transcript[:2] == base.transcript[:2]
+  np.testing.assert_array_equal(changed.chunks[:2], base.chunks[:2])
+  assert changed.transcript[2] == {"chunk": 2, "text": forced, "forced": True}
+  assert _rel(changed.chunks[2], base.chunks[2]) > 1e-4  # the forced text mattered
+
+
+def test_determinism(setup):
+  exp, model, params = setup
+  req = dataclasses.replace(REQ, num_chunks=2)
+  a = sampler.sample(model, params, exp, req, SC)
+  b = sampler.sample(model, params, exp, req, SC)
+  assert a.transcript == b.transcript
+  np.testing.assert_array_equal(a.chunks, b.chunks)
+  c = sampler.sample(model, params, exp, dataclasses.replace(req, seed=req.seed + 1), SC)
+  assert not np.allclose(a.chunks, c.chunks)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(interventions={3: [9]}), "interventions[3]"),
+    (dict(interventions={-1: [9]}), "interventions[-1]"),
+    (dict(prompt=[5, 128]), "prompt[1]"),
+    (dict(prompt=[5, -2]), "prompt[1]"),
+    (dict(prompt=[]), "prompt"),
+    (dict(prompt=[5, 1]), "prompt[1]"),  # BOF inside the prompt
+    (dict(interventions={0: [9, 500]}), "interventions[0][1]"),
+    (dict(first_frame=np.zeros((4, 4, 3), np.float32)), "first_frame"),
+    (dict(first_frame=np.full((4, 4, 4), np.nan, np.float32)), "first_frame"),
+    (dict(num_chunks=0), "num_chunks"),
+])
+def test_bad_requests_name_the_field(setup, change, field):
+  exp, model, params = setup
+  with pytest.raises(RequestError, match="^" + re.escape(field)):
+    sampler.sample(model, params, exp, dataclasses.replace(REQ, **change), SC)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(steps=0), "steps"), (dict(solver="rk4"), "solver"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=1000), "top_k"), (dict(temperature=0.0), "temperature"),
+    (dict(layout="think2v"), "layout"),
+])
+def test_bad_sampler_config_names_the_field(setup, change, field):
+  exp, model, params = setup
+  with pytest.raises(RequestError, match=f"SamplerConfig.{field} "):
+    sampler.sample(model, params, exp, REQ, dataclasses.replace(SC, **change))
+
+
+def test_cache_full_is_a_clear_error(setup):
+  exp, model, params = setup
+  with pytest.raises(sampler.CacheFullError, match="KV cache full"):
+    sampler.sample(model, params, exp, REQ, dataclasses.replace(SC, capacity=12))
+
+
+# ----------------------------------------------------------------------------------
+# The shared loop and decoding rules, on a scripted backend (no model).
+
+
+class ScriptedBackend:
+  """Logits from a script (one f32[V] per query, last repeated); velocity = a constant."""
+
+  def __init__(self, logits, vel=None):
+    self.script, self.queries, self.appended = list(logits), 0, []
+    self.vel = vel
+
+  def append_text(self, tokens, plan):
+    self.appended.append(("text", [int(t) for t in tokens], plan))
+
+  def logits(self):
+    out = self.script[min(self.queries, len(self.script) - 1)]
+    self.queries += 1
+    return jnp.asarray(out)
+
+  def velocities(self, x, t, chunk, reps):
+    return jnp.stack([self.vel(x, t), -self.vel(x, t)][:reps])
+
+  def append_chunk(self, latent, chunk):
+    self.appended.append(("chunk", chunk))
+
+
+def _one_hot(exp, tok, value=20.0):
+  return np.eye(exp.model.vocab_size, dtype=np.float32)[tok] * value
+
+
+def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
+  exp, seq = tiny_exp, tiny_exp.seq
+  const = lambda x, t: jnp.ones_like(x)
+  sc = SamplerConfig(steps=4, greedy=True, max_text_tokens=3)
+  # Two tokens, then BOF: chunk 0 gets text [30, 31]; then EOS ends generation.
+  b = ScriptedBackend([_one_hot(exp, 30), _one_hot(exp, 31), _one_hot(exp, seq.bof_id),
+                       _one_hot(exp, seq.eos_id)], const)
+  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=3), exp, sc)
+  assert g.transcript == [{"chunk": 0, "text": [30, 31], "forced": False}]
+  assert g.stop_reason == "eos" and len(g.chunks) == 1
+  # Euler on a constant velocity 1 from t=0 to 1 moves x_0 by exactly 1.
+  x0 = decoding.chunk_noise(0, 0, exp.model.latent_shape)
+  np.testing.assert_allclose(g.chunks[0], np.asarray(x0) + 1.0, rtol=0, atol=1e-5)
+  assert b.appended[-2:] == [("chunk", 0), ("text", [seq.eof_id], 0)]
+  # A model that never emits BOF is cut at the budget and BOF is forced.
+  b = ScriptedBackend([_one_hot(exp, 30)], const)
+  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=2), exp, sc)
+  assert [t["text"] for t in g.transcript] == [[30, 30, 30]] * 2
+  assert g.stop_reason == "chunk_budget"
+  assert ("text", [seq.bof_id], 0) in b.appended
+
+
+def test_cfg_combination_and_heun(tiny_exp):
+  exp = tiny_exp
+  # Conditional v_c = x, unconditional v_u = -x: v = v_u + s (v_c - v_u) = (2s - 1) x.
+  s = 1.5
+  sc = SamplerConfig(steps=8, solver="heun", cfg_scale=s, max_text_tokens=0)
+  b = ScriptedBackend([_one_hot(exp, 30)], lambda x, t: x)
+  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=1, seed=2), exp, sc)
+  x0 = np.asarray(decoding.chunk_noise(2, 0, exp.model.latent_shape))
+  # Heun on dx/dt = a x with step h multiplies by 1 + a h + (a h)^2 / 2 per step.
+  a, h = 2 * s - 1, 1 / 8
+  np.testing.assert_allclose(g.chunks[0], x0 * (1 + a * h + (a * h) ** 2 / 2) ** 8, rtol=1e-5)
+
+
+def test_decoding_rules(tiny_exp):
+  exp = tiny_exp
+  logits = jnp.asarray(np.random.default_rng(0).standard_normal(exp.model.vocab_size) * 3,
+                       jnp.float32)
+  banned = (exp.seq.pad_id, exp.seq.eof_id)
+  allowed = np.asarray(logits).copy()
+  allowed[list(banned)] = -np.inf
+  order = np.argsort(-allowed)
+  keys = [jax.random.key(i) for i in range(200)]
+  greedy = decoding.next_token(logits, keys[0], SamplerConfig(greedy=True), banned)
+  assert int(greedy) == order[0]
+  for sc, support in [(SamplerConfig(top_k=5), set(order[:5].tolist())),
+                      (SamplerConfig(top_k=1), {int(order[0])}),
+                      (SamplerConfig(top_p=1e-6), {int(order[0])})]:
+    draws = {int(decoding.next_token(logits, k, sc, banned)) for k in keys}
+    assert draws <= support and (len(support) == 1 or len(draws) > 1)
+  # top_p keeps the smallest prefix with mass >= p.
+  probs = np.exp(allowed[order] - allowed[order][0])
+  probs /= probs.sum()
+  want = int(np.searchsorted(np.cumsum(probs), 0.7) + 1)
+  kept = np.isfinite(np.asarray(decoding.filter_logits(logits, SamplerConfig(top_p=0.7),
+                                                       banned)))
+  assert kept.sum() == want and set(np.nonzero(kept)[0]) == set(order[:want].tolist())
+  # Banned ids are never drawn, even when they dominate.
+  spiky = logits.at[exp.seq.eof_id].set(100.0)
+  assert all(int(decoding.next_token(spiky, k, SamplerConfig(), banned)) != exp.seq.eof_id
+             for k in keys[:20])
+
+
+def test_cache_write_appends_at_length(tiny_exp):
+  c = kv_cache.init_cache(tiny_exp.model, 2, 6)
+  shape = (tiny_exp.model.num_layers, 2, 2, tiny_exp.model.num_kv_heads,
+           tiny_exp.model.head_dim)
+  meta = kv_cache.empty_meta(2, 2).replace(segment_ids=jnp.ones((2, 2), jnp.int32),
+                                           order=jnp.asarray([[0, 1], [0, 1]]))
+  c = kv_cache.write(c, jnp.ones(shape), 2 * jnp.ones(shape), meta)
+  meta2 = meta.replace(order=jnp.asarray([[2, 3], [2, 3]]))
+  c = kv_cache.write(c, 3 * jnp.ones(shape), 4 * jnp.ones(shape), meta2)
+  assert np.asarray(c.length).tolist() == [4, 4]
+  np.testing.assert_array_equal(np.asarray(c.k[0, 0, :, 0, 0]), [1, 1, 3, 3, 0, 0])
+  np.testing.assert_array_equal(np.asarray(c.meta.order[1]), [0, 1, 2, 3, 0, 0])
+  np.testing.assert_array_equal(np.asarray(c.meta.segment_ids[0]), [1, 1, 1, 1, 0, 0])
