@@ -135,7 +135,8 @@ class _NaNAfter:
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
   real = inputs.make_train_input
-  monkeypatch.setattr(inputs, "make_train_input", lambda exp, cfg: _NaNAfter(real(exp, cfg), 4))
+  monkeypatch.setattr(inputs, "make_train_input",
+                      lambda exp, cfg, **kw: _NaNAfter(real(exp, cfg, **kw), 4))
   cfg = _tiny_cfg(num_steps=20, save_every=2, max_nonfinite_steps=3, log_every=1)
   with pytest.raises(trainer.NonFiniteLossError, match=r"3 consecutive non-finite losses "
                      r"\(steps 5\.\.7\); stopping\. Last good checkpoint: 4"):

@@ -48,7 +48,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, params_dir: str |
                         devices=None) -> dict:
   """The evaluation losses of a checkpoint (see `evaluation`), plus its step."""
   run, params, step = load_params(workdir, step, params_dir, devices)
-  batches = inputs.make_eval_batches(run.exp, run.cfg)
+  batches = inputs.make_eval_batches(run.exp, run.cfg, workdir=workdir)
   metrics = evaluation.evaluate(run.eval_fn(), params, batches, run.exp.train.eval_times,
                                 run.mesh)
   return {"step": step, "devices": run.mesh.size, **metrics}

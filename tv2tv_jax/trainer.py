@@ -91,7 +91,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Non
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
                                   async_save=tc.async_checkpoints)
-  data = inputs.make_train_input(exp, cfg)
+  data = inputs.make_train_input(exp, cfg, workdir=workdir)
   restored = ckpt.restore(run.restore_target(), logger.message)
   if restored is not None:
     start, tree, data_state, _ = restored
@@ -108,7 +108,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Non
           cfg.init, exp.model, state.params, log=logger.message))
 
   step_fn = sharding.make_sharded_train_step(run.model, exp, mesh, run.rules, run.shardings)
-  eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg)
+  eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg, workdir=workdir)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   step_flops = flops.train_step_flops(exp, tc.batch_size)
   peak = flops.device_peak_flops() * mesh.size
