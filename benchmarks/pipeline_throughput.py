@@ -94,25 +94,8 @@ def time_pipeline(pcfg, exp, batches: int, warmup: int = 3) -> dict:
 
 def time_train_step(exp, steps: int) -> dict:
   """Median seconds of the `small` train step (single device, as the MFU benchmark)."""
-  import jax
-  from tv2tv_jax import synthetic, train_step
-  from tv2tv_jax.model import TV2TV
-  model = TV2TV(exp.model)
-  state = train_step.create_train_state(model, exp, jax.random.key(0))
-  batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
-  step = train_step.make_train_step(model, exp)
-  rng = jax.random.key(1)
-  t = time.perf_counter()
-  state, m = step(state, batch, rng)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch, rng)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  return dict(step_s=float(np.median(times)), steps=steps, compile_and_first_step_s=compile_s)
+  from tv2tv_jax import benchmarking
+  return benchmarking.time_train_step(exp, steps)
 
 
 def packing_efficiency(pcfg, exp, rows: int = 64) -> float:

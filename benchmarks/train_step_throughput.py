@@ -22,8 +22,7 @@ import jax.numpy as jnp
 
 from experiments import toy_world
 from tv2tv_jax import config as config_lib
-from tv2tv_jax import flops, synthetic, train_step
-from tv2tv_jax.model import TV2TV
+from tv2tv_jax import benchmarking, flops
 
 _VARIANTS = flags.DEFINE_list("variants", ["tiny", "small"], "Config variants to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one warm-up).")
@@ -47,26 +46,10 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 def time_variant(variant: str, steps: int) -> dict:
   exp = config_lib.experiment_from_config_dict(toy_world.get_config(variant))
-  model = TV2TV(exp.model)
-  state = train_step.create_train_state(model, exp, jax.random.key(0))
-  batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
-  step = train_step.make_train_step(model, exp)
-  rng = jax.random.key(1)
-  t = time.perf_counter()
-  state, m = step(state, batch, rng)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch, rng)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  step_s = sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  return dict(variant=variant, params_m=n_params / 1e6, batch=exp.train.batch_size,
+  t = benchmarking.time_train_step(exp, steps)
+  return dict(variant=variant, params_m=t["params"] / 1e6, batch=exp.train.batch_size,
               row_len=exp.row_len, tokens_per_step=exp.train.batch_size * exp.row_len,
-              step_s=step_s, compile_and_first_step_s=compile_s,
+              step_s=t["step_s"], compile_and_first_step_s=t["compile_and_first_step_s"],
               train_flops=flops.train_step_flops(exp, exp.train.batch_size))
 
 
