@@ -328,3 +328,39 @@ def test_cache_write_appends_at_length(tiny_exp):
   np.testing.assert_array_equal(np.asarray(c.k[0, 0, :, 0, 0]), [1, 1, 3, 3, 0, 0])
   np.testing.assert_array_equal(np.asarray(c.meta.order[1]), [0, 1, 2, 3, 0, 0])
   np.testing.assert_array_equal(np.asarray(c.meta.segment_ids[0]), [1, 1, 1, 1, 0, 0])
+
+
+def test_sliding_window_keeps_prompt_and_matches_recompute_of_the_window(setup):
+  """A cache too small for the whole video slides: the prompt and first frame stay, the
+  oldest chunks go, and the rebuilt cache gives what recomputing the kept sequence gives."""
+  exp, model, params = setup
+  n = exp.model.tokens_per_chunk
+  sc = dataclasses.replace(SC, sliding_window=True, capacity=28, cfg_scale=1.0)
+  req = dataclasses.replace(REQ, first_frame=_first_frame(exp), num_chunks=4, interventions={})
+  backend = sampler.CachedBackend(model, params, exp, sc.capacity, window=True)
+  gen = sampler.generate(backend, req, exp, sc)
+  assert len(gen.chunks) == 4 and backend.slides and sum(backend.slides) >= 1
+  assert int(backend.cache.length[0]) <= sc.capacity
+  # The first chunk, made before any slide, is the unwindowed generation's (up to float
+  # rounding: the capacity changes how many masked keys the softmax reduces over).
+  full = sampler.sample(model, params, exp, req, dataclasses.replace(sc, sliding_window=False,
+                                                                    capacity=None))
+  assert full.transcript[0] == gen.transcript[0]
+  assert _rel(gen.chunks[0], full.chunks[0]) < 1e-5
+  # Replay what is kept (prompt, first frame, the last chunks) into the oracle.
+  kept = len(gen.chunks) - sum(backend.slides)
+  oracle = recompute.RecomputeBackend(model, params, exp)
+  oracle.append_text(np.asarray(PROMPT, np.int32), 0)
+  oracle.append_chunk(req.first_frame, None)
+  for j, i in enumerate(range(len(gen.chunks) - kept, len(gen.chunks))):
+    if len(gen.texts[i]):
+      oracle.append_text(gen.texts[i], j + 1)
+    oracle.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
+    oracle.append_chunk(gen.chunks[i], j)
+    oracle.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
+  assert backend.used == 3 + n + sum(len(gen.texts[i]) + 2 + n
+                                     for i in range(len(gen.chunks) - kept, len(gen.chunks)))
+  assert _rel(backend.logits(), oracle.logits()) < 1e-5
+  # Too small for even the prompt, first frame and one chunk: a clear error.
+  with pytest.raises(sampler.CacheFullError, match="even after dropping"):
+    sampler.sample(model, params, exp, req, dataclasses.replace(sc, capacity=10))

@@ -53,6 +53,8 @@ class SamplerConfig:
   Video: `steps` ODE steps of `solver` on `flow.time_grid(steps, shift)`, CFG scale
   `cfg_scale` (1: conditional only, no second branch).
   `capacity`: KV-cache slots (default: seq.text_len + seq.max_chunks · n).
+  `sliding_window`: when the cache is full, drop the oldest chunks (keeping the
+  prompt and first frame) and rebuild it, instead of raising CacheFullError.
   `layout`: 'tv2tv' (text before every chunk) or 't2v' (no chunk text).
   """
   steps: int = 16
@@ -65,6 +67,7 @@ class SamplerConfig:
   top_p: float = 1.0
   max_text_tokens: int = 16
   capacity: int | None = None
+  sliding_window: bool = False
   layout: str = "tv2tv"
 
 

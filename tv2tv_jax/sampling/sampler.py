@@ -153,10 +153,12 @@ class CachedBackend:
   written, mirroring `sequence.layout_example`: a generated chunk's noisy copy
   takes n orders and its clean copy the next n, both at the same positions.
   With `record=True` it keeps every attention mask it used (`records`), for tests.
+  With `window=True` a write that does not fit slides the window (`_slide`): the
+  prompt and first frame stay, the oldest whole chunks go, the cache is rebuilt.
   """
 
   def __init__(self, model, params, exp: Experiment, capacity: int | None = None,
-               record: bool = False):
+               record: bool = False, window: bool = False):
     self.model, self.params, self.exp = model, params, exp
     n = exp.model.tokens_per_chunk
     self.n = n
@@ -167,6 +169,9 @@ class CachedBackend:
     self._logits = None
     self.record = record
     self.records: list[dict[str, Any]] = []
+    self.window = window
+    self.pieces: list[tuple] = []  # what was written, for rebuilding after a slide
+    self.slides: list[int] = []  # chunks dropped by each slide
     self._append_text = functools.partial(_APPEND_TEXT, model)
     self._append_clean = functools.partial(_APPEND_CLEAN, model)
     self._velocity = functools.partial(_VELOCITY, model)
@@ -191,11 +196,61 @@ class CachedBackend:
         positions=row(pos), order=row(order0 + ar), plan_ids=row(plan),
         cfg_drop=jnp.asarray(np.repeat(np.asarray(drops, bool)[:, None], count, axis=1)))
 
+  def _size(self, piece) -> int:
+    return len(piece[1]) if piece[0] == "text" else self.n
+
   def _room(self, count: int):
-    if self.used + count > self.capacity:
+    """Makes room for `count` more slots: slides the window, or raises CacheFullError."""
+    if self.used + count <= self.capacity:
+      return
+    if not self.window:
       raise CacheFullError(f"KV cache full: {self.used} of {self.capacity} slots used, "
-                           f"{count} more needed (raise SamplerConfig.capacity; sliding "
-                           f"window not implemented)")
+                           f"{count} more needed (raise SamplerConfig.capacity or set "
+                           f"SamplerConfig.sliding_window)")
+    self._slide(count)
+
+  def _units(self):
+    """Splits the written pieces into (prefix, complete chunk units, open tail).
+
+    prefix: the prompt and the first frame; a unit: text_i, BOF, clean_i, EOF.
+    """
+    pieces = list(self.pieces)
+    k = 2 if len(pieces) > 1 and pieces[1][0] == "clean" and pieces[1][2] is None else 1
+    prefix, units, cur = pieces[:k], [], []
+    eof = self.exp.seq.eof_id
+    for piece in pieces[k:]:
+      cur.append(piece)
+      if (piece[0] == "text" and piece[1].tolist() == [eof] and len(cur) > 1
+          and cur[-2][0] == "clean"):
+        units.append(cur)
+        cur = []
+    return prefix, units, cur
+
+  def _slide(self, count: int):
+    """Drops the oldest whole chunks (text_i · BOF · clean_i · EOF), keeping the prompt
+    and first frame, and rebuilds the cache by re-running what is kept from scratch:
+    every kept key depends on its context, so dropped context means new keys, and
+    positions / orders restart contiguously (RoPE only sees offsets)."""
+    prefix, units, tail = self._units()
+    size = lambda ps: sum(self._size(p) for p in ps)
+    dropped = 0
+    while units and size(prefix + [p for u in units for p in u] + tail) + count > self.capacity:
+      units.pop(0)
+      dropped += 1
+    kept = prefix + [p for u in units for p in u] + tail
+    if size(kept) + count > self.capacity:
+      raise CacheFullError(f"KV cache full: the prompt, first frame and current chunk need "
+                           f"{size(kept)} + {count} slots, more than the capacity "
+                           f"{self.capacity}, even after dropping every earlier chunk")
+    self.slides.append(dropped)
+    self.cache = kv_cache.init_cache(self.exp.model, 1, self.capacity)
+    self.order = self.pos = self.used = 0
+    for piece in kept:
+      if piece[0] == "text":
+        self._write_text(piece[1], piece[2])
+      else:
+        self._write_clean(piece[1], piece[2])
+    self.pieces = kept
 
   def _keep(self, kind: str, q_meta: masks.SeqMeta, cache: kv_cache.KVCache):
     if self.record:
@@ -214,6 +269,10 @@ class CachedBackend:
   def append_text(self, tokens: np.ndarray, plan: int) -> None:
     tokens = np.asarray(tokens, np.int32)
     self._room(len(tokens))
+    self.pieces.append(("text", tokens, plan))
+    self._write_text(tokens, plan)
+
+  def _write_text(self, tokens: np.ndarray, plan: int) -> None:
     meta = self._meta(len(tokens), sequence.TEXT, 0, self.order, plan)
     self._keep("text", meta, self.cache)
     self.cache, logits = self._append_text(self.params, self.cache,
@@ -236,6 +295,10 @@ class CachedBackend:
 
   def append_chunk(self, latent: jax.Array, chunk: int | None) -> None:
     self._room(self.n)
+    self.pieces.append(("clean", latent, chunk))
+    self._write_clean(latent, chunk)
+
+  def _write_clean(self, latent: jax.Array, chunk: int | None) -> None:
     # A generated chunk's clean copy follows its noisy copy in logical order.
     order0 = self.order + (0 if chunk is None else self.n)
     meta = self._meta(self.n, sequence.CLEAN, self._clean_id(chunk), order0, 0)
@@ -251,7 +314,8 @@ def sample(model, params, exp: Experiment, request: Request,
            sc: SamplerConfig = SamplerConfig()) -> Generation:
   """Generates with the KV cache (the entry point): see `generate`."""
   check_config(sc, exp.model)
-  return generate(CachedBackend(model, params, exp, sc.capacity), request, exp, sc)
+  backend = CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window)
+  return generate(backend, request, exp, sc)
 
 
 __all__ = ["CacheFullError", "CachedBackend", "Generation", "Request", "RequestError",
