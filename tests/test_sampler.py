@@ -64,7 +64,7 @@ def test_cache_matches_recompute_with_intervention_and_cfg(setup):
   cached = sampler.sample(model, params, exp, req, SC)
   oracle = _recompute(model, params, exp, req, SC)
   _assert_same(cached, oracle)
-  assert cached.transcript[1] == {"chunk": 1, "text": [9, 10], "forced": True}
+  assert cached.transcript[1] == {"chunk": 1, "text": [9, 10], "forced": True, "replaced": False}
   assert not cached.transcript[0]["forced"] and cached.transcript[0]["text"]
 
 
@@ -113,6 +113,23 @@ def test_t2v_layout_matches_recompute(setup):
   cached = sampler.sample(model, params, exp, req, sc)
   _assert_same(cached, _recompute(model, params, exp, req, sc))
   assert all(t["text"] == [] for t in cached.transcript)
+
+
+def test_think2v_layout_and_replacement_match_recompute(setup):
+  """Think2V: the given plan of every chunk first, then the chunks (CFG drops each chunk's
+  own plan text); chunk 1 replaced by a given latent."""
+  exp, model, params = setup
+  sc = dataclasses.replace(SC, layout="think2v")
+  given = np.random.default_rng(3).standard_normal(exp.model.latent_shape).astype(np.float32)
+  req = Request(prompt=PROMPT, num_chunks=3, first_frame=_first_frame(exp), seed=2,
+                interventions={0: [20, 21], 1: [], 2: [22]}, replacements={1: given})
+  cached = sampler.sample(model, params, exp, req, sc)
+  _assert_same(cached, _recompute(model, params, exp, req, sc))
+  np.testing.assert_array_equal(cached.chunks[1], given)
+  assert [t["replaced"] for t in cached.transcript] == [False, True, False]
+  assert [t["text"] for t in cached.transcript] == [[20, 21], [], [22]]
+  with pytest.raises(RequestError, match=r"^interventions: the think2v layout .* \[1, 2\]"):
+    sampler.sample(model, params, exp, dataclasses.replace(req, interventions={0: [20]}), sc)
 
 
 def _generate_recorded(model, params, exp, req, sc):
@@ -171,7 +188,7 @@ def test_intervention_at_chunk_i_changes_nothing_before_i(setup):
                            dataclasses.replace(REQ, interventions={2: forced}), SC)
   assert changed.transcript[:2] == base.transcript[:2]
   np.testing.assert_array_equal(changed.chunks[:2], base.chunks[:2])
-  assert changed.transcript[2] == {"chunk": 2, "text": forced, "forced": True}
+  assert changed.transcript[2] == {"chunk": 2, "text": forced, "forced": True, "replaced": False}
   assert _rel(changed.chunks[2], base.chunks[2]) > 1e-4  # the forced text mattered
 
 
@@ -197,6 +214,8 @@ def test_determinism(setup):
     (dict(first_frame=np.zeros((4, 4, 3), np.float32)), "first_frame"),
     (dict(first_frame=np.full((4, 4, 4), np.nan, np.float32)), "first_frame"),
     (dict(num_chunks=0), "num_chunks"),
+    (dict(replacements={0: np.zeros((4, 4), np.float32)}), "replacements[0]"),
+    (dict(replacements={5: np.zeros((4, 4, 4), np.float32)}), "replacements[5]"),
 ])
 def test_bad_requests_name_the_field(setup, change, field):
   exp, model, params = setup
@@ -207,7 +226,7 @@ def test_bad_requests_name_the_field(setup, change, field):
 @pytest.mark.parametrize("change, field", [
     (dict(steps=0), "steps"), (dict(solver="rk4"), "solver"), (dict(top_p=0.0), "top_p"),
     (dict(top_k=1000), "top_k"), (dict(temperature=0.0), "temperature"),
-    (dict(layout="think2v"), "layout"),
+    (dict(layout="think3v"), "layout"),
 ])
 def test_bad_sampler_config_names_the_field(setup, change, field):
   exp, model, params = setup
@@ -259,7 +278,7 @@ def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
   b = ScriptedBackend([_one_hot(exp, 30), _one_hot(exp, 31), _one_hot(exp, seq.bof_id),
                        _one_hot(exp, seq.eos_id)], const)
   g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=3), exp, sc)
-  assert g.transcript == [{"chunk": 0, "text": [30, 31], "forced": False}]
+  assert g.transcript == [{"chunk": 0, "text": [30, 31], "forced": False, "replaced": False}]
   assert g.stop_reason == "eos" and len(g.chunks) == 1
   # Euler on a constant velocity 1 from t=0 to 1 moves x_0 by exactly 1.
   x0 = decoding.chunk_noise(0, 0, exp.model.latent_shape)

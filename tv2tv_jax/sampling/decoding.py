@@ -17,7 +17,7 @@ import numpy as np
 from tv2tv_jax.config import ModelConfig, SequenceConfig
 
 SOLVERS = ("euler", "heun")
-SAMPLE_LAYOUTS = ("tv2tv", "t2v")
+SAMPLE_LAYOUTS = ("tv2tv", "t2v", "think2v")
 
 
 class RequestError(ValueError):
@@ -33,13 +33,17 @@ class Request:
     num_chunks: chunk budget (generated chunks, not counting the first frame).
     first_frame: optional f32[h, w, c] latent, cached as a clean chunk after the prompt.
     interventions: chunk index i (0-based, < num_chunks) -> i32[*] text forced as
-      text_i instead of sampling it (then BOF is forced).
+      text_i instead of sampling it (then BOF is forced). The think2v layout needs
+      one for every chunk (its plan block has no per-chunk boundaries to sample).
+    replacements: chunk index i -> f32[h, w, c] latent used as chunk i instead of
+      generating it (its text is still sampled or forced; it is cached as usual).
     seed: all randomness (text sampling, chunk noise) derives from it.
   """
   prompt: Sequence[int]
   num_chunks: int
   first_frame: np.ndarray | None = None
   interventions: Mapping[int, Sequence[int]] = dataclasses.field(default_factory=dict)
+  replacements: Mapping[int, np.ndarray] = dataclasses.field(default_factory=dict)
   seed: int = 0
 
 
@@ -55,7 +59,8 @@ class SamplerConfig:
   `capacity`: KV-cache slots (default: seq.text_len + seq.max_chunks · n).
   `sliding_window`: when the cache is full, drop the oldest chunks (keeping the
   prompt and first frame) and rebuild it, instead of raising CacheFullError.
-  `layout`: 'tv2tv' (text before every chunk) or 't2v' (no chunk text).
+  `layout`: 'tv2tv' (text before every chunk), 't2v' (no chunk text) or 'think2v'
+  (all chunk texts, which must be given as interventions, then all chunks).
   """
   steps: int = 16
   shift: float = 1.0
@@ -85,8 +90,7 @@ def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
       (sc.max_text_tokens >= 0, "max_text_tokens", f"must be >= 0, got {sc.max_text_tokens}"),
       (sc.capacity is None or sc.capacity >= 1, "capacity", f"must be >= 1, got {sc.capacity}"),
       (sc.layout in SAMPLE_LAYOUTS, "layout",
-       f"must be one of {SAMPLE_LAYOUTS} (think2v sampling is not implemented), "
-       f"got {sc.layout!r}"),
+       f"must be one of {SAMPLE_LAYOUTS}, got {sc.layout!r}"),
   ]
   for ok, field, msg in checks:
     if not ok:
@@ -136,8 +140,23 @@ def check_request(req: Request, seq: SequenceConfig, model: ModelConfig,
       raise RequestError(f"interventions[{i}]: the t2v layout has no chunk text to force")
     forced[int(i)] = _check_tokens(text, f"interventions[{i}]", seq, model.vocab_size,
                                    allow_empty=True)
+  if sc.layout == "think2v" and len(forced) != req.num_chunks:
+    missing = [i for i in range(req.num_chunks) if i not in forced]
+    raise RequestError(f"interventions: the think2v layout needs the text of every chunk "
+                       f"(its plan is written before all chunks, with no per-chunk "
+                       f"boundaries to sample); missing chunks {missing}")
+  replaced = {}
+  for i, latent in dict(req.replacements).items():
+    if not isinstance(i, (int, np.integer)) or not 0 <= i < req.num_chunks:
+      raise RequestError(f"replacements[{i!r}]: chunk index must be in [0, num_chunks="
+                         f"{req.num_chunks}), i.e. within the chunk budget")
+    latent = np.asarray(latent, np.float32)
+    if latent.shape != tuple(model.latent_shape) or not np.isfinite(latent).all():
+      raise RequestError(f"replacements[{i}] must be a finite latent of shape "
+                         f"{tuple(model.latent_shape)}, got shape {latent.shape}")
+    replaced[int(i)] = latent
   return dataclasses.replace(req, prompt=prompt, first_frame=first, interventions=forced,
-                             num_chunks=int(req.num_chunks))
+                             replacements=replaced, num_chunks=int(req.num_chunks))
 
 
 def filter_logits(logits: jax.Array, sc: SamplerConfig, banned: Sequence[int]) -> jax.Array:

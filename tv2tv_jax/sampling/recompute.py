@@ -85,8 +85,12 @@ class RecomputeBackend:
       # placeholder chunk after it, which the causal mask hides from the prompt.
       self._open(1)
     if len(self.texts) > len(lat):
+      # The chunk being generated, then (think2v: texts of later chunks come first)
+      # placeholders for chunks whose text is written; all of them lie after every
+      # query in logical order, except the pending chunk's own noisy copy.
       lat.append(np.zeros(self.exp.model.latent_shape, np.float32) if pending is None
                  else np.asarray(pending, np.float32))
+      lat += [np.zeros(self.exp.model.latent_shape, np.float32)] * (len(self.texts) - len(lat))
     ff = self.first_frame is not None
     all_lat = ([self.first_frame] if ff else []) + lat
     shape = (0, *self.exp.model.latent_shape)

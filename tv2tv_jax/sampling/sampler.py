@@ -54,7 +54,7 @@ class Generation:
 
   chunks: f32[N, h, w, c] generated chunk latents (N <= num_chunks; no first frame);
   texts: per generated chunk, its text i32[*]; transcript: JSON-able list of
-  {'chunk', 'text', 'forced'}; trailing_text: text sampled after the last chunk
+  {'chunk', 'text', 'forced', 'replaced'}; trailing_text: text sampled after the last chunk
   before EOS; stop_reason: 'eos' or 'chunk_budget'.
   """
   chunks: np.ndarray
@@ -97,9 +97,16 @@ def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> G
   sampled = 0  # text-key counter: the k-th sampled token uses text_key(seed, k)
   stop = "chunk_budget"
   trailing = np.zeros((0,), np.int32)
+  if sc.layout == "think2v":
+    # The whole plan first (every chunk's text is given: `check_request`), then chunks.
+    for i in range(req.num_chunks):
+      if len(req.interventions[i]):
+        backend.append_text(req.interventions[i], i + 1)
   for i in range(req.num_chunks):
     text, forced = [], False
-    if sc.layout == "tv2tv":
+    if sc.layout == "think2v":
+      text, forced = req.interventions[i].tolist(), True
+    elif sc.layout == "tv2tv":
       if i in req.interventions:
         text, forced = req.interventions[i].tolist(), True
         if text:
@@ -121,7 +128,11 @@ def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> G
           break
     backend.append_text(np.asarray([seq.bof_id], np.int32), 0)
     x = chunk_noise(req.seed, i, tuple(model.latent_shape))
-    for t0, t1 in zip(grid[:-1], grid[1:]):
+    # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
+    steps = [] if i in req.replacements else list(zip(grid[:-1], grid[1:]))
+    if i in req.replacements:
+      x = jnp.asarray(req.replacements[i])
+    for t0, t1 in steps:
       v0 = vel(x, t0, i)
       if sc.solver == "heun":
         v1 = vel(x + (t1 - t0) * v0, t1, i)
@@ -132,7 +143,8 @@ def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> G
     backend.append_text(np.asarray([seq.eof_id], np.int32), 0)
     chunks.append(np.asarray(x))
     texts.append(np.asarray(text, np.int32))
-    transcript.append({"chunk": i, "text": [int(t) for t in text], "forced": forced})
+    transcript.append({"chunk": i, "text": [int(t) for t in text], "forced": forced,
+                       "replaced": i in req.replacements})
   shape = (0, *model.latent_shape)
   return Generation(chunks=np.stack(chunks) if chunks else np.zeros(shape, np.float32),
                     texts=texts, transcript=transcript, trailing_text=trailing,
