@@ -383,3 +383,18 @@ def test_sliding_window_keeps_prompt_and_matches_recompute_of_the_window(setup):
   # Too small for even the prompt, first frame and one chunk: a clear error.
   with pytest.raises(sampler.CacheFullError, match="even after dropping"):
     sampler.sample(model, params, exp, req, dataclasses.replace(sc, capacity=10))
+
+
+@pytest.mark.slow  # Pallas interpret mode on CPU: ~10 s on top of the default tier
+def test_pallas_decode_path_matches_xla(setup):
+  """attention_impl='pallas' routes the cached forward through the decode kernel
+  (interpret mode on CPU): same velocity and logits as the XLA path."""
+  exp, model, params = setup
+  exp_p = dataclasses.replace(exp, model=dataclasses.replace(exp.model, attention_impl="pallas"))
+  x = np.random.default_rng(5).standard_normal(exp.model.latent_shape).astype(np.float32)
+  outs = []
+  for e in (exp, exp_p):
+    b = sampler.CachedBackend(TV2TV(e.model), params, e)
+    b.append_text(np.asarray(PROMPT + [20, exp.seq.bof_id], np.int32), 1)
+    outs.append((b.velocities(x, 0.4, 0, 2), b.logits()))
+  assert _rel(outs[1][0], outs[0][0]) < 1e-5 and _rel(outs[1][1], outs[0][1]) < 1e-5

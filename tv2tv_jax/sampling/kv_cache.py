@@ -18,7 +18,9 @@ query tokens have ids C .. C + Lq - 1, so ids never collide.
 
 The cached forward (`forward_tokens`) runs ONE tower for all layers on Lq new
 tokens: per layer, `TowerLayer.project`, RoPE at the tokens' positions,
-attention over [cache keys | own keys] under `masks.cross_mask`, then
+attention over [cache keys | own keys] under `masks.cross_mask` (XLA
+`masked_attention`, or with `attention_impl='pallas'` the block-sparse
+`attention.decode.decode_attention` kernel on the same metadata), then
 `TowerLayer.finish`. It reads per-layer parameter slices from the model's
 params, so it works for scanned (`params['stack']['layers']`, stacked on a
 leading layer axis) and unrolled (`params['stack']['layer_i']`) models alike.
@@ -95,17 +97,24 @@ def layer_params(params, cfg: ModelConfig) -> list[dict]:
   return [stack[f"layer_{i}"] for i in range(cfg.num_layers)]
 
 
-def attention_mask(cache: KVCache, q_meta: masks.SeqMeta) -> jax.Array:
-  """bool[Bq, Lq, C + Lq]: what each new query may see among [cache slots | new tokens].
-
-  Bq may be a multiple of the cache's batch only after `KVCache.tile`; here the
-  batches must match. This is the one mask every cached forward uses.
-  """
+def _key_set(cache: KVCache, q_meta: masks.SeqMeta):
+  """(k_meta [B, C + Lq], q_slot i32[B, Lq], k_slot i32[B, C + Lq]) of [cache | new]."""
   b, lq = q_meta.segment_ids.shape
   c = cache.capacity
   q_slot = jnp.broadcast_to(c + jnp.arange(lq, dtype=jnp.int32), (b, lq))
   k_slot = jnp.broadcast_to(jnp.arange(c + lq, dtype=jnp.int32), (b, c + lq))
   k_meta = jax.tree.map(lambda a, n: jnp.concatenate([a, n], axis=1), cache.meta, q_meta)
+  return k_meta, q_slot, k_slot
+
+
+def attention_mask(cache: KVCache, q_meta: masks.SeqMeta) -> jax.Array:
+  """bool[Bq, Lq, C + Lq]: what each new query may see among [cache slots | new tokens].
+
+  Bq may be a multiple of the cache's batch only after `KVCache.tile`; here the
+  batches must match. This is the mask of every cached forward (the Pallas path
+  evaluates the same `masks.visible` rule blockwise from the same metadata).
+  """
+  k_meta, q_slot, k_slot = _key_set(cache, q_meta)
   return masks.cross_mask(q_meta, k_meta, q_slot, k_slot)
 
 
@@ -126,15 +135,22 @@ def forward_tokens(cfg: ModelConfig, params, cache: KVCache, x: jax.Array, tower
   if tower not in TOWERS:
     raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
   module = layers.TowerLayer(cfg)
-  mask = attention_mask(cache, q_meta)  # the same for every layer
+  if cfg.attention_impl == "pallas":
+    # Block-sparse decode kernel: cache blocks it cannot see are never loaded.
+    from tv2tv_jax.attention import decode  # lazy: pulls in Pallas
+    k_meta, q_slot, k_slot = _key_set(cache, q_meta)
+    attend = lambda q, k, v: decode.decode_attention(q, k, v, q_meta, k_meta, q_slot, k_slot)
+  else:
+    mask = attention_mask(cache, q_meta)  # the same for every layer
+    attend = lambda q, k, v: masked_attention(q, k, v, mask)
   ks, vs = [], []
   for li, p in enumerate(layer_params(params, cfg)):
     variables = {"params": p[tower]}
     q, k, v = module.apply(variables, x, method="project")
     q = layers.apply_rope(q, q_meta.positions, cfg.rope_theta)
     k = layers.apply_rope(k, q_meta.positions, cfg.rope_theta)
-    o = masked_attention(q, jnp.concatenate([cache.k[li], k], axis=1),
-                         jnp.concatenate([cache.v[li], v], axis=1), mask)
+    o = attend(q, jnp.concatenate([cache.k[li], k], axis=1),
+               jnp.concatenate([cache.v[li], v], axis=1))
     x = module.apply(variables, x, o, method="finish")
     ks.append(k)
     vs.append(v)
