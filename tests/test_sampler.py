@@ -1,6 +1,7 @@
 """The KV-cached sampler: cache vs from-scratch recompute, masks, interventions, errors."""
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -90,6 +91,45 @@ def test_cached_logits_and_velocity_match_recompute_step_by_step(setup):
     b.append_chunk(x, 0)
     b.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
   assert _rel(cached.logits(), oracle.logits()) < 1e-5
+
+
+class Lockstep:
+  """Runs every backend call on the cached backend and on the oracle; returns the cached
+  outputs (so the loop follows the cache) and records each output's relative error."""
+
+  def __init__(self, cached, oracle):
+    self.cached, self.oracle, self.errors = cached, oracle, []
+
+  def append_text(self, tokens, plan):
+    self.cached.append_text(tokens, plan)
+    self.oracle.append_text(tokens, plan)
+
+  def append_chunk(self, latent, chunk):
+    self.cached.append_chunk(latent, chunk)
+    self.oracle.append_chunk(latent, chunk)
+
+  def logits(self):
+    got = self.cached.logits()
+    self.errors.append(("logits", _rel(got, self.oracle.logits())))
+    return got
+
+  def velocities(self, x, t, chunk, reps):
+    got = self.cached.velocities(x, t, chunk, reps)
+    self.errors.append(("velocity", _rel(got, self.oracle.velocities(x, t, chunk, reps))))
+    return got
+
+
+def test_every_logit_and_velocity_matches_recompute_along_a_generation(setup):
+  exp, model, params = setup
+  req = dataclasses.replace(REQ, first_frame=_first_frame(exp))
+  both = Lockstep(sampler.CachedBackend(model, params, exp),
+                  recompute.RecomputeBackend(model, params, exp))
+  gen = sampler.generate(both, req, exp, SC)
+  kinds = {k for k, _ in both.errors}
+  worst = max(e for _, e in both.errors)
+  assert kinds == {"logits", "velocity"} and worst < 1e-5, worst
+  assert len([k for k, _ in both.errors if k == "velocity"]) == SC.steps * len(gen.chunks)
+  json.dumps(gen.to_json())  # the transcript is plain JSON
 
 
 def test_unrolled_params_and_heun_match_scanned_recompute(setup):
