@@ -1,0 +1,190 @@
+"""`python -m tv2tv_jax.generate`: checkpoint -> request -> GIF / PNG / JSON (and errors).
+
+The workdir is built cheaply: a 2-step `toy_world:tiny` training run (synthetic data, so
+it has no toy-world data dir), plus a tiny random VAE whose latents are the tiny model's
+(4, 4, 4) and a character-level BPE tokenizer on toy-world texts, both written where a
+toy-world run keeps them (<workdir>/toy_world_data/{vae/, tokenizer.json,
+latents/latent_stats.json}).
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import tokenizer as tokenizer_lib
+from experiments import toy_world
+from tv2tv_jax import generate, trainer
+from tv2tv_jax.sampling import outputs
+from tv2tv_jax.sampling.decoding import RequestError
+from tv2tv_jax.vae import model as vae_model, train as vae_train
+
+NUM_CHUNKS = 3
+
+
+def _write_toy_world_data(data_dir):
+  tok = tokenizer_lib.train_bpe(tokenizer_lib.toy_world_corpus(num_clips=4) + ["toy world"],
+                                128, byte_level=False)
+  os.makedirs(data_dir, exist_ok=True)
+  tok.save(os.path.join(data_dir, "tokenizer.json"))
+  vcfg = vae_model.VAEConfig(frame_size=64, latent_channels=4, patch_size=8, widths=(8, 16),
+                             norm_groups=4, kernel_t=2)
+  params = vae_model.init_params(vcfg, jax.random.key(0))
+  vae_train.save(os.path.join(data_dir, "vae"), vcfg, params)  # stats kept apart, as a run does
+  os.makedirs(os.path.join(data_dir, "latents"))
+  with open(os.path.join(data_dir, "latents", "latent_stats.json"), "w") as f:
+    json.dump({"mean": [0.1, -0.1, 0.0, 0.2], "std": [1.0, 0.5, 2.0, 1.0]}, f)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("gen_run"))
+  cfg = toy_world.get_config("tiny")
+  cfg.train.num_steps = 2
+  cfg.train.log_every = 1
+  trainer.train(cfg, wd, log=lambda _: None)
+  _write_toy_world_data(os.path.join(wd, "toy_world_data"))
+  return wd
+
+
+@pytest.fixture(scope="module")
+def assets(workdir):
+  return generate.load_assets(workdir)
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir, assets, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("out_a"))
+  paths = generate.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS,
+                                   cfg_scale=2.0, ode_steps=2, seed=3, out_dir=out,
+                                   assets=assets)
+  return out, paths
+
+
+def test_writes_gif_png_json(first_run, assets):
+  out, paths = first_run
+  names = sorted(os.path.basename(p) for p in paths)
+  assert {"sample.gif", "sample_sheet.png", "sample.json"} <= set(names)
+  gif = Image.open(os.path.join(out, "sample.gif"))
+  assert gif.n_frames == 1 + 4 * NUM_CHUNKS
+  assert gif.size[0] >= 256  # 64x64 frames upscaled 4x
+  sheet = Image.open(os.path.join(out, "sample_sheet.png"))
+  sheet.load()
+  assert sheet.size[1] >= (1 + NUM_CHUNKS) * 64
+  doc = json.load(open(os.path.join(out, "sample.json")))
+  assert doc["seed"] == 3 and doc["checkpoint_step"] == 2 and doc["prompt"] == "toy world"
+  assert doc["settings"]["cfg_scale"] == 2.0 and doc["settings"]["steps"] == 2
+  chunk1 = doc["chunks"][1]
+  assert chunk1["forced"] is True and chunk1["text"] == "left fire"
+  assert chunk1["tokens"] == assets.text.encode("left fire").tolist()
+  assert doc["chunks"][0]["forced"] is False
+  # 16 fps, first frame alone, 4 frames per chunk.
+  assert chunk1["frames"] == [5, 9] and chunk1["start_s"] == 5 / 16 and chunk1["end_s"] == 9 / 16
+  kinds = [(e["type"], e.get("chunk")) for e in doc["events"]]
+  assert kinds[:4] == [("text", None), ("video", None), ("text", 0), ("video", 0)]
+  if "sample.mp4" in names:
+    import av
+    with av.open(os.path.join(out, "sample.mp4")) as c:
+      assert sum(1 for _ in c.decode(video=0)) == 1 + 4 * NUM_CHUNKS
+
+
+def test_same_seed_same_frames(workdir, assets, first_run, tmp_path):
+  out_a, _ = first_run
+  generate.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS, 2.0, 2, 3,
+                           str(tmp_path), assets=assets)
+
+  def frames(d):
+    gif = Image.open(os.path.join(d, "sample.gif"))
+    out = []
+    for k in range(gif.n_frames):
+      gif.seek(k)
+      out.append(np.asarray(gif.convert("RGB")))
+    return np.stack(out)
+
+  np.testing.assert_array_equal(frames(out_a), frames(str(tmp_path)))
+  a = json.load(open(os.path.join(out_a, "sample.json")))
+  b = json.load(open(os.path.join(tmp_path, "sample.json")))
+  assert a["chunks"] == b["chunks"]
+
+
+def test_decode_uses_stored_stats(assets):
+  lat = np.zeros((1, 4, 4, 4), np.float32)  # normalised 0 = the stored mean
+  frames = generate.decode_frames(assets, lat[0], np.zeros((1, 4, 4, 4), np.float32))
+  assert frames.dtype == np.uint8 and frames.shape == (5, 64, 64, 3)
+  raw = vae_train.to_uint8(vae_model.decode(
+      assets.video.params, np.broadcast_to(assets.video.stats.mean, (1, 2, 4, 4, 4)),
+      assets.video.config))[0]
+  np.testing.assert_array_equal(frames, raw)
+
+
+def test_several_prompts_loop(workdir, assets, tmp_path):
+  paths = generate.generate_to_dir(workdir, ["toy world", "toy"], {}, 1, 1.0, 1, 0,
+                                   str(tmp_path), assets=assets)
+  assert {os.path.basename(p) for p in paths} >= {"sample_0.json", "sample_1.json"}
+  assert json.load(open(tmp_path / "sample_1.json"))["prompt"] == "toy"
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(interventions={5: "left"}), "--intervene 5"),
+    (dict(interventions={0: "left \u00e9"}), "--intervene 0"),
+    (dict(prompts=["toy \u00e9"]), "--prompt"),
+    (dict(first_frame=np.zeros((32, 32, 3), np.uint8)), "--first_frame"),
+    (dict(num_chunks=0), "--num_chunks"),
+])
+def test_bad_requests_name_the_field(workdir, assets, tmp_path, kwargs, needle):
+  args = dict(prompts=["toy world"], interventions={}, num_chunks=2, cfg_scale=1.0,
+              ode_steps=1, seed=0, out_dir=str(tmp_path))
+  args.update(kwargs)
+  with pytest.raises(generate.GenerateError) as e:
+    generate.generate_to_dir(workdir, assets=assets, **args)
+  assert str(e.value).startswith(needle), str(e.value)
+
+
+def test_bad_sampler_setting_names_the_field(workdir, assets, tmp_path):
+  with pytest.raises(RequestError, match="top_p"):
+    generate.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0, str(tmp_path),
+                             top_p=0.0, assets=assets)
+
+
+def test_first_frame_png_and_latent(assets, tmp_path):
+  frame = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
+  Image.fromarray(frame).save(tmp_path / "f.png")
+  from_png, _ = generate.first_frame_latent(assets, str(tmp_path / "f.png"), 0)
+  from_arr, _ = generate.first_frame_latent(assets, frame, 0)
+  np.testing.assert_array_equal(from_png, from_arr)
+  assert from_png.shape == (4, 4, 4)
+  np.save(tmp_path / "z.npy", from_arr)
+  from_npy, _ = generate.first_frame_latent(assets, str(tmp_path / "z.npy"), 0)
+  np.testing.assert_array_equal(from_npy, from_arr)
+
+
+def test_missing_tokenizer_vae_and_checkpoint(workdir, tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("toy_world_data"))
+  with pytest.raises(generate.GenerateError, match="tokenizer.json.*vae"):
+    generate.load_assets(wd)
+  with pytest.raises(generate.GenerateError, match="--checkpoint"):
+    generate.load_assets(workdir, checkpoint=7)
+  with pytest.raises(generate.GenerateError, match="--workdir"):
+    generate.load_assets(str(tmp_path / "nothing"))
+
+
+def test_parse_intervention():
+  assert generate.parse_intervention("8:left fire") == (8, "left fire")
+  assert generate.parse_intervention("0:") == (0, "")
+  with pytest.raises(generate.GenerateError, match="--intervene"):
+    generate.parse_intervention("left fire")
+
+
+def test_outputs_reject_mismatched_frames():
+  with pytest.raises(ValueError, match="chunk texts"):
+    outputs.write_gif("unused.gif", np.zeros((6, 8, 8, 3), np.uint8), ["a"])
+
+
+def test_decode_text_marks_ids_past_the_tokenizer(assets):
+  ids = list(assets.text.encode("left")) + [assets.text.vocab_size + 2]
+  assert generate.decode_text(assets, ids) == f"left<id:{assets.text.vocab_size + 2}>"

@@ -1,0 +1,306 @@
+r"""Generates videos with text from a trained checkpoint (docs/sampling.md, "Command line").
+
+    python -m tv2tv_jax.generate --workdir=<train dir> [--checkpoint=<step>] \
+        --prompt="toy world" [--prompt="..."] [--first_frame=<png or npy>] \
+        --intervene="2:left fire" [--intervene=...] --num_chunks=4 --cfg_scale=2 \
+        --ode_steps=8 --seed=0 [--out=<dir>] [--temperature=1 --top_k=0 --top_p=1]
+
+Restores the checkpoint onto whatever devices exist (`evaluate.load_params`), loads
+the run's text tokenizer and VAE from its toy-world data directory (`data.data_dir`,
+else <workdir>/toy_world_data: tokenizer.json, vae/, latents/latent_stats.json),
+samples with the KV-cached sampler, decodes the latents with the VAE and writes
+sample.gif, sample_sheet.png, sample.json (and sample.mp4 when PyAV is installed)
+into --out (default <workdir>/samples/<seed>). Several --prompt flags run one after
+another (the sampler core generates one request at a time), into sample_<k>.*.
+
+Without --first_frame the first frame of toy-world clip `seed` is used (the toy-world
+model is trained with a given first frame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import app, flags
+import numpy as np
+
+# --workdir and --checkpoint are evaluate's flags (same meaning); defining them here too
+# would clash when both modules are imported.
+from tv2tv_jax import evaluate  # noqa: E402  (defines --workdir, --checkpoint)
+
+FLAGS = flags.FLAGS
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Meta-prompt text (repeatable).")
+_FIRST = flags.DEFINE_string("first_frame", None,
+                             "PNG (HxWx3 at the VAE's frame size), or .npy of that frame "
+                             "(uint8) or of a normalised latent of the model's latent shape.")
+_INTERVENE = flags.DEFINE_multi_string("intervene", [], "'<chunk>:<text>' forces chunk's text.")
+_NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 4, "Chunks to generate (after the first frame).")
+_CFG = flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: off).")
+_STEPS = flags.DEFINE_integer("ode_steps", 16, "ODE steps per chunk.")
+_SOLVER = flags.DEFINE_enum("solver", "euler", ["euler", "heun"], "ODE solver.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of all randomness.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/samples/<seed>).")
+_TEMP = flags.DEFINE_float("temperature", 1.0, "Text sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k text sampling (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p text sampling (1: off).")
+_MAX_TEXT = flags.DEFINE_integer("max_text_tokens", 16, "Cap on one chunk's text tokens.")
+
+
+class GenerateError(ValueError):
+  """A generation input is missing or malformed; the message names the flag / field."""
+
+
+@dataclasses.dataclass
+class Assets:
+  """What generation needs from a run: the restored model and its tokenizers.
+
+  run: `trainer.Run` (run.exp, run.model, run.cfg); params: the TV2TV param tree;
+  step: the checkpoint step (None for a params-only export); text: `TextTokenizer`;
+  video: `VideoTokenizer` with latent statistics (decodes normalised latents).
+  """
+  run: Any
+  params: Any
+  step: int | None
+  text: Any
+  video: Any
+
+
+def data_dir_of(workdir: str, cfg: Any) -> str:
+  """The run's toy-world data directory: cfg.data.data_dir, else <workdir>/toy_world_data."""
+  data = cfg.get("data") or {}
+  return data.get("data_dir") or os.path.join(workdir, "toy_world_data")
+
+
+def load_tokenizers(data_dir: str, exp: Any):
+  """(TextTokenizer, VideoTokenizer with stats) of a toy-world data dir, checked against `exp`.
+
+  Raises GenerateError naming the missing file or the incompatible field.
+  """
+  from data_pipelines import tokenizer as tokenizer_lib
+  from tv2tv_jax.config import ConfigError
+  from tv2tv_jax.vae import model as vae_model, train as vae_train
+  tok_path = os.path.join(data_dir, "tokenizer.json")
+  vae_dir = os.path.join(data_dir, "vae")
+  missing = [p for p in (tok_path, os.path.join(vae_dir, "vae_config.json"),
+                         os.path.join(vae_dir, "params.msgpack")) if not os.path.exists(p)]
+  if missing:
+    raise GenerateError(f"--workdir: the run's data directory {data_dir} lacks "
+                        f"{', '.join(os.path.relpath(p, data_dir) for p in missing)}; "
+                        f"generation needs the run's text tokenizer and VAE")
+  text = tokenizer_lib.load_tokenizer(tok_path)
+  try:
+    tokenizer_lib.check_compatible(text, exp)
+  except ConfigError as e:
+    raise GenerateError(f"tokenizer.json does not fit the checkpoint's config: {e}") from e
+  video = vae_train.load_tokenizer(vae_dir)
+  if video.stats is None:
+    stats_path = os.path.join(data_dir, "latents", "latent_stats.json")
+    if not os.path.exists(stats_path):
+      raise GenerateError(f"--workdir: neither vae/latent_stats.json nor "
+                          f"latents/latent_stats.json in {data_dir}; decoding the model's "
+                          f"normalised latents needs the latent statistics")
+    import json
+    with open(stats_path) as f:
+      video = dataclasses.replace(video, stats=vae_model.LatentStats.from_json(json.load(f)))
+  vc = video.config
+  side = vc.frame_size // vc.spatial_factor
+  if (side, side, vc.latent_channels) != tuple(exp.model.latent_shape):
+    raise GenerateError(f"vae/vae_config.json gives latents {(side, side, vc.latent_channels)}, "
+                        f"but model.latent_shape is {tuple(exp.model.latent_shape)}")
+  return text, video
+
+
+def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> Assets:
+  """Restores `workdir`'s checkpoint (newest, or step `checkpoint`) onto the present devices
+  and loads its tokenizers. Raises GenerateError naming --workdir / --checkpoint."""
+  from tv2tv_jax import checkpoints
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise GenerateError(f"--workdir: {workdir} has no config.json (not a training run?)")
+  try:
+    run, params, step = evaluate.load_params(workdir, checkpoint, devices=devices)
+  except checkpoints.CheckpointError as e:
+    raise GenerateError(f"--checkpoint: {e}") from e
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise GenerateError(f"--checkpoint: cannot restore step {checkpoint} of {workdir} "
+                        f"onto its config ({type(e).__name__}: {e})") from e
+  text, video = load_tokenizers(data_dir_of(workdir, run.cfg), run.exp)
+  return Assets(run, params, step, text, video)
+
+
+def parse_intervention(spec: str) -> tuple[int, str]:
+  """'8:left fire' -> (8, 'left fire'). Raises GenerateError naming --intervene."""
+  head, sep, text = spec.partition(":")
+  if not sep or not head.strip().lstrip("-").isdigit():
+    raise GenerateError(f"--intervene {spec!r}: expected '<chunk index>:<text>'")
+  return int(head), text
+
+
+def encode_text(assets: Assets, text: str, field: str) -> np.ndarray:
+  """Text -> i32[N] ids; GenerateError naming `field` and the text if it cannot be encoded
+  or holds ids beyond the model's vocabulary."""
+  from data_pipelines.tokenizer import UnknownCharacterError
+  try:
+    ids = assets.text.encode(text)
+  except UnknownCharacterError as e:
+    raise GenerateError(f"{field}: {e}") from e
+  vocab = assets.run.exp.model.vocab_size
+  if ids.size and ids.max() >= vocab:
+    raise GenerateError(f"{field} {text!r}: token id {int(ids.max())} is outside the model's "
+                        f"vocabulary [0, {vocab})")
+  return ids
+
+
+def decode_text(assets: Assets, ids: Any) -> str:
+  """i32[N] sampled ids -> text. Ids past the tokenizer's vocabulary (the model's embedding
+  can be padded beyond it, and the sampler does not ban those rows) show as <id:N>."""
+  ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+  parts, run = [], []
+  for i in ids + [None]:
+    if i is not None and i < assets.text.vocab_size:
+      run.append(i)
+      continue
+    if run:
+      parts.append(assets.text.decode(run))
+      run = []
+    if i is not None:
+      parts.append(f"<id:{i}>")
+  return "".join(parts)
+
+
+def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.ndarray, str]:
+  """The normalised first-frame latent f32[h, w, c] and a description of its source.
+
+  first_frame: None (frame 0 of toy-world clip `seed`), a .png / .npy path, or an array:
+  uint8[H, W, 3] frame at the VAE's frame size, or f32[h, w, c] normalised latent.
+  """
+  from tv2tv_jax.vae import train as vae_train
+  latent_shape = tuple(assets.run.exp.model.latent_shape)
+  size = assets.video.config.frame_size
+  source = "array"
+  if first_frame is None:
+    from data_pipelines import toy_world
+    first_frame, source = toy_world.generate_clip(seed, 1).frames[0], f"toy_world clip {seed}"
+  elif isinstance(first_frame, (str, os.PathLike)):
+    path, source = os.fspath(first_frame), os.fspath(first_frame)
+    if not os.path.exists(path):
+      raise GenerateError(f"--first_frame: {path} does not exist")
+    if path.endswith(".npy"):
+      first_frame = np.load(path)
+    else:
+      from PIL import Image
+      first_frame = np.asarray(Image.open(path).convert("RGB"))
+  arr = np.asarray(first_frame)
+  if arr.shape == latent_shape and np.issubdtype(arr.dtype, np.floating):
+    return arr.astype(np.float32), source
+  if arr.shape != (size, size, 3):
+    raise GenerateError(f"--first_frame ({source}): shape {arr.shape}; expected a frame "
+                        f"({size}, {size}, 3) or a float latent {latent_shape}")
+  if arr.dtype != np.uint8:
+    raise GenerateError(f"--first_frame ({source}): a frame must be uint8, got {arr.dtype}")
+  z = assets.video.encode(vae_train.to_float(arr)[None, None], normalized=True)
+  return np.asarray(z[0, 0], np.float32), source
+
+
+def decode_frames(assets: Assets, first_latent: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+  """Normalised latents (first f32[h,w,c], chunks f32[N,h,w,c]) -> uint8[1 + 4N, H, W, 3]."""
+  from tv2tv_jax.vae import train as vae_train
+  lat = np.concatenate([first_latent[None], np.asarray(chunks, np.float32)])
+  frames = assets.video.decode(lat[None], normalized=True)
+  return vae_train.to_uint8(frames[0])
+
+
+def _capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
+              forced: Mapping[int, np.ndarray]) -> int:
+  """Cache slots for the whole generation: prompt, first frame, per chunk text + BOF +
+  clean chunk + EOF (so no request of this size hits CacheFullError)."""
+  n = int(np.prod(exp.model.latent_shape[:2])) // exp.model.patch_size ** 2
+  text = sum(max(max_text, len(forced.get(i, ()))) for i in range(num_chunks))
+  return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 1
+
+
+def generate_one(assets: Assets, prompt: str, interventions: Mapping[int, str],
+                 num_chunks: int, sc_kwargs: Mapping[str, Any], seed: int, out_dir: str,
+                 first_frame: Any = None, stem: str = "sample") -> list[str]:
+  """One request -> files in out_dir (see `outputs.write_all`); returns their paths.
+
+  Raises GenerateError / sampling.RequestError naming the bad field.
+  """
+  from tv2tv_jax.sampling import Request, RequestError, SamplerConfig, outputs, sample
+  exp = assets.run.exp
+  if not isinstance(num_chunks, int) or num_chunks < 1:
+    raise GenerateError(f"--num_chunks must be >= 1, got {num_chunks!r}")
+  for i in interventions:
+    if not 0 <= i < num_chunks:
+      raise GenerateError(f"--intervene {i}:{interventions[i]!r}: chunk {i} is beyond the "
+                          f"chunk budget (--num_chunks={num_chunks}: chunks 0..{num_chunks - 1})")
+  prompt_ids = encode_text(assets, prompt, "--prompt")
+  forced = {i: encode_text(assets, t, f"--intervene {i}") for i, t in interventions.items()}
+  latent0, source = first_frame_latent(assets, first_frame, seed)
+  sc = SamplerConfig(**{k: v for k, v in sc_kwargs.items()})
+  sc = dataclasses.replace(sc, capacity=sc.capacity or _capacity(
+      exp, len(prompt_ids), num_chunks, sc.max_text_tokens, forced))
+  gen = sample(assets.run.model, assets.params, exp,
+               Request(prompt=prompt_ids, num_chunks=num_chunks, first_frame=latent0,
+                       interventions=forced, seed=seed), sc)
+  frames = decode_frames(assets, latent0, gen.chunks)
+  texts = [decode_text(assets, t) for t in gen.texts]
+  settings = {k: v for k, v in dataclasses.asdict(sc).items()}
+  settings.update(num_chunks=num_chunks, first_frame=source,
+                  interventions={str(i): t for i, t in interventions.items()})
+  doc = outputs.transcript(gen.to_json(), texts, prompt=prompt, settings=settings, seed=seed,
+                           checkpoint_step=assets.step,
+                           trailing_text=decode_text(assets, gen.trailing_text))
+  return outputs.write_all(out_dir, frames, texts, doc, stem=stem)
+
+
+def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping[int, str],
+                    num_chunks: int, cfg_scale: float, ode_steps: int, seed: int,
+                    out_dir: str | None = None, *, checkpoint: int | None = None,
+                    first_frame: Any = None, solver: str = "euler", temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, max_text_tokens: int = 16,
+                    assets: Assets | None = None, devices=None) -> list[str]:
+  """Generates one sample per prompt into out_dir (default <workdir>/samples/<seed>).
+
+  One prompt writes sample.{gif,json,mp4} and sample_sheet.png; several write
+  sample_<k>.* (run one after another, all with `seed` and the same interventions).
+  `assets` (from `load_assets`) skips restoring the checkpoint again. Returns the paths.
+  """
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  if not prompts:
+    raise GenerateError("--prompt: at least one prompt is needed")
+  assets = assets or load_assets(workdir, checkpoint, devices)
+  out_dir = out_dir or os.path.join(workdir, "samples", str(seed))
+  sc_kwargs = dict(steps=ode_steps, solver=solver, cfg_scale=cfg_scale,
+                   temperature=temperature, top_k=top_k, top_p=top_p,
+                   max_text_tokens=max_text_tokens)
+  paths = []
+  for k, prompt in enumerate(prompts):
+    stem = "sample" if len(prompts) == 1 else f"sample_{k}"
+    paths += generate_one(assets, prompt, dict(interventions), num_chunks, sc_kwargs, seed,
+                          out_dir, first_frame, stem)
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not _PROMPT.value:
+    raise app.UsageError("--workdir and --prompt are required")
+  interventions = {}
+  for spec in _INTERVENE.value:
+    i, text = parse_intervention(spec)
+    interventions[i] = text
+  paths = generate_to_dir(FLAGS.workdir, _PROMPT.value, interventions, _NUM_CHUNKS.value,
+                          _CFG.value, _STEPS.value, _SEED.value, _OUT.value,
+                          checkpoint=FLAGS.checkpoint, first_frame=_FIRST.value,
+                          solver=_SOLVER.value, temperature=_TEMP.value, top_k=_TOP_K.value,
+                          top_p=_TOP_P.value, max_text_tokens=_MAX_TEXT.value)
+  for p in paths:
+    print(p)
+
+
+if __name__ == "__main__":
+  app.run(main)
