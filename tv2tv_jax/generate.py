@@ -153,20 +153,8 @@ def encode_text(assets: Assets, text: str, field: str) -> np.ndarray:
 
 
 def decode_text(assets: Assets, ids: Any) -> str:
-  """i32[N] sampled ids -> text. Ids past the tokenizer's vocabulary (the model's embedding
-  can be padded beyond it, and the sampler does not ban those rows) show as <id:N>."""
-  ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-  parts, run = [], []
-  for i in ids + [None]:
-    if i is not None and i < assets.text.vocab_size:
-      run.append(i)
-      continue
-    if run:
-      parts.append(assets.text.decode(run))
-      run = []
-    if i is not None:
-      parts.append(f"<id:{i}>")
-  return "".join(parts)
+  """i32[N] ids -> text (the sampler never draws ids past the tokenizer's vocabulary)."""
+  return assets.text.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
 
 def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.ndarray, str]:
@@ -239,6 +227,8 @@ def generate_one(assets: Assets, prompt: str, interventions: Mapping[int, str],
   forced = {i: encode_text(assets, t, f"--intervene {i}") for i, t in interventions.items()}
   latent0, source = first_frame_latent(assets, first_frame, seed)
   sc = SamplerConfig(**{k: v for k, v in sc_kwargs.items()})
+  # The model's vocabulary may be padded beyond the tokenizer's: never sample those ids.
+  sc = dataclasses.replace(sc, text_vocab=min(assets.text.vocab_size, exp.model.vocab_size))
   sc = dataclasses.replace(sc, capacity=sc.capacity or _capacity(
       exp, len(prompt_ids), num_chunks, sc.max_text_tokens, forced))
   gen = sample(assets.run.model, assets.params, exp,

@@ -61,6 +61,8 @@ class SamplerConfig:
   prompt and first frame) and rebuild it, instead of raising CacheFullError.
   `layout`: 'tv2tv' (text before every chunk), 't2v' (no chunk text) or 'think2v'
   (all chunk texts, which must be given as interventions, then all chunks).
+  `text_vocab`: ids at or above it are never sampled (a model vocabulary padded
+  beyond its tokenizer's; None: the whole model vocabulary).
   """
   steps: int = 16
   shift: float = 1.0
@@ -74,6 +76,7 @@ class SamplerConfig:
   capacity: int | None = None
   sliding_window: bool = False
   layout: str = "tv2tv"
+  text_vocab: int | None = None
 
 
 def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
@@ -91,6 +94,8 @@ def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
       (sc.capacity is None or sc.capacity >= 1, "capacity", f"must be >= 1, got {sc.capacity}"),
       (sc.layout in SAMPLE_LAYOUTS, "layout",
        f"must be one of {SAMPLE_LAYOUTS}, got {sc.layout!r}"),
+      (sc.text_vocab is None or 0 < sc.text_vocab <= model.vocab_size, "text_vocab",
+       f"must be in (0, {model.vocab_size}], got {sc.text_vocab}"),
   ]
   for ok, field, msg in checks:
     if not ok:

@@ -83,7 +83,9 @@ def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> G
   seq, model = exp.seq, exp.model
   check_config(sc, model)
   req = check_request(request, seq, model, sc)
-  banned = (seq.pad_id, seq.eof_id)
+  # Never sample pad or EOF (EOF is appended after each chunk), nor ids the tokenizer lacks.
+  banned = (seq.pad_id, seq.eof_id) + tuple(range(sc.text_vocab or model.vocab_size,
+                                                  model.vocab_size))
   backend.append_text(req.prompt, 0)
   if req.first_frame is not None:
     backend.append_chunk(jnp.asarray(req.first_frame), None)
