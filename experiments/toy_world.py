@@ -46,6 +46,11 @@ def _base() -> ml_collections.ConfigDict:
       batch_size=8, num_steps=2000, log_every=20, seed=0,
       save_every=500, keep_last=3, keep_every=0, async_checkpoints=True,
       eval_every=500, eval_batches=2, eval_times=(0.25, 0.5, 0.75), max_nonfinite_steps=5))
+  # Sampling after training (`python -m tv2tv_jax.generate` with these settings): needs the
+  # toy-world data's tokenizer and VAE, so only the 'toy_world' source turns it on.
+  c.sample = ml_collections.ConfigDict(dict(
+      after_training=False, prompt="toy world", interventions=("1:left fire",),
+      num_chunks=3, cfg_scale=2.0, ode_steps=16, seed=0))
   # Device mesh (-1: all remaining devices) and where logical axes go on it.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
   c.sharding_rules = sharding_rules.fsdp_tensor_rules()
@@ -92,6 +97,8 @@ def _quick(c):
   # The whole chain on CPU in minutes (data_pipelines/main_job.py): 256 clips, a 300-step
   # VAE with 8 latent channels, a character-level BPE tokenizer, then this model.
   c.data.update(source="toy_world", synthetic_batches=4)
+  # ...and end by generating a video whose chunk 1 is forced to "left fire".
+  c.sample.after_training = True
 
 
 def _small(c):

@@ -19,11 +19,16 @@ import ml_collections
 
 from tv2tv_jax import checkpoints, distributed, evaluation, inputs, trainer
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's work directory.")
-_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
-_PARAMS = flags.DEFINE_string("params", None, "A params-only export to evaluate instead.")
-_EXPORT = flags.DEFINE_string("export_params", None, "Also write a params-only export here.")
-flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when run as a program (importing defines none)."""
+  flags.DEFINE_string("workdir", None, "The training run's work directory.")
+  flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
+  flags.DEFINE_string("params", None, "A params-only export to evaluate instead.")
+  flags.DEFINE_string("export_params", None, "Also write a params-only export here.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def load_params(workdir: str, step: int | None = None, params_dir: str | None = None,
@@ -58,13 +63,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.setup_process()
-  result = evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _PARAMS.value)
-  if _EXPORT.value:
-    run, params, _ = load_params(_WORKDIR.value, _CHECKPOINT.value, _PARAMS.value)
-    checkpoints.export_params(params, _EXPORT.value)
+  result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.params)
+  if FLAGS.export_params:
+    run, params, _ = load_params(FLAGS.workdir, FLAGS.checkpoint, FLAGS.params)
+    checkpoints.export_params(params, FLAGS.export_params)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

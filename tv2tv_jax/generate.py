@@ -26,26 +26,31 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags
 import numpy as np
 
-# --workdir and --checkpoint are evaluate's flags (same meaning); defining them here too
-# would clash when both modules are imported.
-from tv2tv_jax import evaluate  # noqa: E402  (defines --workdir, --checkpoint)
+from tv2tv_jax import evaluate
 
 FLAGS = flags.FLAGS
-_PROMPT = flags.DEFINE_multi_string("prompt", None, "Meta-prompt text (repeatable).")
-_FIRST = flags.DEFINE_string("first_frame", None,
-                             "PNG (HxWx3 at the VAE's frame size), or .npy of that frame "
-                             "(uint8) or of a normalised latent of the model's latent shape.")
-_INTERVENE = flags.DEFINE_multi_string("intervene", [], "'<chunk>:<text>' forces chunk's text.")
-_NUM_CHUNKS = flags.DEFINE_integer("num_chunks", 4, "Chunks to generate (after the first frame).")
-_CFG = flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: off).")
-_STEPS = flags.DEFINE_integer("ode_steps", 16, "ODE steps per chunk.")
-_SOLVER = flags.DEFINE_enum("solver", "euler", ["euler", "heun"], "ODE solver.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of all randomness.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/samples/<seed>).")
-_TEMP = flags.DEFINE_float("temperature", 1.0, "Text sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k text sampling (0: off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p text sampling (1: off).")
-_MAX_TEXT = flags.DEFINE_integer("max_text_tokens", 16, "Cap on one chunk's text tokens.")
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when run as a program, so that importing this
+  module (the trainer does, to sample after training) defines none."""
+  flags.DEFINE_string("workdir", None, "The training run's work directory.")
+  flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
+  flags.DEFINE_multi_string("prompt", None, "Meta-prompt text (repeatable).")
+  flags.DEFINE_string("first_frame", None,
+                      "PNG (HxWx3 at the VAE's frame size), or .npy of that frame "
+                      "(uint8) or of a normalised latent of the model's latent shape.")
+  flags.DEFINE_multi_string("intervene", [], "'<chunk>:<text>' forces chunk's text.")
+  flags.DEFINE_integer("num_chunks", 4, "Chunks to generate (after the first frame).")
+  flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: off).")
+  flags.DEFINE_integer("ode_steps", 16, "ODE steps per chunk.")
+  flags.DEFINE_enum("solver", "euler", ["euler", "heun"], "ODE solver.")
+  flags.DEFINE_integer("seed", 0, "Seed of all randomness.")
+  flags.DEFINE_string("out", None, "Output directory (default <workdir>/samples/<seed>).")
+  flags.DEFINE_float("temperature", 1.0, "Text sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Top-k text sampling (0: off).")
+  flags.DEFINE_float("top_p", 1.0, "Top-p text sampling (1: off).")
+  flags.DEFINE_integer("max_text_tokens", 16, "Cap on one chunk's text tokens.")
 
 
 class GenerateError(ValueError):
@@ -215,7 +220,7 @@ def generate_one(assets: Assets, prompt: str, interventions: Mapping[int, str],
 
   Raises GenerateError / sampling.RequestError naming the bad field.
   """
-  from tv2tv_jax.sampling import Request, RequestError, SamplerConfig, outputs, sample
+  from tv2tv_jax.sampling import Request, SamplerConfig, outputs, sample
   exp = assets.run.exp
   if not isinstance(num_chunks, int) or num_chunks < 1:
     raise GenerateError(f"--num_chunks must be >= 1, got {num_chunks!r}")
@@ -277,20 +282,18 @@ def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not _PROMPT.value:
+  if not FLAGS.workdir or not FLAGS.prompt:
     raise app.UsageError("--workdir and --prompt are required")
-  interventions = {}
-  for spec in _INTERVENE.value:
-    i, text = parse_intervention(spec)
-    interventions[i] = text
-  paths = generate_to_dir(FLAGS.workdir, _PROMPT.value, interventions, _NUM_CHUNKS.value,
-                          _CFG.value, _STEPS.value, _SEED.value, _OUT.value,
-                          checkpoint=FLAGS.checkpoint, first_frame=_FIRST.value,
-                          solver=_SOLVER.value, temperature=_TEMP.value, top_k=_TOP_K.value,
-                          top_p=_TOP_P.value, max_text_tokens=_MAX_TEXT.value)
+  interventions = dict(parse_intervention(spec) for spec in FLAGS.intervene)
+  paths = generate_to_dir(FLAGS.workdir, FLAGS.prompt, interventions, FLAGS.num_chunks,
+                          FLAGS.cfg_scale, FLAGS.ode_steps, FLAGS.seed, FLAGS.out,
+                          checkpoint=FLAGS.checkpoint, first_frame=FLAGS.first_frame,
+                          solver=FLAGS.solver, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                          top_p=FLAGS.top_p, max_text_tokens=FLAGS.max_text_tokens)
   for p in paths:
     print(p)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

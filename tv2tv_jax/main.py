@@ -5,6 +5,7 @@ r"""Trains TV2TV from an experiment config (resuming from the work directory if 
 """
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
 from tv2tv_jax import distributed, trainer
@@ -19,8 +20,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.setup_process()
-  records = trainer.train(_CONFIG.value, _WORKDIR.value)
+  cfg = _CONFIG.value
+  records = trainer.train(cfg, _WORKDIR.value)
   print("done:", trainer.final_summary(records))
+  sample = cfg.get("sample") or {}
+  if sample.get("after_training") and jax.process_index() == 0:
+    from tv2tv_jax import generate  # local: the sampler is only needed here
+    interventions = dict(generate.parse_intervention(s) for s in sample.interventions)
+    paths = generate.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
+                                     sample.num_chunks, sample.cfg_scale, sample.ode_steps,
+                                     sample.seed)
+    print("sample (chunk texts, forced ones marked, in the .json):", *paths, sep="\n  ")
 
 
 if __name__ == "__main__":
