@@ -121,21 +121,31 @@ class LaidOut:
     return len(self.clean_latent)
 
 
-def _check_tokens(tokens, field: str, name: str, seq: SequenceConfig, vocab_size: int):
+def text_token_error(tokens, field: str, seq: SequenceConfig, vocab_size: int) -> str | None:
+  """What is wrong with text token ids (`field` names them in the message), or None.
+
+  Text must be a 1-D integer array of ids in [0, vocab_size) with no special token.
+  Shared by example layout and the sampler's requests.
+  """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-    raise ExampleError(f"{name}: {field} must be a 1-D integer array, got "
-                       f"dtype {tokens.dtype} shape {tokens.shape}")
+    return f"{field} must be a 1-D integer array, got dtype {tokens.dtype} shape {tokens.shape}"
   bad = np.nonzero((tokens < 0) | (tokens >= vocab_size))[0]
   if bad.size:
-    raise ExampleError(f"{name}: {field}[{bad[0]}] = {tokens[bad[0]]} is outside the "
-                       f"vocabulary [0, {vocab_size})")
+    return f"{field}[{bad[0]}] = {tokens[bad[0]]} is outside the vocabulary [0, {vocab_size})"
   specials = {seq.pad_id: "pad", seq.bof_id: "BOF", seq.eof_id: "EOF", seq.eos_id: "EOS"}
   for i, tok in enumerate(tokens.tolist()):
     if tok in specials:
-      raise ExampleError(f"{name}: {field}[{i}] is the special token {specials[tok]} "
-                         f"(id {tok}); text may not contain special tokens")
-  return tokens.astype(np.int32)
+      return (f"{field}[{i}] is the special token {specials[tok]} (id {tok}); text may not "
+              f"contain special tokens")
+  return None
+
+
+def _check_tokens(tokens, field: str, name: str, seq: SequenceConfig, vocab_size: int):
+  problem = text_token_error(tokens, field, seq, vocab_size)
+  if problem:
+    raise ExampleError(f"{name}: {problem}")
+  return np.asarray(tokens).astype(np.int32)
 
 
 def validate_example(ex: Example, seq: SequenceConfig, model: ModelConfig) -> None:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tv2tv_jax import sequence
 from tv2tv_jax.config import ModelConfig, SequenceConfig
 
 SOLVERS = ("euler", "heun")
@@ -104,21 +105,12 @@ def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
 
 def _check_tokens(tokens, field: str, seq: SequenceConfig, vocab: int,
                   allow_empty: bool) -> np.ndarray:
+  problem = sequence.text_token_error(tokens, field, seq, vocab)
+  if problem:
+    raise RequestError(problem)
   arr = np.asarray(tokens)
-  if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-    raise RequestError(f"{field} must be a 1-D sequence of integer token ids, got dtype "
-                       f"{arr.dtype} shape {arr.shape}")
   if not arr.size and not allow_empty:
     raise RequestError(f"{field} is empty; at least one token is needed")
-  bad = np.nonzero((arr < 0) | (arr >= vocab))[0]
-  if bad.size:
-    raise RequestError(f"{field}[{bad[0]}] = {arr[bad[0]]} is outside the vocabulary "
-                       f"[0, {vocab})")
-  specials = {seq.pad_id: "pad", seq.bof_id: "BOF", seq.eof_id: "EOF", seq.eos_id: "EOS"}
-  for i, tok in enumerate(arr.tolist()):
-    if tok in specials:
-      raise RequestError(f"{field}[{i}] is the special token {specials[tok]} (id {tok}); "
-                         f"text may not contain special tokens")
   return arr.astype(np.int32)
 
 
