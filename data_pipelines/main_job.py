@@ -8,10 +8,7 @@ calls it when `data.source = 'toy_world'`, so the README command runs the whole 
 
     python -m tv2tv_jax.main --config=experiments/toy_world.py:quick --workdir=/tmp/tv2tv_quick
 
-(the data directory defaults to <workdir>/toy_world_data). This module is also a program
-that prepares the data and then trains, for a trainer that does not pass its workdir:
-
-    python -m data_pipelines.main_job --config=experiments/toy_world.py:quick --workdir=...
+(the data directory defaults to <workdir>/toy_world_data).
 
 Layout of the data directory; each stage's marker is written last and records the
 stage's settings, so a finished stage is skipped and a stage whose settings changed (or
@@ -187,26 +184,3 @@ def stage_timings(data_dir: str) -> dict[str, float]:
       with open(path) as f:
         out[stage] = json.load(f).get("seconds")
   return out
-
-
-def _main(argv):
-  from tv2tv_jax import distributed, trainer
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
-  distributed.setup_process()
-  cfg = _CONFIG.value
-  with cfg.unlocked():
-    cfg.data.data_dir = cfg.data.get("data_dir") or os.path.join(_WORKDIR.value,
-                                                                 "toy_world_data")
-  records = trainer.train(cfg, _WORKDIR.value)
-  print("done:", trainer.final_summary(records))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
