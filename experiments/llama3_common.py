@@ -11,7 +11,11 @@ written out because a config cannot read a tokenizer file; `check_tokenizer` (or
 `tokenizer.json` before training.
 """
 
+import dataclasses
+
 import ml_collections
+
+from tv2tv_jax import config as config_lib
 
 from experiments import sharding_rules
 
@@ -65,10 +69,9 @@ def base(tower: dict) -> ml_collections.ConfigDict:
   c.seq = ml_collections.ConfigDict(dict(
       layout="tv2tv", text_len=512, max_chunks=25,
       **{f"{role}_id": tid for role, (_, tid) in LLAMA3_1_SPECIAL_IDS.items()}))
-  c.flow = ml_collections.ConfigDict(dict(
-      time_mean=0.0, time_std=1.0, time_shift=1.0, cfg_drop_prob=0.1, clean_flip_prob=0.1,
-      clean_flip_min_t=0.8))
-  c.loss = ml_collections.ConfigDict(dict(lambda_txt=1.0, lambda_vid=1.0))
+  # DESIGN.md section 3 defaults: `FlowConfig` / `LossConfig` are their one source.
+  c.flow = ml_collections.ConfigDict(dataclasses.asdict(config_lib.FlowConfig()))
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LossConfig()))
   # **default**: a fine-tuning-sized peak LR, since the text tower starts pretrained.
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=2000, total_steps=250_000, end_lr_fraction=0.1,

@@ -21,7 +21,11 @@ other variants) trains on random latents and texts laid out by `tv2tv_jax.sequen
 (correct structure, no meaning), enough to exercise and measure every part of the model.
 """
 
+import dataclasses
+
 import ml_collections
+
+from tv2tv_jax import config as config_lib
 
 from experiments import sharding_rules
 
@@ -35,10 +39,9 @@ def _base() -> ml_collections.ConfigDict:
       param_dtype="float32", attention_impl="xla", scan_layers=True, remat=False))
   c.seq = ml_collections.ConfigDict(dict(
       layout="tv2tv", text_len=256, max_chunks=16, pad_id=0, bof_id=1, eof_id=2, eos_id=3))
-  c.flow = ml_collections.ConfigDict(dict(
-      time_mean=0.0, time_std=1.0, time_shift=1.0, cfg_drop_prob=0.1, clean_flip_prob=0.1,
-      clean_flip_min_t=0.8))
-  c.loss = ml_collections.ConfigDict(dict(lambda_txt=1.0, lambda_vid=1.0))
+  # DESIGN.md section 3 defaults: `FlowConfig` / `LossConfig` are their one source.
+  c.flow = ml_collections.ConfigDict(dataclasses.asdict(config_lib.FlowConfig()))
+  c.loss = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LossConfig()))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=50, total_steps=2000, end_lr_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
