@@ -4,10 +4,10 @@ Run (from the repo root; a TPU slice, the Llama-3.2-3B Hugging Face checkpoint d
 holding config.json, *.safetensors and tokenizer.json):
 
     python -m tv2tv_jax.main --config=experiments/csgo_3b.py:6s --workdir=$WORKDIR \
-        --config.init.llama_dir=$LLAMA_3_2_3B --config.init.ignore_rope_scaling=True
+        --config.init.llama_dir=$LLAMA_3_2_3B
 
-Llama-3.2-3B's config.json declares rope_type "llama3" (factor 32), which our RoPE does not
-implement; `ignore_rope_scaling=True` accepts running it with plain RoPE (docs/llama_init.md).
+Llama-3.2-3B's config.json declares RoPE scaling rope_type "llama3" (factor 32); the towers
+carry the same (`model.rope_*`, from llama3_common), which `llama_init` checks.
 Without `init.llama_dir` the model trains from scratch.
 
 Towers (each; DESIGN.md section 7): 28 layers, d 3072, 24 heads / 8 KV heads, head_dim 128,

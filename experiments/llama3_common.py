@@ -19,13 +19,16 @@ from tv2tv_jax import config as config_lib
 
 from experiments import sharding_rules
 
-# Tower shapes of the Hugging Face config.json files (`tv2tv_jax.llama_init` checks them).
+# Tower shapes of the Hugging Face config.json files (`tv2tv_jax.llama_init` checks them),
+# RoPE scaling included: both declare rope_type "llama3" with the factors below.
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_position_embeddings=8192)
 LLAMA_3_2_3B = dict(vocab_size=128256, d_model=3072, num_layers=28, num_heads=24,
                     num_kv_heads=8, head_dim=128, mlp_dim=8192, rope_theta=500_000.0,
-                    norm_eps=1e-5)
+                    rope_factor=32.0, **_LLAMA3_ROPE, norm_eps=1e-5)
 LLAMA_3_1_8B = dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
                     num_kv_heads=8, head_dim=128, mlp_dim=14336, rope_theta=500_000.0,
-                    norm_eps=1e-5)
+                    rope_factor=8.0, **_LLAMA3_ROPE, norm_eps=1e-5)
 
 # role -> (Llama-3.1/3.2 token, id); the tokens are LLAMA3_SPECIALS of data_pipelines.tokenizer.
 LLAMA3_1_SPECIAL_IDS = {
@@ -89,10 +92,7 @@ def base(tower: dict) -> ml_collections.ConfigDict:
   #                           "" trains from scratch.
   #   video_tower_from_llama  also start the video tower from the same Llama weights
   #                           (**default** False: the paper initialises the text tower).
-  #   ignore_rope_scaling     Llama-3.1/3.2 declare rope_type "llama3", which our RoPE lacks;
-  #                           True runs the checkpoint with plain RoPE (docs/llama_init.md).
-  c.init = ml_collections.ConfigDict(dict(llama_dir="", video_tower_from_llama=False,
-                                          ignore_rope_scaling=False))
+  c.init = ml_collections.ConfigDict(dict(llama_dir="", video_tower_from_llama=False))
   c.data = ml_collections.ConfigDict(dict(
       # The trainer reads only 'synthetic' so far; the TFDS builder named below is the
       # intended source once it reads TFDS.

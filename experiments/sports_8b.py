@@ -4,10 +4,10 @@ Run (from the repo root; a TPU slice, the Llama-3.1-8B Hugging Face checkpoint d
 holding config.json, *.safetensors and tokenizer.json):
 
     python -m tv2tv_jax.main --config=experiments/sports_8b.py:default --workdir=$WORKDIR \
-        --config.init.llama_dir=$LLAMA_3_1_8B --config.init.ignore_rope_scaling=True
+        --config.init.llama_dir=$LLAMA_3_1_8B
 
-Llama-3.1-8B's config.json declares rope_type "llama3" (factor 8), which our RoPE does not
-implement; `ignore_rope_scaling=True` accepts running it with plain RoPE (docs/llama_init.md).
+Llama-3.1-8B's config.json declares RoPE scaling rope_type "llama3" (factor 8); the towers
+carry the same (`model.rope_*`, from llama3_common), which `llama_init` checks.
 
 Towers (each; DESIGN.md section 7): 32 layers, d 4096, 32 heads / 8 KV heads, head_dim 128,
 FFN 14336, vocab 128256, RoPE theta 5e5, RMSNorm eps 1e-5. Paper recipe: 8K hours, a caption

@@ -4,7 +4,9 @@ A small random `LlamaForCausalLM` (2 layers, d 64, 4 heads / 2 KV heads, FFN 128
 RoPE theta 5e5) is saved with `save_pretrained` (safetensors), loaded into TV2TV's text tower,
 and run on a text-only packed row (video slots all padding). Every weight is re-drawn with
 O(1) scale, norms included (HF initialises norm scales to 1 and weights at std 0.02, which
-would hide a swapped norm or a wrong head reshape behind near-zero logits).
+would hide a swapped norm or a wrong head reshape behind near-zero logits). A second one
+declares Llama-3.1's RoPE scaling (rope_type "llama3") at sizes where every band of the
+scaling acts within the row.
 
 Needs the test-only packages torch and transformers (skipped cleanly without them).
 """
@@ -23,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from tv2tv_jax import flow, losses, sequence, train_step  # noqa: E402
-from tv2tv_jax import llama_init  # noqa: E402
+from tv2tv_jax import layers, llama_init  # noqa: E402
+from tv2tv_jax.config import ConfigError  # noqa: E402
 from tv2tv_jax.config import ModelConfig, SequenceConfig, Experiment, FlowConfig  # noqa: E402
 from tv2tv_jax.config import LossConfig, OptimConfig, TrainConfig  # noqa: E402
 from tv2tv_jax.model import TV2TV  # noqa: E402
@@ -49,10 +52,17 @@ def _exp(model_cfg: ModelConfig) -> Experiment:
                     train=TrainConfig(batch_size=1))
 
 
-def _save_hf(path, seed=0, tie=False, dtype=None, **save_kwargs):
-  """Saves a random LlamaForCausalLM with O(1)-scale weights; returns the torch model."""
+def _save_hf(path, seed=0, tie=False, dtype=None, rope_parameters=None, **save_kwargs):
+  """Saves a random LlamaForCausalLM with O(1)-scale weights; returns the torch model.
+
+  rope_parameters: transformers>=5's RoPE dict (rope_type, rope_theta, ...), replacing
+  HF_SHAPES' plain rope_theta."""
   torch.manual_seed(seed)
-  hf_cfg = transformers.LlamaConfig(**HF_SHAPES, tie_word_embeddings=tie,
+  shapes = dict(HF_SHAPES)
+  if rope_parameters is not None:
+    del shapes["rope_theta"]
+    shapes["rope_parameters"] = dict(rope_parameters)
+  hf_cfg = transformers.LlamaConfig(**shapes, tie_word_embeddings=tie,
                                     attn_implementation="eager")
   model = transformers.LlamaForCausalLM(hf_cfg).eval()
   with torch.no_grad():
@@ -258,28 +268,107 @@ def test_config_mismatch_names_field(hf_dir, init_params, field, value):
   assert str(value) in str(err.value)
 
 
+# Llama-3.1-style scaling at toy sizes: with head_dim 16 and theta 100 the 8 wavelengths
+# 2*pi*100^(i/8) are 6.3, 11, 20, 35, 63, ...; against a pretraining context of 32 that
+# puts i=0 in the kept band (< 32/4), i=1,2 in the interpolated band and i>=3 in the
+# divided band (> 32/1), so every branch of the scaling shapes the logits at T=24.
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=100.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=32)
+LLAMA3_MODEL = dict(rope_type="llama3", rope_theta=100.0, rope_factor=8.0,
+                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_position_embeddings=32)
+
+
+def _edit_config(path, edit):
+  with open(os.path.join(path, "config.json")) as f:
+    cfg = json.load(f)
+  edit(cfg)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg, f)
+
+
+def _to_hub_style(cfg):
+  """transformers>=5 `rope_parameters` -> the Hub's Llama-3.x layout (rope_theta +
+  rope_scaling), as in Llama-3.2-3B's config.json."""
+  rope = cfg.pop("rope_parameters")
+  cfg["rope_theta"] = rope.pop("rope_theta")
+  cfg["rope_scaling"] = rope
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("llama3_tiny")
+  return path, _save_hf(path, seed=5, rope_parameters=LLAMA3_ROPE)
+
+
+@pytest.mark.parametrize("style", ["transformers5", "hub"])
+def test_llama3_rope_scaling_matches_transformers(tmp_path, llama3_dir, init_params, style):
+  """Llama-3.1/3.2's rope_type 'llama3': frequencies and logits match transformers'."""
+  path, hf_model = llama3_dir
+  if style == "hub":
+    _rewrite(path, tmp_path, lambda t: None)
+    _edit_config(tmp_path, _to_hub_style)
+    path = tmp_path
+  with open(os.path.join(path, "config.json")) as f:
+    assert ("rope_scaling" in json.load(f)) == (style == "hub")
+  cfg = _model_cfg(scan_layers=True, **LLAMA3_MODEL)
+  ours_freq = np.asarray(layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+  hf_freq = hf_model.model.rotary_emb.inv_freq.numpy()
+  np.testing.assert_allclose(ours_freq, hf_freq, rtol=1e-6)
+  params = llama_init.load_llama_params(path, cfg, init_params[True])
+  rng = np.random.default_rng(2)
+  a, b = rng.integers(4, 300, size=15), rng.integers(4, 300, size=T - 15)
+  ours = _our_logits(cfg, params, _text_row([a, b]))
+  hf_a, hf_b = _hf_logits(hf_model, a), _hf_logits(hf_model, b)
+  err_a, err_b = _rel_err(ours[:15], hf_a), _rel_err(ours[15:], hf_b)
+  # The same weights under plain RoPE: how far off ignoring the scaling would be.
+  plain_cfg = _model_cfg(scan_layers=True, rope_theta=100.0)
+  plain = _our_logits(plain_cfg, params, _text_row([a, b]))
+  plain_err = _rel_err(plain[:15], hf_a)
+  print(f"llama3 RoPE ({style}): max rel logit error vs transformers {err_a:.2e}, {err_b:.2e}; "
+        f"plain RoPE would be off by {plain_err:.2e}")
+  assert err_a < REL_TOL and err_b < REL_TOL
+  assert plain_err > 100 * REL_TOL  # the scaling matters at these positions
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rope_factor", 32.0), ("rope_low_freq_factor", 2.0), ("rope_high_freq_factor", 8.0),
+    ("rope_original_max_position_embeddings", 64)])
+def test_llama3_rope_mismatch_names_field(llama3_dir, init_params, field, value):
+  cfg = _model_cfg(**dict(LLAMA3_MODEL, **{field: value}))
+  with pytest.raises(llama_init.LlamaConfigMismatch) as err:
+    llama_init.load_llama_params(llama3_dir[0], cfg, init_params[True])
+  assert err.value.field == f"model.{field}"
+  assert str(value) in str(err.value)
+
+
+def test_rope_type_mismatch_names_field(hf_dir, llama3_dir, init_params):
+  """A llama3 checkpoint into a plain-RoPE config, and the reverse."""
+  with pytest.raises(llama_init.LlamaConfigMismatch) as err:
+    llama_init.load_llama_params(llama3_dir[0], _model_cfg(rope_theta=100.0),
+                                 init_params[True])
+  assert err.value.field == "model.rope_type" and "llama3" in str(err.value)
+  with pytest.raises(llama_init.LlamaConfigMismatch) as err:
+    llama_init.load_llama_params(hf_dir[0], _model_cfg(**dict(LLAMA3_MODEL, rope_theta=5e5)),
+                                 init_params[True])
+  assert err.value.field == "model.rope_type"
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
 @pytest.mark.parametrize("style", ["hub", "transformers5"])
-def test_llama3_rope_scaling_needs_explicit_opt_in(tmp_path, hf_dir, init_params, style):
-  """Llama-3.1/3.2 config.json files declare rope_type 'llama3'; we do not implement it."""
-  scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+def test_other_rope_types_raise(tmp_path, hf_dir, init_params, kind, style):
+  scaling = {"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 8192}
   def edit(cfg):
-    if style == "hub":  # the layout of the Hub's Llama-3.2-3B config.json
+    if style == "hub":
       cfg.pop("rope_parameters", None)
       cfg.update(rope_theta=5e5, rope_scaling=scaling)
     else:
       cfg["rope_parameters"] = dict(scaling, rope_theta=5e5)
   _rewrite(hf_dir[0], tmp_path, lambda t: None)
-  with open(tmp_path / "config.json") as f:
-    cfg = json.load(f)
-  edit(cfg)
-  with open(tmp_path / "config.json", "w") as f:
-    json.dump(cfg, f)
-  with pytest.raises(llama_init.RopeScalingError, match="llama3"):
+  _edit_config(tmp_path, edit)
+  with pytest.raises(llama_init.RopeScalingError,
+                     match=f"rope_type '{kind}' is not implemented"):
     llama_init.load_llama_params(tmp_path, _model_cfg(), init_params[True])
-  params = llama_init.load_llama_params(tmp_path, _model_cfg(), init_params[True],
-                                        ignore_rope_scaling=True)
-  assert params["embed"]["embedding"].shape == (300, 64)
 
 
 def test_init_from_config_section(hf_dir, init_params):
@@ -288,10 +377,13 @@ def test_init_from_config_section(hf_dir, init_params):
   old = init_params[True]
   assert llama_init.init_from_config({"llama_dir": ""}, cfg, old) is old
   got = llama_init.init_from_config(
-      {"llama_dir": str(hf_dir[0]), "video_tower_from_llama": True,
-       "ignore_rope_scaling": False}, cfg, old, log=None)
+      {"llama_dir": str(hf_dir[0]), "video_tower_from_llama": True}, cfg, old, log=None)
   want = llama_init.load_llama_params(hf_dir[0], cfg, old, video_tower_from_llama=True)
   jax.tree.map(np.testing.assert_array_equal, got, want)
+  # The old opt-in to plain RoPE is gone (the scaling is implemented): a clear error.
+  with pytest.raises(ConfigError, match="init.ignore_rope_scaling"):
+    llama_init.init_from_config({"llama_dir": str(hf_dir[0]), "ignore_rope_scaling": True},
+                                cfg, old, log=None)
 
 
 def test_sharded_params_keep_their_shardings(hf_dir, init_params):

@@ -65,7 +65,8 @@ def test_variants_validate(module, variant):
     assert getattr(exp.model, key) == value, key
   # Initialisation is opt-in from the command line (module docstrings).
   assert cfg.init.llama_dir == "" and cfg.init.video_tower_from_llama is False
-  assert cfg.init.ignore_rope_scaling is False
+  assert "ignore_rope_scaling" not in cfg.init  # the llama3 RoPE scaling is implemented
+  assert exp.model.rope_type == "llama3" and exp.model.rope_scaling is not None
   ids = {r: tid for r, (_, tid) in llama3_common.LLAMA3_1_SPECIAL_IDS.items()}
   assert (exp.seq.pad_id, exp.seq.bof_id, exp.seq.eof_id, exp.seq.eos_id) == (
       ids["pad"], ids["bof"], ids["eof"], ids["eos"])

@@ -185,8 +185,7 @@ def test_trainer_initialises_text_tower_from_llama(tmp_path, tiny_exp):
   cfg = _tiny_cfg(num_steps=1)
   cfg.optim.learning_rate = 1e-6  # one step barely moves the loaded weights
   cfg.init = ml_collections.ConfigDict(dict(llama_dir=str(tmp_path / "llama"),
-                                            video_tower_from_llama=False,
-                                            ignore_rope_scaling=False))
+                                            video_tower_from_llama=False))
   lines = []
   trainer.train(cfg, str(tmp_path / "run"), log=lines.append, devices=jax.devices()[:1])
   _, params, _ = evaluate.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])

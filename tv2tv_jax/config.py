@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 LAYOUTS = ("tv2tv", "t2v", "think2v")
 ATTENTION_IMPLS = ("xla", "pallas")
+# RoPE frequency schemes `layers.rope_inv_freq` implements ("default": plain theta^(-2i/dh)).
+ROPE_TYPES = ("default", "llama3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -38,6 +40,14 @@ class ModelConfig:
   head_dim: int = 32
   mlp_dim: int = 256
   rope_theta: float = 10_000.0
+  # RoPE scaling as Llama-3.1/3.2 declare it (rope_type "llama3"; see
+  # `layers.rope_inv_freq`). The four rope_* numbers below are read only with "llama3"
+  # and must keep their defaults otherwise (so a forgotten rope_type is an error).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int = 8192
   norm_eps: float = 1e-5
   # One chunk latent, [h, w, c] (a VAE latent frame), and the U-Net around it.
   latent_shape: tuple[int, int, int] = (8, 8, 8)
@@ -57,6 +67,30 @@ class ModelConfig:
     """n: tokens one chunk latent becomes after patchify."""
     h, w, _ = self.latent_shape
     return (h // self.patch_size) * (w // self.patch_size)
+
+  @property
+  def rope_scaling(self) -> "Llama3RopeScaling | None":
+    """The RoPE frequency scaling `layers.apply_rope` takes; None for plain RoPE."""
+    if self.rope_type != "llama3":
+      return None
+    return Llama3RopeScaling(factor=float(self.rope_factor),
+                             low_freq_factor=float(self.rope_low_freq_factor),
+                             high_freq_factor=float(self.rope_high_freq_factor),
+                             original_max_position_embeddings=int(
+                                 self.rope_original_max_position_embeddings))
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama-3.1's RoPE frequency scaling (Hugging Face rope_type "llama3").
+
+  Names as in Hugging Face's `rope_parameters`; `layers.rope_inv_freq` applies it.
+  Llama-3.1-8B: factor 8, Llama-3.2-3B: factor 32; both low 1, high 4, original 8192.
+  """
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +192,32 @@ def _require(cond: bool, field: str, message: str):
     raise ConfigError(field, message)
 
 
+def _validate_rope(m: ModelConfig) -> None:
+  _require(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+  _require(m.rope_type in ROPE_TYPES, "model.rope_type",
+           f"one of {ROPE_TYPES}, got {m.rope_type!r} (other Hugging Face rope types, e.g. "
+           f"'linear', 'dynamic', 'yarn', are not implemented)")
+  scaling_fields = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                    "rope_original_max_position_embeddings")
+  if m.rope_type == "default":
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name in scaling_fields:
+      _require(getattr(m, name) == defaults[name], f"model.{name}",
+               f"is {getattr(m, name)} but is read only with model.rope_type='llama3' "
+               f"(rope_type is 'default'); set rope_type or leave it at {defaults[name]}")
+    return
+  _require(m.rope_factor >= 1.0, "model.rope_factor", f"must be >= 1, got {m.rope_factor}")
+  _require(m.rope_low_freq_factor > 0, "model.rope_low_freq_factor",
+           f"must be positive, got {m.rope_low_freq_factor}")
+  _require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+           f"must exceed rope_low_freq_factor={m.rope_low_freq_factor}, got "
+           f"{m.rope_high_freq_factor}")
+  orig = m.rope_original_max_position_embeddings
+  _require(isinstance(orig, int) and not isinstance(orig, bool) and orig >= 1,
+           "model.rope_original_max_position_embeddings",
+           f"must be a positive integer, got {orig!r}")
+
+
 def validate(exp: Experiment) -> Experiment:
   """Checks every cross-field constraint; returns `exp` unchanged or raises ConfigError."""
   m, s, f = exp.model, exp.seq, exp.flow
@@ -170,6 +230,7 @@ def validate(exp: Experiment) -> Experiment:
   _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
            f"num_kv_heads={m.num_kv_heads} does not divide num_heads={m.num_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+  _validate_rope(m)
   _require(len(m.latent_shape) == 3 and all(int(v) > 0 for v in m.latent_shape),
            "model.latent_shape", f"must be positive (h, w, c), got {m.latent_shape}")
   h, w, _ = m.latent_shape

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tv2tv_jax import axes
-from tv2tv_jax.config import ModelConfig
+from tv2tv_jax.config import Llama3RopeScaling, ModelConfig
 
 
 def _param(module: nn.Module, name: str, init, shape, names, cfg: ModelConfig):
@@ -37,13 +37,41 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.cfg.dtype))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: Llama3RopeScaling | None = None) -> jax.Array:
+  """RoPE's inverse frequencies f32[head_dim / 2]: theta^(-2i/head_dim), then `scaling`.
+
+  Llama-3.1 scaling ("llama3"; Hugging Face `_compute_llama3_parameters`) sorts each
+  frequency f by its wavelength 2*pi/f against the pretraining context
+  C = original_max_position_embeddings:
+    wavelength < C / high_freq_factor   kept (short-range detail)
+    wavelength > C / low_freq_factor    divided by `factor` (stretched to the longer context)
+    in between                          (1 - s) * f / factor + s * f, with
+                                        s = (C / wavelength - low) / (high - low),
+  which meets both outer bands continuously (s = 0 at C/low, s = 1 at C/high).
+  """
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is None:
+    return freq
+  low, high = scaling.low_freq_factor, scaling.high_freq_factor
+  context = float(scaling.original_max_position_embeddings)
+  wavelen = 2 * jnp.pi / freq
+  s = (context / wavelen - low) / (high - low)
+  middle = (1 - s) * freq / scaling.factor + s * freq
+  # Strict inequalities as in the reference: a wavelength exactly on a boundary is
+  # "in between", where the interpolation already equals the outer band's value.
+  return jnp.where(wavelen < context / high, freq,
+                   jnp.where(wavelen > context / low, freq / scaling.factor, middle))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: Llama3RopeScaling | None = None) -> jax.Array:
   """Rotary position embedding (Llama's half-split convention).
 
-  x: [B, L, H, dh]; positions: i32[B, L]. Returns x rotated, same dtype.
+  x: [B, L, H, dh]; positions: i32[B, L]; theta: the base; scaling: optional frequency
+  scaling (`ModelConfig.rope_scaling`, see `rope_inv_freq`). Returns x rotated, same dtype.
   """
-  dh = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [dh/2]
+  freq = rope_inv_freq(x.shape[-1], theta, scaling)  # [dh/2]
   angle = positions.astype(jnp.float32)[..., None] * freq  # [B, L, dh/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -36,13 +36,11 @@ Layer params live under `stack/layers/<tower>/...` with a leading [num_layers] a
 RoPE. HF's q_proj/k_proj rows are already in the "rotate_half" (half-split) order: Meta's
 interleaved-pair weights are permuted once by HF's conversion script. `layers.apply_rope`
 uses the same half-split convention and the same frequencies theta^(-2i/dh), so q/k are
-copied without any permutation.
-
-Not supported: Llama-3.1's `rope_scaling` (rope_type "llama3"), which rescales the low
-RoPE frequencies. Our RoPE has no such scaling, so a checkpoint that declares it raises
-`RopeScalingError` unless `ignore_rope_scaling=True` (then the model runs the checkpoint
-with plain, unscaled RoPE: a small distribution shift that fine-tuning has to absorb;
-see docs/llama_init.md).
+copied without any permutation. Llama-3.1/3.2's `rope_type: "llama3"` frequency scaling
+is implemented (`layers.rope_inv_freq`); the model config must declare the checkpoint's
+(`model.rope_type`, `rope_factor`, `rope_low_freq_factor`, `rope_high_freq_factor`,
+`rope_original_max_position_embeddings`), which `check_config` compares like rope_theta.
+Other rope types ("linear", "dynamic", "yarn", ...) raise `RopeScalingError`.
 """
 
 from __future__ import annotations
@@ -84,7 +82,8 @@ class UnexpectedTensorError(LlamaInitError):
 
 
 class RopeScalingError(LlamaInitError):
-  """The checkpoint uses RoPE scaling, which `layers.apply_rope` does not implement."""
+  """The checkpoint's RoPE scaling type is not one `layers.rope_inv_freq` implements, or
+  its parameters are incomplete."""
 
 
 class LlamaConfigMismatch(ConfigError):
@@ -108,7 +107,8 @@ class LlamaSpec:
   rope_theta: float
   rms_norm_eps: float
   tie_word_embeddings: bool
-  rope_scaling: Mapping[str, Any] | None  # None when rope_type is "default" or absent
+  # None when rope_type is "default" or absent; else the HF dict with "rope_type" set.
+  rope_scaling: Mapping[str, Any] | None
   hidden_act: str = "silu"
   attention_bias: bool = False
   mlp_bias: bool = False
@@ -149,10 +149,17 @@ def read_llama_config(llama_dir: str | os.PathLike) -> LlamaSpec:
   )
 
 
-def check_config(spec: LlamaSpec, cfg: ModelConfig, *, ignore_rope_scaling: bool = False):
+# Our ModelConfig field -> the key of Hugging Face's llama3 rope parameters.
+_LLAMA3_ROPE_FIELDS = (("rope_factor", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
+                       ("rope_high_freq_factor", "high_freq_factor"),
+                       ("rope_original_max_position_embeddings",
+                        "original_max_position_embeddings"))
+
+
+def check_config(spec: LlamaSpec, cfg: ModelConfig):
   """Raises LlamaConfigMismatch (naming our field and the HF key) on any shape or numerics
-  disagreement, LlamaInitError for architecture features we lack, RopeScalingError for
-  RoPE scaling unless `ignore_rope_scaling`."""
+  disagreement, LlamaInitError for architecture features we lack, RopeScalingError for a
+  RoPE scaling type we do not implement."""
   pairs = (("d_model", "hidden_size"), ("num_layers", "num_hidden_layers"),
            ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
            ("head_dim", "head_dim"), ("mlp_dim", "intermediate_size"),
@@ -168,16 +175,34 @@ def check_config(spec: LlamaSpec, cfg: ModelConfig, *, ignore_rope_scaling: bool
     if not math.isclose(got, want, rel_tol=1e-6):
       raise LlamaConfigMismatch(f"model.{ours}", f"is {got} but the Llama checkpoint's "
                                 f"{theirs} is {want}")
+  _check_rope_scaling(spec, cfg)
   if spec.hidden_act != "silu":
     raise LlamaInitError(f"hidden_act {spec.hidden_act!r}: our SwiGLU uses silu")
   if spec.attention_bias or spec.mlp_bias:
     raise LlamaInitError("attention_bias/mlp_bias: our projections have no biases")
-  if spec.rope_scaling is not None and not ignore_rope_scaling:
+
+
+def _check_rope_scaling(spec: LlamaSpec, cfg: ModelConfig) -> None:
+  """The checkpoint's rope_type and llama3 parameters must equal model.rope_*."""
+  scaling = dict(spec.rope_scaling or {})
+  kind = scaling.get("rope_type", "default")
+  if kind not in ("default", "llama3"):
     raise RopeScalingError(
-        f"the checkpoint uses RoPE scaling {dict(spec.rope_scaling)}, which "
-        f"tv2tv_jax.layers.apply_rope does not implement; pass ignore_rope_scaling=True "
-        f"(config: init.ignore_rope_scaling=True) to run it with plain RoPE at "
-        f"theta={spec.rope_theta} (see docs/llama_init.md)")
+        f"the checkpoint uses RoPE scaling {scaling}; rope_type {kind!r} is not implemented "
+        f"(model.rope_type supports 'default' and 'llama3')")
+  if cfg.rope_type != kind:
+    raise LlamaConfigMismatch("model.rope_type", f"is {cfg.rope_type!r} but the Llama "
+                              f"checkpoint's rope_type is {kind!r} ({scaling or 'no scaling'})")
+  if kind == "default":
+    return
+  for ours, theirs in _LLAMA3_ROPE_FIELDS:
+    if scaling.get(theirs) is None:
+      raise RopeScalingError(f"the checkpoint's llama3 RoPE scaling {scaling} lacks "
+                             f"{theirs!r} (needed for model.{ours})")
+    got, want = float(getattr(cfg, ours)), float(scaling[theirs])
+    if not math.isclose(got, want, rel_tol=1e-6):
+      raise LlamaConfigMismatch(f"model.{ours}", f"is {getattr(cfg, ours)} but the Llama "
+                                f"checkpoint's rope scaling {theirs} is {scaling[theirs]}")
 
 
 class LlamaCheckpoint:
@@ -298,7 +323,6 @@ def _mutable_copy(tree):
 
 def load_llama_params(llama_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any],
                       *, video_tower_from_llama: bool = False,
-                      ignore_rope_scaling: bool = False,
                       log: Callable[[str], None] | None = None) -> dict:
   """Returns `params` with the text tower (and optionally the video tower) from Llama.
 
@@ -310,7 +334,6 @@ def load_llama_params(llama_dir: str | os.PathLike, cfg: ModelConfig, params: Ma
       shapes, dtypes and (for jax.Arrays) shardings. Not modified.
     video_tower_from_llama: also copy every layer into the video tower, and model.norm
       into `video_norm`; otherwise the video tower and norm keep their values in `params`.
-    ignore_rope_scaling: accept a checkpoint with `rope_scaling` and run it with plain RoPE.
     log: optional progress callback.
   Returns:
     A new nested-dict params tree: replaced leaves are NumPy arrays in the param's dtype
@@ -322,7 +345,7 @@ def load_llama_params(llama_dir: str | os.PathLike, cfg: ModelConfig, params: Ma
     UnexpectedTensorError, LlamaInitError: each names the field or tensor involved.
   """
   spec = read_llama_config(llama_dir)
-  check_config(spec, cfg, ignore_rope_scaling=ignore_rope_scaling)
+  check_config(spec, cfg)
   towers = ("text", "video") if video_tower_from_llama else ("text",)
   out = _mutable_copy(params)
   stack = _get_leaf(out, ("stack",))
@@ -379,14 +402,18 @@ def init_from_config(init_cfg: Mapping[str, Any] | None, cfg: ModelConfig,
   """Applies an experiment's `init` section to freshly initialised params.
 
   `init_cfg` keys (see experiments/csgo_3b.py): `llama_dir` (empty or None: return `params`
-  unchanged), `video_tower_from_llama` (bool), `ignore_rope_scaling` (bool).
+  unchanged), `video_tower_from_llama` (bool).
   """
   init_cfg = init_cfg or {}
+  if init_cfg.get("ignore_rope_scaling"):
+    # Older configs opted into plain RoPE for Llama-3.1/3.2; the scaling now exists.
+    raise ConfigError("init.ignore_rope_scaling", "is no longer supported: llama3 RoPE "
+                      "scaling is implemented; set model.rope_type and model.rope_* to the "
+                      "checkpoint's (experiments/llama3_common.py does) and drop this field")
   llama_dir = init_cfg.get("llama_dir") or ""
   if not llama_dir:
     return params
   return load_llama_params(llama_dir, cfg, params,
                            video_tower_from_llama=bool(init_cfg.get("video_tower_from_llama",
                                                                     False)),
-                           ignore_rope_scaling=bool(init_cfg.get("ignore_rope_scaling", False)),
                            log=log)

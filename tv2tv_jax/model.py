@@ -38,8 +38,10 @@ class MoTLayer(nn.Module):
     text, video = layers.TowerLayer(c, name="text"), layers.TowerLayer(c, name="video")
     q_t, k_t, v_t = text.project(x_txt)
     q_v, k_v, v_v = video.project(x_vid)
-    q = layers.apply_rope(jnp.concatenate([q_t, q_v], axis=1), meta.positions, c.rope_theta)
-    k = layers.apply_rope(jnp.concatenate([k_t, k_v], axis=1), meta.positions, c.rope_theta)
+    q = layers.apply_rope(jnp.concatenate([q_t, q_v], axis=1), meta.positions, c.rope_theta,
+                          c.rope_scaling)
+    k = layers.apply_rope(jnp.concatenate([k_t, k_v], axis=1), meta.positions, c.rope_theta,
+                          c.rope_scaling)
     v = jnp.concatenate([v_t, v_v], axis=1)
     o = attention.attend(q, k, v, meta, impl=c.attention_impl)
     n_txt = x_txt.shape[1]
