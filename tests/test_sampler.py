@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tv2tv_jax import masks, sequence, train_step
+from tv2tv_jax import flow, masks, sequence, train_step
 from tv2tv_jax.model import TV2TV
 from tv2tv_jax.sampling import decoding, kv_cache, recompute, sampler
 from tv2tv_jax.sampling.decoding import Request, RequestError, SamplerConfig
@@ -48,8 +48,7 @@ REQ = Request(prompt=PROMPT, num_chunks=3, interventions={1: [9, 10]}, seed=4)
 
 
 def _recompute(model, params, exp, req, sc):
-  backend = recompute.RecomputeBackend(model, params, exp, layout=sc.layout)
-  return sampler.generate(backend, req, exp, sc)
+  return sampler.generate(recompute.oracle(model, params, exp, layout=sc.layout), req, exp, sc)
 
 
 def _assert_same(cached, oracle):
@@ -75,47 +74,62 @@ def test_cached_logits_and_velocity_match_recompute_step_by_step(setup):
   cached = sampler.CachedBackend(model, params, exp)
   oracle = recompute.RecomputeBackend(model, params, exp)
   x = np.random.default_rng(0).standard_normal(exp.model.latent_shape).astype(np.float32)
-  for b in (cached, oracle):
-    b.append_text(np.asarray(PROMPT, np.int32), 0)
-  assert _rel(cached.logits(), oracle.logits()) < 1e-5
-  for b in (cached, oracle):
-    b.append_text(np.asarray([20, 21], np.int32), 1)
-  assert _rel(cached.logits(), oracle.logits()) < 1e-5
-  for b in (cached, oracle):
-    b.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
-  v_c, v_o = cached.velocities(x, 0.3, 0, 2), oracle.velocities(x, 0.3, 0, 2)
+
+  def text(tokens, plan):
+    cached.append_text([np.asarray(tokens, np.int32)], [plan])
+    oracle.append_text(np.asarray(tokens, np.int32), plan)
+
+  text(PROMPT, 0)
+  assert _rel(cached.logits()[0], oracle.logits()) < 1e-5
+  text([20, 21], 1)
+  assert _rel(cached.logits()[0], oracle.logits()) < 1e-5
+  text([exp.seq.bof_id], 0)
+  v_c, v_o = cached.velocities(x[None], 0.3, 0, 2)[0], oracle.velocities(x, 0.3, 0, 2)
   assert _rel(v_c, v_o) < 1e-5
   # The text drop must matter, or the CFG comparison above proves nothing.
   assert _rel(v_c[0], v_c[1]) > 1e-3
-  for b in (cached, oracle):
-    b.append_chunk(x, 0)
-    b.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
-  assert _rel(cached.logits(), oracle.logits()) < 1e-5
+  cached.append_chunk([x], 0)
+  oracle.append_chunk(x, 0)
+  text([exp.seq.eof_id], 0)
+  assert _rel(cached.logits()[0], oracle.logits()) < 1e-5
 
 
 class Lockstep:
-  """Runs every backend call on the cached backend and on the oracle; returns the cached
-  outputs (so the loop follows the cache) and records each output's relative error."""
+  """Runs every backend call on the cached backend (one row) and on the oracle; returns
+  the cached outputs (so the loop follows the cache) and records each output's relative
+  error: logits, every velocity along the oracle's ODE path (the cached one-step
+  velocity at the same x and t), and the chunk from the cached fused ODE loop."""
 
   def __init__(self, cached, oracle):
     self.cached, self.oracle, self.errors = cached, oracle, []
 
-  def append_text(self, tokens, plan):
-    self.cached.append_text(tokens, plan)
-    self.oracle.append_text(tokens, plan)
+  def append_text(self, tokens, plans):
+    self.cached.append_text(tokens, plans)
+    self.oracle.append_text(tokens[0], plans[0])
 
-  def append_chunk(self, latent, chunk):
-    self.cached.append_chunk(latent, chunk)
-    self.oracle.append_chunk(latent, chunk)
+  def append_chunk(self, latents, chunk):
+    self.cached.append_chunk(latents, chunk)
+    self.oracle.append_chunk(latents[0], chunk)
 
-  def logits(self):
-    got = self.cached.logits()
-    self.errors.append(("logits", _rel(got, self.oracle.logits())))
+  def logits(self, rows):
+    got = self.cached.logits(rows)
+    self.errors.append(("logits", _rel(got[0], self.oracle.logits())))
     return got
 
-  def velocities(self, x, t, chunk, reps):
-    got = self.cached.velocities(x, t, chunk, reps)
-    self.errors.append(("velocity", _rel(got, self.oracle.velocities(x, t, chunk, reps))))
+  def denoise(self, x, chunk, rows, sc, grid):
+    reps = 1 if sc.cfg_scale == 1.0 else 2
+
+    def guided(y, t):
+      want = self.oracle.velocities(y, t, chunk, reps)
+      self.errors.append(("velocity", _rel(self.cached.velocities(y[None], t, chunk,
+                                                                   reps)[0], want)))
+      return flow.guided_velocity(want, sc.cfg_scale)
+
+    y = jnp.asarray(x[0])
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+      y = flow.ode_step(guided, y, float(t0), float(t1), sc.solver)
+    got = self.cached.denoise(x, chunk, rows, sc, grid)
+    self.errors.append(("chunk", _rel(got[0], y)))
     return got
 
 
@@ -127,7 +141,7 @@ def test_every_logit_and_velocity_matches_recompute_along_a_generation(setup):
   gen = sampler.generate(both, req, exp, SC)
   kinds = {k for k, _ in both.errors}
   worst = max(e for _, e in both.errors)
-  assert kinds == {"logits", "velocity"} and worst < 1e-5, worst
+  assert kinds == {"logits", "velocity", "chunk"} and worst < 1e-5, worst
   assert len([k for k, _ in both.errors if k == "velocity"]) == SC.steps * len(gen.chunks)
   json.dumps(gen.to_json())  # the transcript is plain JSON
 
@@ -183,6 +197,7 @@ def test_noisy_chunk_never_enters_the_cache(setup):
   backend, gen = _generate_recorded(model, params, exp, req, SC)
   n = exp.model.tokens_per_chunk
   used = int(backend.cache.length[0])
+  assert used == backend.used[0]
   modality = np.asarray(backend.cache.meta.modality[0])
   n_text = len(PROMPT) + sum(len(t) + 2 for t in gen.texts)  # + BOF, EOF per chunk
   assert used == n_text + n * (len(gen.chunks) + 1)  # clean chunks and the first frame
@@ -190,7 +205,7 @@ def test_noisy_chunk_never_enters_the_cache(setup):
   assert np.sum(modality == sequence.CLEAN) == n * (len(gen.chunks) + 1)
   assert not np.any(modality == sequence.NOISY) and np.all(modality[used:] == sequence.PAD)
   noisy = [r for r in backend.records if r["kind"] == "noisy"]
-  assert len(noisy) == SC.steps * len(gen.chunks)
+  assert len(noisy) == len(gen.chunks)  # one fused ODE loop per chunk
   for rec in backend.records:
     assert not np.any(rec["k_modality"] == sequence.NOISY)
 
@@ -317,7 +332,8 @@ def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
   # Two tokens, then BOF: chunk 0 gets text [30, 31]; then EOS ends generation.
   b = ScriptedBackend([_one_hot(exp, 30), _one_hot(exp, 31), _one_hot(exp, seq.bof_id),
                        _one_hot(exp, seq.eos_id)], const)
-  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=3), exp, sc)
+  g = sampler.generate(sampler.RowwiseBackend([b]), Request(prompt=PROMPT, num_chunks=3),
+                       exp, sc)
   assert g.transcript == [{"chunk": 0, "text": [30, 31], "forced": False, "replaced": False}]
   assert g.stop_reason == "eos" and len(g.chunks) == 1
   # Euler on a constant velocity 1 from t=0 to 1 moves x_0 by exactly 1.
@@ -326,7 +342,8 @@ def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
   assert b.appended[-2:] == [("chunk", 0), ("text", [seq.eof_id], 0)]
   # A model that never emits BOF is cut at the budget and BOF is forced.
   b = ScriptedBackend([_one_hot(exp, 30)], const)
-  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=2), exp, sc)
+  g = sampler.generate(sampler.RowwiseBackend([b]), Request(prompt=PROMPT, num_chunks=2),
+                       exp, sc)
   assert [t["text"] for t in g.transcript] == [[30, 30, 30]] * 2
   assert g.stop_reason == "chunk_budget"
   assert ("text", [seq.bof_id], 0) in b.appended
@@ -338,7 +355,8 @@ def test_cfg_combination_and_heun(tiny_exp):
   s = 1.5
   sc = SamplerConfig(steps=8, solver="heun", cfg_scale=s, max_text_tokens=0)
   b = ScriptedBackend([_one_hot(exp, 30)], lambda x, t: x)
-  g = sampler.generate(b, Request(prompt=PROMPT, num_chunks=1, seed=2), exp, sc)
+  g = sampler.generate(sampler.RowwiseBackend([b]), Request(prompt=PROMPT, num_chunks=1,
+                                                            seed=2), exp, sc)
   x0 = np.asarray(decoding.chunk_noise(2, 0, exp.model.latent_shape))
   # Heun on dx/dt = a x with step h multiplies by 1 + a h + (a h)^2 / 2 per step.
   a, h = 2 * s - 1, 1 / 8
@@ -417,9 +435,9 @@ def test_sliding_window_keeps_prompt_and_matches_recompute_of_the_window(setup):
     oracle.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
     oracle.append_chunk(gen.chunks[i], j)
     oracle.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
-  assert backend.used == 3 + n + sum(len(gen.texts[i]) + 2 + n
+  assert backend.used[0] == 3 + n + sum(len(gen.texts[i]) + 2 + n
                                      for i in range(len(gen.chunks) - kept, len(gen.chunks)))
-  assert _rel(backend.logits(), oracle.logits()) < 1e-5
+  assert _rel(backend.logits()[0], oracle.logits()) < 1e-5
   # Too small for even the prompt, first frame and one chunk: a clear error.
   with pytest.raises(sampler.CacheFullError, match="even after dropping"):
     sampler.sample(model, params, exp, req, dataclasses.replace(sc, capacity=10))
@@ -435,6 +453,79 @@ def test_pallas_decode_path_matches_xla(setup):
   outs = []
   for e in (exp, exp_p):
     b = sampler.CachedBackend(TV2TV(e.model), params, e)
-    b.append_text(np.asarray(PROMPT + [20, exp.seq.bof_id], np.int32), 1)
-    outs.append((b.velocities(x, 0.4, 0, 2), b.logits()))
+    b.append_text([np.asarray(PROMPT + [20, exp.seq.bof_id], np.int32)], [1])
+    outs.append((b.velocities(x[None], 0.4, 0, 2), b.logits()))
   assert _rel(outs[1][0], outs[0][0]) < 1e-5 and _rel(outs[1][1], outs[0][1]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------
+# Batched sampling: several requests as the rows of one cache.
+
+
+def test_batch_equals_each_request_alone(setup):
+  """Three requests of different prompt lengths, first frame or not, interventions,
+  seeds and chunk budgets, generated together: each row is what that request gives
+  alone (same tokens, latents rel. < 1e-5)."""
+  exp, model, params = setup
+  reqs = [dataclasses.replace(REQ, first_frame=_first_frame(exp)),
+          Request(prompt=[8, 9, 10, 11, 12], num_chunks=2, seed=9, interventions={0: [30]}),
+          Request(prompt=[13], num_chunks=3, seed=4, first_frame=_first_frame(exp, 3),
+                  interventions={2: []})]
+  together = sampler.sample(model, params, exp, reqs, SC)
+  assert len(together) == 3
+  for req, got in zip(reqs, together):
+    _assert_same(got, sampler.sample(model, params, exp, req, SC))
+  assert [len(g.chunks) for g in together] == [3, 2, 3]
+  # The rows really differ (a batch of copies would pass the check above too).
+  assert together[0].transcript != together[2].transcript
+
+
+def test_batch_with_eos_and_budget_on_scripted_rows(tiny_exp):
+  """A row that stops at EOS, one cut by its text budget and one with forced text run
+  together; each matches its own run, and the finished row writes nothing more."""
+  exp, seq = tiny_exp, tiny_exp.seq
+  const = lambda x, t: jnp.ones_like(x)
+  sc = SamplerConfig(steps=2, greedy=True, max_text_tokens=2)
+  scripts = [[_one_hot(exp, 30), _one_hot(exp, seq.bof_id), _one_hot(exp, seq.eos_id)],
+             [_one_hot(exp, 31)],
+             [_one_hot(exp, 32), _one_hot(exp, seq.bof_id)]]
+  reqs = [Request(prompt=PROMPT, num_chunks=3, seed=0),
+          Request(prompt=PROMPT, num_chunks=2, seed=1),
+          Request(prompt=[4], num_chunks=3, seed=2, interventions={1: [40, 41, 42]})]
+  rows = [ScriptedBackend(s, const) for s in scripts]
+  together = sampler.generate_batch(sampler.RowwiseBackend(rows), reqs, exp, sc)
+  for script, req, got, row in zip(scripts, reqs, together, rows):
+    alone = ScriptedBackend(script, const)
+    want = sampler.generate(sampler.RowwiseBackend([alone]), req, exp, sc)
+    assert got.transcript == want.transcript and got.stop_reason == want.stop_reason
+    np.testing.assert_array_equal(got.chunks, want.chunks)
+    assert row.appended == alone.appended
+  assert together[0].stop_reason == "eos" and len(together[0].chunks) == 1
+  assert [t["text"] for t in together[1].transcript] == [[31, 31], [31, 31]]
+  assert together[2].transcript[1]["text"] == [40, 41, 42]
+
+
+def test_batched_request_errors_name_the_row(setup):
+  exp, model, params = setup
+  bad = dataclasses.replace(REQ, prompt=[5, 500])
+  with pytest.raises(RequestError, match=re.escape("requests[1].prompt[1]")):
+    sampler.sample(model, params, exp, [REQ, bad], SC)
+  with pytest.raises(RequestError, match="sliding_window"):
+    sampler.sample(model, params, exp, [REQ, REQ], dataclasses.replace(SC, sliding_window=True))
+
+
+def test_cache_write_skips_padding_past_count(tiny_exp):
+  c = kv_cache.init_cache(tiny_exp.model, 2, 5)
+  shape = (tiny_exp.model.num_layers, 2, 3, tiny_exp.model.num_kv_heads,
+           tiny_exp.model.head_dim)
+  meta = kv_cache.empty_meta(2, 3).replace(segment_ids=jnp.ones((2, 3), jnp.int32))
+  c = kv_cache.write(c, jnp.ones(shape), jnp.ones(shape), meta, jnp.asarray([3, 1]))
+  c = kv_cache.write(c, 2 * jnp.ones(shape), 2 * jnp.ones(shape), meta, jnp.asarray([0, 2]))
+  assert np.asarray(c.length).tolist() == [3, 3]
+  np.testing.assert_array_equal(np.asarray(c.k[0, :, :, 0, 0]), [[1, 1, 1, 0, 0],
+                                                                 [1, 2, 2, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(c.meta.segment_ids), [[1, 1, 1, 0, 0],
+                                                                 [1, 1, 1, 0, 0]])
+  # A write past the capacity is dropped, never clamped onto earlier slots.
+  c = kv_cache.write(c, 3 * jnp.ones(shape), 3 * jnp.ones(shape), meta, jnp.asarray([3, 0]))
+  np.testing.assert_array_equal(np.asarray(c.k[0, 0, :, 0, 0]), [1, 1, 1, 3, 3])

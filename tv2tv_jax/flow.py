@@ -53,6 +53,30 @@ def time_grid(steps: int, shift: float = 1.0) -> jax.Array:
   return shift_time(jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32), shift)
 
 
+def guided_velocity(v: jax.Array, scale) -> jax.Array:
+  """Classifier-free guidance: v f32[r, ...] (v[0] conditional; v[1], when r = 2, with the
+  chunk's plan text dropped) -> f32[...] = v_u + scale·(v_c − v_u) (r = 1: v_c)."""
+  if v.shape[0] == 1:
+    return v[0]
+  return v[1] + scale * (v[0] - v[1])
+
+
+def ode_step(velocity, x: jax.Array, t0, t1, solver: str) -> jax.Array:
+  """One step of dx/dt = velocity(x, t) from t0 to t1 (towards t = 1, clean).
+
+  velocity: (x f32[...], t) -> f32[...]; solver 'euler' (one evaluation) or 'heun'
+  (two: Euler predictor, trapezoidal corrector). Used inside the sampler's jitted
+  chunk loop and, eagerly, by the recompute oracle, so both integrate identically.
+  """
+  v0 = velocity(x, t0)
+  if solver == "euler":
+    return x + (t1 - t0) * v0
+  if solver == "heun":
+    v1 = velocity(x + (t1 - t0) * v0, t1)
+    return x + (t1 - t0) * 0.5 * (v0 + v1)
+  raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+
+
 @flax.struct.dataclass
 class FlowSample:
   """The random quantities of one training batch, all per chunk copy.

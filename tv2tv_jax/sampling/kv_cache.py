@@ -33,7 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tv2tv_jax import layers, masks
+from tv2tv_jax import flow, layers, masks
 from tv2tv_jax.attention.reference import masked_attention
 from tv2tv_jax.config import ModelConfig
 
@@ -157,32 +157,39 @@ def forward_tokens(cfg: ModelConfig, params, cache: KVCache, x: jax.Array, tower
   return x, jnp.stack(ks), jnp.stack(vs)
 
 
-def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array,
-          q_meta: masks.SeqMeta) -> KVCache:
-  """Appends Lq slots per row at that row's `length` (k_new/v_new [Lyr, B, Lq, Hkv, dh]).
+def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, q_meta: masks.SeqMeta,
+          count: jax.Array | None = None) -> KVCache:
+  """Appends the first count[b] of Lq new slots of each row b at that row's `length`.
 
-  The caller checks capacity first (`dynamic_update_slice` would silently clamp
-  an overflowing write onto the last slots).
+  k_new/v_new: [Lyr, B, Lq, Hkv, dh]; q_meta: SeqMeta of [B, Lq]; count: i32[B]
+  (default Lq for every row). Rows of a batched write hold different numbers of
+  tokens (the rest is padding, or a row that writes nothing: count 0); slots past
+  count[b] are not written, so a row's cache never holds padding in its used part.
+  The caller checks capacity first: a slot beyond the capacity is dropped, not clamped.
   """
-  def put(buf, new, start, axis):
-    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=axis)
-
-  k = jax.vmap(lambda b, n, s: put(b, n, s, 1), in_axes=(1, 1, 0), out_axes=1)(
-      cache.k, k_new, cache.length)
-  v = jax.vmap(lambda b, n, s: put(b, n, s, 1), in_axes=(1, 1, 0), out_axes=1)(
-      cache.v, v_new, cache.length)
-  meta = jax.tree.map(lambda b, n: jax.vmap(lambda bb, nn, s: put(bb, nn, s, 0))(
-      b, n.astype(b.dtype), cache.length), cache.meta, q_meta)
-  lq = q_meta.segment_ids.shape[1]
-  return KVCache(k=k, v=v, meta=meta, length=cache.length + lq)
+  b, lq = q_meta.segment_ids.shape
+  cap = cache.capacity
+  count = jnp.full((b,), lq, jnp.int32) if count is None else jnp.asarray(count, jnp.int32)
+  j = jnp.arange(lq, dtype=jnp.int32)[None]
+  # Out-of-range slot ids are dropped by the scatter, which is how padding is skipped.
+  slot = jnp.where(j < count[:, None], cache.length[:, None] + j, cap)
+  row = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, lq))
+  put = lambda buf, new: buf.at[:, row, slot].set(new.astype(buf.dtype), mode="drop")
+  meta = jax.tree.map(lambda buf, new: buf.at[row, slot].set(new.astype(buf.dtype),
+                                                              mode="drop"),
+                      cache.meta, q_meta)
+  return KVCache(k=put(cache.k, k_new), v=put(cache.v, v_new), meta=meta,
+                 length=cache.length + count)
 
 
 # ----------------------------------------------------------------------------------
 # Model-level steps (jit these; `model` is a TV2TV module, static).
 
 
-def append_text(model, params, cache: KVCache, tokens: jax.Array, q_meta: masks.SeqMeta):
-  """Appends text tokens i32[B, N] (metadata q_meta [B, N]) in one forward pass.
+def append_text(model, params, cache: KVCache, tokens: jax.Array, q_meta: masks.SeqMeta,
+                count: jax.Array | None = None):
+  """Appends text tokens i32[B, N] (metadata q_meta [B, N]; the first count[b] of row b
+  are real, see `write`) in one forward pass.
 
   Returns (new cache, logits f32[B, N, vocab] of the appended tokens).
   """
@@ -190,17 +197,39 @@ def append_text(model, params, cache: KVCache, tokens: jax.Array, q_meta: masks.
   x = model.apply(variables, tokens, method=lambda m, t: m.embed(t))
   x, k_new, v_new = forward_tokens(model.cfg, params, cache, x, "text", q_meta)
   logits = model.apply(variables, x, method=lambda m, h: m.text_logits(h))
-  return write(cache, k_new, v_new, q_meta), logits
+  return write(cache, k_new, v_new, q_meta, count), logits
 
 
-def append_clean(model, params, cache: KVCache, latent: jax.Array, q_meta: masks.SeqMeta):
-  """Appends one clean chunk f32[B, h, w, c] (flow time 1; q_meta [B, n]) in one pass."""
+def append_clean(model, params, cache: KVCache, latent: jax.Array, q_meta: masks.SeqMeta,
+                 count: jax.Array | None = None):
+  """Appends one clean chunk f32[B, h, w, c] per row (flow time 1; q_meta [B, n];
+  count i32[B]: n, or 0 for a row that writes nothing) in one pass."""
   b = latent.shape[0]
   tokens, _ = model.apply({"params": params}, latent[:, None], jnp.ones((b, 1), jnp.float32),
                           method=lambda m, l, t: m.encode_chunks(l, t))
   _, k_new, v_new = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype),
                                    "video", q_meta)
-  return write(cache, k_new, v_new, q_meta)
+  return write(cache, k_new, v_new, q_meta, count)
+
+
+def _tiled(cache: KVCache, rows: int) -> KVCache:
+  reps = rows // cache.batch
+  if reps * cache.batch != rows:
+    raise ValueError(f"query batch {rows} is not a multiple of the cache batch {cache.batch}")
+  return cache.tile(reps) if reps > 1 else cache
+
+
+def _velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
+              q_meta: masks.SeqMeta) -> jax.Array:
+  """`noisy_velocity` against a cache already tiled to the query batch."""
+  variables = {"params": params}
+  tokens, skip = model.apply(variables, x_t[:, None], t[:, None],
+                             method=lambda m, l, tt: m.encode_chunks(l, tt))
+  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
+                           q_meta)
+  vel = model.apply(variables, x, skip, t[:, None],
+                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
+  return vel[:, 0]
 
 
 def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
@@ -211,17 +240,28 @@ def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
   (rows b·r .. b·r + r - 1 all use cache row b, e.g. r = 2 for the batched CFG
   pass whose rows differ only in `q_meta.cfg_drop`). Returns f32[Bq, h, w, c].
   """
-  reps = x_t.shape[0] // cache.batch
-  if reps * cache.batch != x_t.shape[0]:
-    raise ValueError(f"query batch {x_t.shape[0]} is not a multiple of the cache batch "
-                     f"{cache.batch}")
-  if reps > 1:
-    cache = cache.tile(reps)
-  variables = {"params": params}
-  tokens, skip = model.apply(variables, x_t[:, None], t[:, None],
-                             method=lambda m, l, tt: m.encode_chunks(l, tt))
-  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
-                           q_meta)
-  vel = model.apply(variables, x, skip, t[:, None],
-                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
-  return vel[:, 0]
+  return _velocity(model, params, _tiled(cache, x_t.shape[0]), x_t, t, q_meta)
+
+
+def denoise(model, params, cache: KVCache, x0: jax.Array, grid: jax.Array,
+            q_meta: masks.SeqMeta, cfg_scale: jax.Array, solver: str) -> jax.Array:
+  """Integrates one noisy chunk per row from t = grid[0] to grid[-1]; nothing is written.
+
+  x0: f32[B, h, w, c] the chunks' noise; grid: f32[m + 1] (`flow.time_grid`);
+  q_meta: SeqMeta of [r·B, n] as in `noisy_velocity` (r = 2: CFG, row b·2 + 1 with
+  the plan dropped); cfg_scale: f32[]; solver: 'euler' | 'heun' (static).
+  Returns f32[B, h, w, c]. The m steps run in one `fori_loop`, so a chunk is one
+  dispatch; the cache is tiled for CFG once, outside the loop.
+  """
+  b = x0.shape[0]
+  reps = q_meta.segment_ids.shape[0] // b
+  cache = _tiled(cache, reps * b)
+
+  def guided(x, t):
+    xs = jnp.repeat(x, reps, axis=0)
+    v = _velocity(model, params, cache, xs, jnp.full((reps * b,), t, jnp.float32), q_meta)
+    v = v.reshape(b, reps, *v.shape[1:])
+    return flow.guided_velocity(jnp.moveaxis(v, 1, 0), cfg_scale)
+
+  step = lambda i, x: flow.ode_step(guided, x, grid[i], grid[i + 1], solver)
+  return jax.lax.fori_loop(0, grid.shape[0] - 1, step, x0.astype(jnp.float32))

@@ -25,6 +25,7 @@ import numpy as np
 
 from tv2tv_jax import masks, sequence
 from tv2tv_jax.config import Experiment
+from tv2tv_jax.sampling import sampler
 
 
 # The training forward, jitted once per (hashable) model and row size.
@@ -140,3 +141,9 @@ class RecomputeBackend:
       raise AssertionError(f"chunk {chunk} has no noisy copy in the recomputed row")
     _, vel = self._apply(self.params, self._inputs(row, chunk, x, t, (False, True)[:reps]))
     return vel[:, chunk]
+
+
+def oracle(model, params, exp: Experiment, layout: str = "tv2tv", batch: int = 1, **kw):
+  """A batched backend of `batch` independent RecomputeBackend rows (kw: their sizes)."""
+  return sampler.RowwiseBackend([RecomputeBackend(model, params, exp, layout, **kw)
+                         for _ in range(batch)])

@@ -1,25 +1,35 @@
-"""The TV2TV generation loop and its KV-cached backend.
+"""The TV2TV generation loop (batched over requests) and its KV-cached backend.
 
-Loop (DESIGN.md section 6), per chunk i < num_chunks:
+Loop (DESIGN.md section 6), per chunk i, for every request still running:
   text_i: forced (intervention) or sampled token by token from the logits of the
-          last text slot until BOF, EOS (stop) or `max_text_tokens` (BOF forced);
+          last text slot until BOF, EOS (that request stops) or `max_text_tokens`
+          (BOF forced);
   BOF;    x ~ N(0, I) from (seed, i); `steps` Euler (or Heun) steps on
           `flow.time_grid(steps, shift)`, each one velocity evaluation of only the
           chunk's n noisy tokens against the cache; with CFG scale s != 1 the
           conditional and the text-dropped branch run in one batched pass and
-          v = v_u + s·(v_c − v_u);
+          v = v_u + s·(v_c − v_u) (`flow.guided_velocity`, `flow.ode_step`);
   then the clean chunk (t = 1) is appended in one pass, then EOF.
-Before the loop: the prompt, then the optional first frame as a clean chunk.
+Before the loop: the prompts, then the optional first frames as clean chunks.
 
-The loop talks to a *backend* (`CachedBackend` here; `recompute.RecomputeBackend`,
-the from-scratch oracle) through four calls, so that both make identical
-decisions from identical randomness and differ only in how outputs are computed:
+Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
+every running row writes its text (rows that already hit BOF write nothing while
+others still sample), then all rows denoise chunk i together. What a row
+generates depends only on its own request and seed (`test_sampler` checks a
+batch against each request run alone).
 
-  append_text(tokens i32[N], plan)        write text slots (plan: chunk number or 0)
-  logits() -> f32[V]                      next-token logits at the last text slot
-  velocities(x f32[h,w,c], t, chunk, r)   f32[r, h, w, c]: row 0 conditional, row 1
-                                          (r = 2) with chunk's plan text dropped
-  append_chunk(latent f32[h,w,c], chunk)  write a clean chunk (chunk None: first frame)
+The loop talks to a batched *backend* of B rows (`CachedBackend` here;
+`RowwiseBackend` over per-row `recompute.RecomputeBackend`s is the from-scratch
+oracle) through these calls, so that both make identical decisions from
+identical randomness and differ only in how outputs are computed. A `None` entry
+means the row writes nothing.
+
+  append_text(tokens [i32[N_b] | None] * B, plans [int] * B)   plan: chunk number or 0
+  logits(rows [bool] * B) -> f32[B, V]      next-token logits at each row's last text slot
+                                            (rows not asked may hold anything)
+  denoise(x f32[B,h,w,c], chunk, rows, sc, grid f32[m+1]) -> f32[B,h,w,c]
+                                            the ODE of `sc.steps` guided steps for `rows`
+  append_chunk(latents [f32[h,w,c] | None] * B, chunk)   clean chunk (chunk None: first frame)
 
 Note on first frames: nothing in training predicts the first token after a
 clean chunk (a text target needs a text predecessor), so after the first frame
@@ -31,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +55,7 @@ from tv2tv_jax.sampling.decoding import (Request, RequestError, SamplerConfig, c
 
 
 class CacheFullError(RuntimeError):
-  """The KV cache has no room for the next write (sliding window not implemented)."""
+  """The KV cache has no room for the next write (and no sliding window)."""
 
 
 @dataclasses.dataclass
@@ -68,119 +78,227 @@ class Generation:
             "stop_reason": self.stop_reason, "num_chunks": int(len(self.chunks))}
 
 
-_NEXT_TOKEN = jax.jit(next_token, static_argnums=(2, 3))  # SamplerConfig is hashable
+# One draw per row (row b: logits[b], keys[b]); SamplerConfig is hashable.
+_NEXT_TOKENS = jax.jit(jax.vmap(next_token, in_axes=(0, 0, None, None)),
+                       static_argnums=(2, 3))
 
 
-def combine_cfg(v: jax.Array, scale: float) -> jax.Array:
-  """v: f32[r, ...] (row 0 conditional, row 1 unconditional when r = 2) -> f32[...]."""
-  if v.shape[0] == 1:
-    return v[0]
-  return v[1] + scale * (v[0] - v[1])
+def _check_all(requests: Sequence[Request], exp: Experiment, sc: SamplerConfig):
+  """check_request for each; with several requests the message starts `requests[b].`."""
+  out = []
+  for b, req in enumerate(requests):
+    try:
+      out.append(check_request(req, exp.seq, exp.model, sc))
+    except RequestError as e:
+      if len(requests) == 1:
+        raise
+      raise RequestError(f"requests[{b}].{e}") from None
+  return out
 
 
-def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> Generation:
-  """Runs the loop of the module docstring on `backend`. Raises RequestError on bad input."""
+@dataclasses.dataclass
+class _Row:
+  """The loop's bookkeeping of one request."""
+  req: Request
+  chunks: list = dataclasses.field(default_factory=list)
+  texts: list = dataclasses.field(default_factory=list)
+  transcript: list = dataclasses.field(default_factory=list)
+  sampled: int = 0  # text-key counter: the k-th sampled token uses text_key(seed, k)
+  stop: str = "chunk_budget"
+  trailing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+  done: bool = False
+
+  def generation(self, latent_shape) -> Generation:
+    shape = (0, *latent_shape)
+    return Generation(chunks=np.stack(self.chunks) if self.chunks else np.zeros(shape,
+                                                                               np.float32),
+                      texts=self.texts, transcript=self.transcript,
+                      trailing_text=self.trailing, stop_reason=self.stop)
+
+
+def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
+                   sc: SamplerConfig) -> list[Generation]:
+  """Runs the loop of the module docstring for len(requests) rows of `backend`.
+
+  Raises RequestError (naming the field, prefixed `requests[b].` in a batch).
+  """
   seq, model = exp.seq, exp.model
   check_config(sc, model)
-  req = check_request(request, seq, model, sc)
+  rows = [_Row(r) for r in _check_all(requests, exp, sc)]
+  nb = len(rows)
   # Never sample pad or EOF (EOF is appended after each chunk), nor ids the tokenizer lacks.
   banned = (seq.pad_id, seq.eof_id) + tuple(range(sc.text_vocab or model.vocab_size,
                                                   model.vocab_size))
-  backend.append_text(req.prompt, 0)
-  if req.first_frame is not None:
-    backend.append_chunk(jnp.asarray(req.first_frame), None)
-  grid = [float(t) for t in np.asarray(flow.time_grid(sc.steps, sc.shift))]
-  r = 1 if sc.cfg_scale == 1.0 else 2
-
-  def vel(x, t, i):
-    return combine_cfg(backend.velocities(x, t, i, r), sc.cfg_scale)
-
-  chunks, texts, transcript = [], [], []
-  sampled = 0  # text-key counter: the k-th sampled token uses text_key(seed, k)
-  stop = "chunk_budget"
-  trailing = np.zeros((0,), np.int32)
+  backend.append_text([r.req.prompt for r in rows], [0] * nb)
+  if any(r.req.first_frame is not None for r in rows):
+    backend.append_chunk([r.req.first_frame for r in rows], None)
+  grid = np.asarray(flow.time_grid(sc.steps, sc.shift), np.float32)
+  last = max(r.req.num_chunks for r in rows)
   if sc.layout == "think2v":
     # The whole plan first (every chunk's text is given: `check_request`), then chunks.
-    for i in range(req.num_chunks):
-      if len(req.interventions[i]):
-        backend.append_text(req.interventions[i], i + 1)
-  for i in range(req.num_chunks):
-    text, forced = [], False
+    for i in range(last):
+      plan = [r.req.interventions[i] if i < r.req.num_chunks and len(r.req.interventions[i])
+              else None for r in rows]
+      if any(p is not None for p in plan):
+        backend.append_text(plan, [i + 1] * nb)
+  for i in range(last):
+    active = [not r.done and i < r.req.num_chunks for r in rows]
+    if not any(active):
+      break
+    texts = [[] for _ in rows]
+    forced = [False] * nb
     if sc.layout == "think2v":
-      text, forced = req.interventions[i].tolist(), True
+      for b, r in enumerate(rows):
+        if active[b]:
+          texts[b], forced[b] = r.req.interventions[i].tolist(), True
     elif sc.layout == "tv2tv":
-      if i in req.interventions:
-        text, forced = req.interventions[i].tolist(), True
-        if text:
-          backend.append_text(np.asarray(text, np.int32), i + 1)
-      else:
-        eos = False
-        while len(text) < sc.max_text_tokens:
-          tok = int(_NEXT_TOKEN(backend.logits(), text_key(req.seed, sampled), sc, banned))
-          sampled += 1
+      given = [None] * nb
+      sampling = [False] * nb
+      for b, r in enumerate(rows):
+        if not active[b]:
+          continue
+        if i in r.req.interventions:
+          texts[b], forced[b] = r.req.interventions[i].tolist(), True
+          given[b] = r.req.interventions[i] if texts[b] else None
+        else:
+          sampling[b] = sc.max_text_tokens > 0
+      if any(g is not None for g in given):
+        backend.append_text(given, [i + 1] * nb)
+      while any(sampling):
+        keys = jnp.stack([text_key(r.req.seed, r.sampled) for r in rows])
+        toks = np.asarray(_NEXT_TOKENS(backend.logits(sampling), keys, sc, banned))
+        writes = [None] * nb
+        for b, r in enumerate(rows):
+          if not sampling[b]:
+            continue
+          r.sampled += 1
+          tok = int(toks[b])
           if tok == seq.bof_id:
-            break
-          if tok == seq.eos_id:
-            eos = True
-            break
-          text.append(tok)
-          backend.append_text(np.asarray([tok], np.int32), i + 1)
-        if eos:
-          stop, trailing = "eos", np.asarray(text, np.int32)
-          break
-    backend.append_text(np.asarray([seq.bof_id], np.int32), 0)
-    x = chunk_noise(req.seed, i, tuple(model.latent_shape))
+            sampling[b] = False
+          elif tok == seq.eos_id:
+            sampling[b] = active[b] = False
+            r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
+          else:
+            texts[b].append(tok)
+            writes[b] = np.asarray([tok], np.int32)
+            sampling[b] = len(texts[b]) < sc.max_text_tokens
+        if any(w is not None for w in writes):
+          backend.append_text(writes, [i + 1] * nb)
+    if not any(active):
+      break
+    marker = lambda tok: [np.asarray([tok], np.int32) if a else None for a in active]
+    backend.append_text(marker(seq.bof_id), [0] * nb)
+    x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
     # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
-    steps = [] if i in req.replacements else list(zip(grid[:-1], grid[1:]))
-    if i in req.replacements:
-      x = jnp.asarray(req.replacements[i])
-    for t0, t1 in steps:
-      v0 = vel(x, t0, i)
-      if sc.solver == "heun":
-        v1 = vel(x + (t1 - t0) * v0, t1, i)
-        x = x + (t1 - t0) * 0.5 * (v0 + v1)
-      else:
-        x = x + (t1 - t0) * v0
-    backend.append_chunk(x, i)
-    backend.append_text(np.asarray([seq.eof_id], np.int32), 0)
-    chunks.append(np.asarray(x))
-    texts.append(np.asarray(text, np.int32))
-    transcript.append({"chunk": i, "text": [int(t) for t in text], "forced": forced,
-                       "replaced": i in req.replacements})
-  shape = (0, *model.latent_shape)
-  return Generation(chunks=np.stack(chunks) if chunks else np.zeros(shape, np.float32),
-                    texts=texts, transcript=transcript, trailing_text=trailing,
-                    stop_reason=stop)
+    ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
+    if any(ode):
+      x = backend.denoise(x, i, ode, sc, grid)
+    x = np.array(x, np.float32)
+    for b, r in enumerate(rows):
+      if active[b] and i in r.req.replacements:
+        x[b] = r.req.replacements[i]
+    backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
+    backend.append_text(marker(seq.eof_id), [0] * nb)
+    for b, r in enumerate(rows):
+      if active[b]:
+        r.chunks.append(x[b])
+        r.texts.append(np.asarray(texts[b], np.int32))
+        r.transcript.append({"chunk": i, "text": [int(t) for t in texts[b]],
+                             "forced": forced[b], "replaced": i in r.req.replacements})
+  return [r.generation(model.latent_shape) for r in rows]
+
+
+def generate(backend, request: Request, exp: Experiment, sc: SamplerConfig) -> Generation:
+  """One request on a one-row backend (`generate_batch` with a batch of one)."""
+  return generate_batch(backend, [request], exp, sc)[0]
+
+
+class RowwiseBackend:
+  """The batched backend calls over independent one-row backends, row by row.
+
+  A one-row backend has append_text(tokens, plan), logits() -> f32[V],
+  velocities(x f32[h,w,c], t, chunk, r) -> f32[r,h,w,c] (row 0 conditional, row 1
+  with the chunk's plan dropped) and append_chunk(latent, chunk). The recompute
+  oracle and test doubles are written this way; `denoise` integrates each row with
+  the same `flow.ode_step` and `flow.guided_velocity` as the cached sampler's loop.
+  """
+
+  def __init__(self, rows):
+    self.rows = list(rows)
+
+  def append_text(self, tokens, plans) -> None:
+    for row, tok, plan in zip(self.rows, tokens, plans):
+      if tok is not None:
+        row.append_text(np.asarray(tok, np.int32), plan)
+
+  def logits(self, asked) -> jax.Array:
+    out = {b: row.logits() for b, (row, a) in enumerate(zip(self.rows, asked)) if a}
+    zero = jnp.zeros_like(next(iter(out.values())))
+    return jnp.stack([out.get(b, zero) for b in range(len(self.rows))])
+
+  def denoise(self, x, chunk: int, rows, sc: SamplerConfig, grid) -> jax.Array:
+    reps = 1 if sc.cfg_scale == 1.0 else 2
+    out = []
+    for b, row in enumerate(self.rows):
+      xb = jnp.asarray(x[b])
+      if rows[b]:
+        guided = lambda y, t, row=row: flow.guided_velocity(row.velocities(y, t, chunk, reps),
+                                                            sc.cfg_scale)
+        for t0, t1 in zip(grid[:-1], grid[1:]):
+          xb = flow.ode_step(guided, xb, float(t0), float(t1), sc.solver)
+      out.append(xb)
+    return jnp.stack(out)
+
+  def append_chunk(self, latents, chunk) -> None:
+    for row, latent in zip(self.rows, latents):
+      if latent is not None:
+        row.append_chunk(latent, chunk)
 
 
 # Module-level jits with the (hashable, compared by value) model static, so every
 # backend of the same model shares the compiled steps.
-_APPEND_TEXT = jax.jit(kv_cache.append_text, static_argnums=0)
+
+
+def _append_text_last(model, params, cache, tokens, meta, count, last):
+  """kv_cache.append_text, keeping per row the logits of its last written token
+  (`last` f32[B, V] for rows that wrote nothing)."""
+  cache, logits = kv_cache.append_text(model, params, cache, tokens, meta, count)
+  end = logits[jnp.arange(tokens.shape[0]), jnp.maximum(count - 1, 0)]
+  return cache, jnp.where(count[:, None] > 0, end.astype(jnp.float32), last)
+
+
+_APPEND_TEXT = jax.jit(_append_text_last, static_argnums=0)
 _APPEND_CLEAN = jax.jit(kv_cache.append_clean, static_argnums=0)
 _VELOCITY = jax.jit(kv_cache.noisy_velocity, static_argnums=0)
+_DENOISE = jax.jit(kv_cache.denoise, static_argnums=(0, 7))
 
 
 class CachedBackend:
-  """Backend over a `kv_cache.KVCache` (one row; CFG tiles it to two).
+  """Backend over a `kv_cache.KVCache` of `batch` rows (CFG tiles each row to two).
 
-  It keeps the logical-order and RoPE-position cursors of the example being
+  Per row it keeps the logical-order and RoPE-position cursors of the example being
   written, mirroring `sequence.layout_example`: a generated chunk's noisy copy
   takes n orders and its clean copy the next n, both at the same positions.
-  With `record=True` it keeps every attention mask it used (`records`), for tests.
-  With `window=True` a write that does not fit slides the window (`_slide`): the
-  prompt and first frame stay, the oldest whole chunks go, the cache is rebuilt.
+  With `record=True` it keeps every attention mask row 0 used (`records`), for tests.
+  With `window=True` (one row only) a write that does not fit slides the window
+  (`_slide`): the prompt and first frame stay, the oldest whole chunks go, the
+  cache is rebuilt.
   """
 
   def __init__(self, model, params, exp: Experiment, capacity: int | None = None,
-               record: bool = False, window: bool = False):
+               record: bool = False, window: bool = False, batch: int = 1):
+    if window and batch != 1:
+      raise ValueError("the sliding window rebuilds one row's cache: it needs batch=1")
     self.model, self.params, self.exp = model, params, exp
     n = exp.model.tokens_per_chunk
-    self.n = n
+    self.n, self.batch = n, batch
     self.capacity = capacity or exp.seq.text_len + exp.seq.max_chunks * n
-    self.cache = kv_cache.init_cache(exp.model, 1, self.capacity)
-    self.order = self.pos = 0
-    self.used = 0  # python mirror of cache.length (no device sync to check room)
-    self._logits = None
+    self.cache = kv_cache.init_cache(exp.model, batch, self.capacity)
+    # Host mirrors of the cursors and of cache.length (no device sync to check room).
+    self.order = np.zeros(batch, np.int64)
+    self.pos = np.zeros(batch, np.int64)
+    self.used = np.zeros(batch, np.int64)
+    self._logits = jnp.zeros((batch, exp.model.vocab_size), jnp.float32)
     self.record = record
     self.records: list[dict[str, Any]] = []
     self.window = window
@@ -199,29 +317,36 @@ class CachedBackend:
   def _clean_id(chunk: int | None) -> int:
     return 1 if chunk is None else 2 * chunk + 3
 
-  def _meta(self, count, modality, chunk_id, order0, plan, drops=(False,)):
-    """SeqMeta of [len(drops), count] for `count` consecutive slots of this example."""
-    b = len(drops)
-    ar = np.arange(count, dtype=np.int32)
-    pos = self.pos + ar  # noisy and clean copies of a chunk share positions
-    row = lambda v: jnp.asarray(np.broadcast_to(np.asarray(v, np.int32), (b, count)))
-    return masks.SeqMeta(
-        segment_ids=row(1), modality=row(modality), chunk_ids=row(chunk_id),
-        positions=row(pos), order=row(order0 + ar), plan_ids=row(plan),
-        cfg_drop=jnp.asarray(np.repeat(np.asarray(drops, bool)[:, None], count, axis=1)))
+  def _meta(self, count: np.ndarray, width: int, modality, chunk_id, order0: np.ndarray,
+            plan, drops=(False,)):
+    """SeqMeta of [B·r, width] (r = len(drops); row b·r + j is row b with drops[j]):
+    count[b] consecutive slots of row b from logical order order0[b], then padding."""
+    r = len(drops)
+    ar = np.arange(width, dtype=np.int64)[None]
+    valid = ar < np.asarray(count)[:, None]
+    full = lambda v: np.broadcast_to(np.asarray(v, np.int64).reshape(-1, 1),
+                                     (self.batch, width))
+    cols = dict(segment_ids=valid, modality=np.where(valid, modality, sequence.PAD),
+                chunk_ids=full(chunk_id) * valid, positions=(self.pos[:, None] + ar) * valid,
+                order=(np.asarray(order0)[:, None] + ar) * valid,
+                plan_ids=full(plan) * valid)
+    rep = lambda a: jnp.asarray(np.repeat(np.asarray(a, np.int32), r, axis=0))
+    drop = np.tile(np.asarray(drops, bool), self.batch)[:, None] & valid.repeat(r, axis=0)
+    return masks.SeqMeta(**{k: rep(v) for k, v in cols.items()}, cfg_drop=jnp.asarray(drop))
 
   def _size(self, piece) -> int:
     return len(piece[1]) if piece[0] == "text" else self.n
 
-  def _room(self, count: int):
-    """Makes room for `count` more slots: slides the window, or raises CacheFullError."""
-    if self.used + count <= self.capacity:
+  def _room(self, count: np.ndarray):
+    """Makes room for count[b] more slots per row: slides the window, or raises."""
+    if np.all(self.used + count <= self.capacity):
       return
     if not self.window:
-      raise CacheFullError(f"KV cache full: {self.used} of {self.capacity} slots used, "
-                           f"{count} more needed (raise SamplerConfig.capacity or set "
-                           f"SamplerConfig.sliding_window)")
-    self._slide(count)
+      b = int(np.argmax(self.used + count - self.capacity))
+      raise CacheFullError(f"KV cache full: row {b} has {self.used[b]} of {self.capacity} "
+                           f"slots used, {count[b]} more needed (raise "
+                           f"SamplerConfig.capacity or set SamplerConfig.sliding_window)")
+    self._slide(int(count[0]))
 
   def _units(self):
     """Splits the written pieces into (prefix, complete chunk units, open tail).
@@ -258,79 +383,135 @@ class CachedBackend:
                            f"{self.capacity}, even after dropping every earlier chunk")
     self.slides.append(dropped)
     self.cache = kv_cache.init_cache(self.exp.model, 1, self.capacity)
-    self.order = self.pos = self.used = 0
+    self.order[:] = self.pos[:] = self.used[:] = 0
     for piece in kept:
       if piece[0] == "text":
-        self._write_text(piece[1], piece[2])
+        self._write_text([piece[1]], [piece[2]])
       else:
-        self._write_clean(piece[1], piece[2])
+        self._write_clean([piece[1]], piece[2])
     self.pieces = kept
 
   def _keep(self, kind: str, q_meta: masks.SeqMeta, cache: kv_cache.KVCache):
-    if self.record:
-      reps = q_meta.segment_ids.shape[0] // cache.batch
-      m = np.asarray(kv_cache.attention_mask(cache.tile(reps) if reps > 1 else cache, q_meta))
-      used = int(np.asarray(cache.length)[0])
-      self.records.append({
-          "kind": kind, "drop": np.asarray(q_meta.cfg_drop[:, 0]),
-          "q_order": np.asarray(q_meta.order[0]),
-          "k_order": np.concatenate([np.asarray(cache.meta.order[0, :used]),
-                                     np.asarray(q_meta.order[0])]),
-          "k_modality": np.asarray(cache.meta.modality[0, :used]),
-          "mask": np.concatenate([m[:, :, :used], m[:, :, self.capacity:]], axis=2),
-          "unused_visible": bool(m[:, :, used:self.capacity].any())})
+    """Records row 0's mask (and, for CFG, its unconditional copy) when `record`."""
+    if not self.record:
+      return
+    reps = q_meta.segment_ids.shape[0] // cache.batch
+    m = np.asarray(kv_cache.attention_mask(cache.tile(reps) if reps > 1 else cache, q_meta))
+    used = int(self.used[0])
+    valid = np.asarray(q_meta.segment_ids[0]) > 0
+    q_order = np.asarray(q_meta.order[0])[valid]
+    self.records.append({
+        "kind": kind, "drop": np.asarray(q_meta.cfg_drop[:reps, 0]),
+        "q_order": q_order,
+        "k_order": np.concatenate([np.asarray(cache.meta.order[0, :used]), q_order]),
+        "k_modality": np.asarray(cache.meta.modality[0, :used]),
+        "mask": np.concatenate([m[:reps, valid, :used],
+                                m[:reps][:, valid][:, :, self.capacity:][:, :, valid]], axis=2),
+        "unused_visible": bool(m[:reps, valid, used:self.capacity].any())})
 
-  def append_text(self, tokens: np.ndarray, plan: int) -> None:
-    tokens = np.asarray(tokens, np.int32)
-    self._room(len(tokens))
-    self.pieces.append(("text", tokens, plan))
-    self._write_text(tokens, plan)
+  @staticmethod
+  def _counts(items) -> np.ndarray:
+    return np.asarray([0 if t is None else len(t) for t in items], np.int64)
 
-  def _write_text(self, tokens: np.ndarray, plan: int) -> None:
-    meta = self._meta(len(tokens), sequence.TEXT, 0, self.order, plan)
+  def append_text(self, tokens, plans) -> None:
+    tokens = [None if t is None else np.asarray(t, np.int32) for t in tokens]
+    count = self._counts(tokens)
+    if not count.any():
+      return
+    self._room(count)
+    if self.window:
+      self.pieces.append(("text", tokens[0], plans[0]))
+    self._write_text(tokens, plans)
+
+  def _write_text(self, tokens, plans) -> None:
+    count = self._counts(tokens)
+    width = int(count.max())
+    block = np.full((self.batch, width), self.exp.seq.pad_id, np.int32)
+    for b, t in enumerate(tokens):
+      if t is not None:
+        block[b, :len(t)] = t
+    meta = self._meta(count, width, sequence.TEXT, 0, self.order, plans)
     self._keep("text", meta, self.cache)
-    self.cache, logits = self._append_text(self.params, self.cache,
-                                           jnp.asarray(tokens)[None], meta)
-    self._logits = logits[0, -1]
-    self.order += len(tokens)
-    self.pos += len(tokens)
-    self.used += len(tokens)
+    self.cache, self._logits = self._append_text(self.params, self.cache, jnp.asarray(block),
+                                                 meta, jnp.asarray(count, jnp.int32),
+                                                 self._logits)
+    self.order += count
+    self.pos += count
+    self.used += count
 
-  def logits(self) -> jax.Array:
+  def logits(self, rows=None) -> jax.Array:
+    """f32[B, V]: each row's next-token logits (computed when its text was written)."""
     return self._logits
 
-  def velocities(self, x: jax.Array, t: float, chunk: int, reps: int) -> jax.Array:
+  def _noisy_meta(self, chunk: int, reps: int) -> masks.SeqMeta:
     drops = (False, True)[:reps]
-    meta = self._meta(self.n, sequence.NOISY, self._noisy_id(chunk), self.order, chunk + 1,
-                      drops)
+    count = np.full(self.batch, self.n)
+    return self._meta(count, self.n, sequence.NOISY, self._noisy_id(chunk), self.order,
+                      chunk + 1, drops)
+
+  def velocities(self, x: jax.Array, t: float, chunk: int, reps: int) -> jax.Array:
+    """One velocity evaluation: x f32[B, h, w, c] -> f32[B, reps, h, w, c]."""
+    meta = self._noisy_meta(chunk, reps)
     self._keep("noisy", meta, self.cache)
-    xs = jnp.broadcast_to(jnp.asarray(x, jnp.float32), (reps, *x.shape))
-    return self._velocity(self.params, self.cache, xs, jnp.full((reps,), t, jnp.float32), meta)
+    xs = jnp.repeat(jnp.asarray(x, jnp.float32), reps, axis=0)
+    v = self._velocity(self.params, self.cache, xs,
+                       jnp.full((reps * self.batch,), t, jnp.float32), meta)
+    return v.reshape(self.batch, reps, *v.shape[1:])
 
-  def append_chunk(self, latent: jax.Array, chunk: int | None) -> None:
-    self._room(self.n)
-    self.pieces.append(("clean", latent, chunk))
-    self._write_clean(latent, chunk)
+  def denoise(self, x: jax.Array, chunk: int, rows, sc: SamplerConfig, grid) -> jax.Array:
+    """All rows integrate chunk `chunk` in one jitted loop (rows not asked are ignored)."""
+    meta = self._noisy_meta(chunk, 1 if sc.cfg_scale == 1.0 else 2)
+    self._keep("noisy", meta, self.cache)
+    return _DENOISE(self.model, self.params, self.cache, jnp.asarray(x, jnp.float32),
+                    jnp.asarray(grid, jnp.float32), meta,
+                    jnp.asarray(sc.cfg_scale, jnp.float32), sc.solver)
 
-  def _write_clean(self, latent: jax.Array, chunk: int | None) -> None:
+  def append_chunk(self, latents, chunk: int | None) -> None:
+    count = np.asarray([0 if l is None else self.n for l in latents], np.int64)
+    if not count.any():
+      return
+    self._room(count)
+    if self.window:
+      self.pieces.append(("clean", latents[0], chunk))
+    self._write_clean(latents, chunk)
+
+  def _write_clean(self, latents, chunk: int | None) -> None:
+    count = np.asarray([0 if l is None else self.n for l in latents], np.int64)
+    shape = tuple(self.exp.model.latent_shape)
+    block = np.stack([np.zeros(shape, np.float32) if l is None else np.asarray(l, np.float32)
+                      for l in latents])
     # A generated chunk's clean copy follows its noisy copy in logical order.
     order0 = self.order + (0 if chunk is None else self.n)
-    meta = self._meta(self.n, sequence.CLEAN, self._clean_id(chunk), order0, 0)
+    meta = self._meta(count, self.n, sequence.CLEAN, self._clean_id(chunk), order0, 0)
     self._keep("clean", meta, self.cache)
-    self.cache = self._append_clean(self.params, self.cache,
-                                    jnp.asarray(latent, jnp.float32)[None], meta)
-    self.order = order0 + self.n
-    self.pos += self.n
-    self.used += self.n
+    self.cache = self._append_clean(self.params, self.cache, jnp.asarray(block), meta,
+                                    jnp.asarray(count, jnp.int32))
+    wrote = count > 0
+    self.order = np.where(wrote, order0 + self.n, self.order)
+    self.pos += count
+    self.used += count
 
 
-def sample(model, params, exp: Experiment, request: Request,
-           sc: SamplerConfig = SamplerConfig()) -> Generation:
-  """Generates with the KV cache (the entry point): see `generate`."""
+def sample(model, params, exp: Experiment, request: Request | Sequence[Request],
+           sc: SamplerConfig = SamplerConfig()) -> Generation | list[Generation]:
+  """Generates with the KV cache (the entry point): see `generate_batch`.
+
+  request: one Request (returns a Generation) or a list of them, generated together
+  as the rows of one batch (returns a list; the sliding window needs a single request).
+  """
   check_config(sc, exp.model)
-  backend = CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window)
-  return generate(backend, request, exp, sc)
+  one = isinstance(request, Request)
+  requests = [request] if one else list(request)
+  if not requests:
+    raise RequestError("requests: at least one request is needed")
+  if sc.sliding_window and len(requests) > 1:
+    raise RequestError("SamplerConfig.sliding_window rebuilds one request's cache: generate "
+                       f"the {len(requests)} requests one at a time")
+  backend = CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window,
+                          batch=len(requests))
+  gens = generate_batch(backend, requests, exp, sc)
+  return gens[0] if one else gens
 
 
 __all__ = ["CacheFullError", "CachedBackend", "Generation", "Request", "RequestError",
-           "SamplerConfig", "combine_cfg", "generate", "sample"]
+           "RowwiseBackend", "SamplerConfig", "generate", "generate_batch", "sample"]
