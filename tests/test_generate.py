@@ -14,7 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from data_pipelines import tokenizer as tokenizer_lib
 from experiments import toy_world
@@ -121,11 +121,23 @@ def test_decode_uses_stored_stats(assets):
   np.testing.assert_array_equal(frames, raw)
 
 
-def test_several_prompts_loop(workdir, assets, tmp_path):
-  paths = generate.generate_to_dir(workdir, ["toy world", "toy"], {}, 1, 1.0, 1, 0,
-                                   str(tmp_path), assets=assets)
+def test_several_prompts_are_one_batch(workdir, assets, tmp_path):
+  """Two prompts generated together: each file equals that prompt generated alone."""
+  paths = generate.generate_to_dir(workdir, ["toy world", "toy"], {1: "left fire"}, 2, 2.0, 2,
+                                   0, str(tmp_path / "both"), assets=assets)
   assert {os.path.basename(p) for p in paths} >= {"sample_0.json", "sample_1.json"}
-  assert json.load(open(tmp_path / "sample_1.json"))["prompt"] == "toy"
+  for k, prompt in enumerate(["toy world", "toy"]):
+    generate.generate_to_dir(workdir, [prompt], {1: "left fire"}, 2, 2.0, 2, 0,
+                             str(tmp_path / prompt), assets=assets)
+    both = json.load(open(tmp_path / "both" / f"sample_{k}.json"))
+    alone = json.load(open(tmp_path / prompt / "sample.json"))
+    assert both["prompt"] == prompt and both["settings"]["batch"] == 2
+    assert both["chunks"] == alone["chunks"]
+    gif = lambda d: np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(
+        Image.open(d))])
+    diff = np.abs(gif(tmp_path / "both" / f"sample_{k}.gif").astype(int)
+                  - gif(tmp_path / prompt / "sample.gif").astype(int))
+    assert diff.max() <= 1  # float rounding of the batched forward may flip a uint8 level
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -178,6 +190,14 @@ def test_parse_intervention():
   assert generate.parse_intervention("0:") == (0, "")
   with pytest.raises(generate.GenerateError, match="--intervene"):
     generate.parse_intervention("left fire")
+  # By time: chunk i spans frames 1 + 4i .. 4 + 4i at 16 fps (frame 0 is the first frame).
+  assert generate.parse_intervention("0s:stop") == (0, "stop")
+  assert generate.parse_intervention("0.3125s:up") == (1, "up")  # frame 5: chunk 1's first
+  assert generate.parse_intervention("0.3s:up") == (0, "up")  # frame 4: chunk 0's last
+  assert generate.parse_intervention("2.5s:left fire") == (9, "left fire")  # frame 40
+  for bad in ("-1s:up", "xs:up", "nans:up"):
+    with pytest.raises(generate.GenerateError, match="--intervene"):
+      generate.parse_intervention(bad)
 
 
 def test_outputs_reject_mismatched_frames():

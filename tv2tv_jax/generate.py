@@ -10,8 +10,12 @@ the run's text tokenizer and VAE from its toy-world data directory (`data.data_d
 else <workdir>/toy_world_data: tokenizer.json, vae/, latents/latent_stats.json),
 samples with the KV-cached sampler, decodes the latents with the VAE and writes
 sample.gif, sample_sheet.png, sample.json (and sample.mp4 when PyAV is installed)
-into --out (default <workdir>/samples/<seed>). Several --prompt flags run one after
-another (the sampler core generates one request at a time), into sample_<k>.*.
+into --out (default <workdir>/samples/<seed>). Several --prompt flags are generated
+together, as the rows of one batch, into sample_<k>.*.
+
+--intervene takes '<chunk>:<text>' (chunk index, 0-based) or '<seconds>s:<text>' (the
+chunk whose frames span that time, `outputs.chunk_at_time`; the first frame's own
+1/fps seconds map to chunk 0).
 
 Without --first_frame the first frame of toy-world clip `seed` is used (the toy-world
 model is trained with a given first frame).
@@ -27,6 +31,7 @@ from absl import app, flags
 import numpy as np
 
 from tv2tv_jax import evaluate
+from tv2tv_jax.sampling import outputs
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +45,8 @@ def define_flags() -> None:
   flags.DEFINE_string("first_frame", None,
                       "PNG (HxWx3 at the VAE's frame size), or .npy of that frame "
                       "(uint8) or of a normalised latent of the model's latent shape.")
-  flags.DEFINE_multi_string("intervene", [], "'<chunk>:<text>' forces chunk's text.")
+  flags.DEFINE_multi_string("intervene", [],
+                            "'<chunk>:<text>' or '<seconds>s:<text>' forces that chunk's text.")
   flags.DEFINE_integer("num_chunks", 4, "Chunks to generate (after the first frame).")
   flags.DEFINE_float("cfg_scale", 1.0, "Classifier-free guidance scale (1: off).")
   flags.DEFINE_integer("ode_steps", 16, "ODE steps per chunk.")
@@ -134,12 +140,27 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   return Assets(run, params, step, text, video)
 
 
-def parse_intervention(spec: str) -> tuple[int, str]:
-  """'8:left fire' -> (8, 'left fire'). Raises GenerateError naming --intervene."""
+def parse_intervention(spec: str, fps: int = outputs.FPS,
+                       frames_per_chunk: int = outputs.FRAMES_PER_CHUNK) -> tuple[int, str]:
+  """'8:left fire' -> (8, 'left fire'); '1.5s:left fire' -> (the chunk at 1.5 s, ...).
+
+  Raises GenerateError naming --intervene.
+  """
   head, sep, text = spec.partition(":")
-  if not sep or not head.strip().lstrip("-").isdigit():
-    raise GenerateError(f"--intervene {spec!r}: expected '<chunk index>:<text>'")
-  return int(head), text
+  head = head.strip()
+  if sep and head.lstrip("-").isdigit():
+    return int(head), text
+  if sep and head.endswith("s"):
+    try:
+      seconds = float(head[:-1])
+    except ValueError:
+      seconds = None
+    if seconds is not None:
+      if not np.isfinite(seconds) or seconds < 0:
+        raise GenerateError(f"--intervene {spec!r}: the time must be >= 0 seconds")
+      return outputs.chunk_at_time(seconds, fps, frames_per_chunk), text
+  raise GenerateError(f"--intervene {spec!r}: expected '<chunk index>:<text>' or "
+                      f"'<seconds>s:<text>'")
 
 
 def encode_text(assets: Assets, text: str, field: str) -> np.ndarray:
@@ -213,14 +234,16 @@ def _capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
   return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 1
 
 
-def generate_one(assets: Assets, prompt: str, interventions: Mapping[int, str],
-                 num_chunks: int, sc_kwargs: Mapping[str, Any], seed: int, out_dir: str,
-                 first_frame: Any = None, stem: str = "sample") -> list[str]:
-  """One request -> files in out_dir (see `outputs.write_all`); returns their paths.
+def generate_batch(assets: Assets, prompts: Sequence[str], interventions: Mapping[int, str],
+                   num_chunks: int, sc_kwargs: Mapping[str, Any], seed: int, out_dir: str,
+                   first_frame: Any = None, stems: Sequence[str] | None = None) -> list[str]:
+  """Prompts -> files in out_dir, generated together as the rows of one batch.
 
+  Every prompt gets the same interventions, first frame and seed; prompt k is
+  written as `stems[k]`.* (see `outputs.write_all`). Returns the paths.
   Raises GenerateError / sampling.RequestError naming the bad field.
   """
-  from tv2tv_jax.sampling import Request, SamplerConfig, outputs, sample
+  from tv2tv_jax.sampling import Request, SamplerConfig, sample
   exp = assets.run.exp
   if not isinstance(num_chunks, int) or num_chunks < 1:
     raise GenerateError(f"--num_chunks must be >= 1, got {num_chunks!r}")
@@ -228,26 +251,29 @@ def generate_one(assets: Assets, prompt: str, interventions: Mapping[int, str],
     if not 0 <= i < num_chunks:
       raise GenerateError(f"--intervene {i}:{interventions[i]!r}: chunk {i} is beyond the "
                           f"chunk budget (--num_chunks={num_chunks}: chunks 0..{num_chunks - 1})")
-  prompt_ids = encode_text(assets, prompt, "--prompt")
+  prompt_ids = [encode_text(assets, p, "--prompt") for p in prompts]
   forced = {i: encode_text(assets, t, f"--intervene {i}") for i, t in interventions.items()}
   latent0, source = first_frame_latent(assets, first_frame, seed)
   sc = SamplerConfig(**{k: v for k, v in sc_kwargs.items()})
   # The model's vocabulary may be padded beyond the tokenizer's: never sample those ids.
   sc = dataclasses.replace(sc, text_vocab=min(assets.text.vocab_size, exp.model.vocab_size))
   sc = dataclasses.replace(sc, capacity=sc.capacity or _capacity(
-      exp, len(prompt_ids), num_chunks, sc.max_text_tokens, forced))
-  gen = sample(assets.run.model, assets.params, exp,
-               Request(prompt=prompt_ids, num_chunks=num_chunks, first_frame=latent0,
-                       interventions=forced, seed=seed), sc)
-  frames = decode_frames(assets, latent0, gen.chunks)
-  texts = [decode_text(assets, t) for t in gen.texts]
+      exp, max(len(p) for p in prompt_ids), num_chunks, sc.max_text_tokens, forced))
+  gens = sample(assets.run.model, assets.params, exp,
+                [Request(prompt=ids, num_chunks=num_chunks, first_frame=latent0,
+                         interventions=forced, seed=seed) for ids in prompt_ids], sc)
   settings = {k: v for k, v in dataclasses.asdict(sc).items()}
-  settings.update(num_chunks=num_chunks, first_frame=source,
+  settings.update(num_chunks=num_chunks, first_frame=source, batch=len(prompts),
                   interventions={str(i): t for i, t in interventions.items()})
-  doc = outputs.transcript(gen.to_json(), texts, prompt=prompt, settings=settings, seed=seed,
-                           checkpoint_step=assets.step,
-                           trailing_text=decode_text(assets, gen.trailing_text))
-  return outputs.write_all(out_dir, frames, texts, doc, stem=stem)
+  paths = []
+  for prompt, gen, stem in zip(prompts, gens, stems or ["sample"] * len(prompts)):
+    frames = decode_frames(assets, latent0, gen.chunks)
+    texts = [decode_text(assets, t) for t in gen.texts]
+    doc = outputs.transcript(gen.to_json(), texts, prompt=prompt, settings=settings, seed=seed,
+                             checkpoint_step=assets.step,
+                             trailing_text=decode_text(assets, gen.trailing_text))
+    paths += outputs.write_all(out_dir, frames, texts, doc, stem=stem)
+  return paths
 
 
 def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping[int, str],
@@ -258,9 +284,10 @@ def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping
                     assets: Assets | None = None, devices=None) -> list[str]:
   """Generates one sample per prompt into out_dir (default <workdir>/samples/<seed>).
 
-  One prompt writes sample.{gif,json,mp4} and sample_sheet.png; several write
-  sample_<k>.* (run one after another, all with `seed` and the same interventions).
-  `assets` (from `load_assets`) skips restoring the checkpoint again. Returns the paths.
+  One prompt writes sample.{gif,json,mp4} and sample_sheet.png; several are generated
+  together (one batch, all with `seed` and the same interventions) and write
+  sample_<k>.*. `assets` (from `load_assets`) skips restoring the checkpoint again.
+  Returns the paths.
   """
   if isinstance(prompts, str):
     prompts = [prompts]
@@ -271,12 +298,9 @@ def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping
   sc_kwargs = dict(steps=ode_steps, solver=solver, cfg_scale=cfg_scale,
                    temperature=temperature, top_k=top_k, top_p=top_p,
                    max_text_tokens=max_text_tokens)
-  paths = []
-  for k, prompt in enumerate(prompts):
-    stem = "sample" if len(prompts) == 1 else f"sample_{k}"
-    paths += generate_one(assets, prompt, dict(interventions), num_chunks, sc_kwargs, seed,
-                          out_dir, first_frame, stem)
-  return paths
+  stems = ["sample"] if len(prompts) == 1 else [f"sample_{k}" for k in range(len(prompts))]
+  return generate_batch(assets, list(prompts), dict(interventions), num_chunks, sc_kwargs,
+                        seed, out_dir, first_frame, stems)
 
 
 def main(argv):

@@ -33,6 +33,14 @@ def chunk_of_frame(t: int, frames_per_chunk: int = FRAMES_PER_CHUNK) -> int | No
   return None if t == 0 else (t - 1) // frames_per_chunk
 
 
+def chunk_at_time(seconds: float, fps: int = FPS,
+                  frames_per_chunk: int = FRAMES_PER_CHUNK) -> int:
+  """The chunk whose frames span time `seconds` (>= 0); the first frame's own 1/fps
+  seconds map to chunk 0, the first chunk that can still be steered."""
+  frame = int(np.floor(seconds * fps + 1e-6))  # tolerance: 0.3125 s * 16 is frame 5
+  return chunk_of_frame(frame, frames_per_chunk) or 0
+
+
 def _check(frames: np.ndarray, texts: Sequence[str], frames_per_chunk: int) -> np.ndarray:
   frames = np.asarray(frames)
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
