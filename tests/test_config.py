@@ -3,14 +3,16 @@
 import pytest
 
 from experiments import toy_world
-from tv2tv_jax import config as config_lib
+from tv2tv_jax import config as config_lib, sequence
 
 
 @pytest.mark.parametrize("variant", ["tiny", "quick", "small", "default", "tiny,t2v",
                                      "quick,think2v"])
 def test_variants_build(variant):
   exp = config_lib.experiment_from_config_dict(toy_world.get_config(variant))
-  assert exp.row_len == exp.seq.text_len + 2 * exp.seq.max_chunks * exp.model.tokens_per_chunk
+  s, n = exp.seq, exp.model.tokens_per_chunk
+  assert exp.row_len == s.text_len + (s.num_noisy + s.max_chunks) * n
+  assert exp.row_len == len(sequence.empty_row(s, exp.model)["segment_ids"])
   if "," in variant:
     assert exp.seq.layout == variant.split(",")[1]
 
@@ -29,6 +31,7 @@ def test_unknown_variant():
     ("model", dict(unet_channels=16, unet_groups=5), "model.unet_groups"),
     ("seq", dict(text_len=2), "seq.text_len"),
     ("seq", dict(max_chunks=0), "seq.max_chunks"),
+    ("seq", dict(max_chunks=4, noisy_chunks=5), "seq.noisy_chunks"),
     ("seq", dict(bof_id=100000), "seq.bof_id"),
     ("seq", dict(eof_id=1), "seq.bof_id"),
     ("seq", dict(layout="interleaved"), "seq.layout"),

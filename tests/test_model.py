@@ -169,3 +169,28 @@ def test_output_shapes(setup):
   assert logits.shape == (1, exp.seq.text_len, exp.model.vocab_size)
   assert velocity.shape == (1, exp.seq.max_chunks, *exp.model.latent_shape)
   assert logits.dtype == velocity.dtype == jnp.float32
+
+
+def test_smaller_noisy_region_gives_the_same_outputs(setup):
+  """seq.noisy_chunks < max_chunks only drops noisy padding: a row packed with 3 noisy
+  copies (of 4 clean) gives the logits and velocities of the same row packed with 4."""
+  exp, batch4, kwargs4, apply = setup
+  exp3 = dataclasses.replace(exp, seq=dataclasses.replace(exp.seq, noisy_chunks=3))
+  batch3 = _two_example_batch(exp3)
+  assert batch3["segment_ids"].shape[1] == exp3.row_len == exp.row_len - exp.model.tokens_per_chunk
+  assert batch4["noisy_valid"][0].tolist() == [True, True, True, False]
+  sample4 = flow.sample_flow(jax.random.key(3), batch4["latents"].shape, exp.flow)
+  sample4 = sample4.replace(cfg_drop=jnp.zeros_like(sample4.cfg_drop))
+  sample3 = sample4.replace(noisy_t=sample4.noisy_t[:, :3], noise=sample4.noise[:, :3],
+                            cfg_drop=sample4.cfg_drop[:, :3])
+  kwargs3, _ = losses.model_inputs(batch3, sample3, exp.model.tokens_per_chunk)
+  model3 = TV2TV(exp3.model)
+  params = _live_params(model3, exp)
+  out3 = model3.apply({"params": params}, **kwargs3)
+  out4 = model3.apply({"params": params}, **kwargs4)
+  np.testing.assert_allclose(out3[0], out4[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out3[1], out4[1][:, :3], rtol=1e-5, atol=1e-5)
+  # And the losses the trainer reports.
+  l3, m3 = losses.compute_loss(params, model3, batch3, sample3, exp3)
+  l4, m4 = losses.compute_loss(params, model3, batch4, sample4, exp)
+  np.testing.assert_allclose(l3, l4, rtol=1e-5)

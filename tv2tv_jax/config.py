@@ -97,17 +97,25 @@ class Llama3RopeScaling:
 class SequenceConfig:
   """Capacity of one packed row and the special token ids.
 
-  A row holds `text_len` text slots, then `max_chunks` noisy chunk copies, then
+  A row holds `text_len` text slots, then `num_noisy` noisy chunk copies, then
   `max_chunks` clean chunk copies, each copy `tokens_per_chunk` slots (see
-  `tv2tv_jax.sequence`).
+  `tv2tv_jax.sequence`). `noisy_chunks` (0: `max_chunks`) sizes the noisy region
+  on its own: a clip with a given first frame has one clean copy more than noisy
+  copies, so rows of such clips fill with `noisy_chunks` = `max_chunks` - clips per row.
   """
   layout: str = "tv2tv"
   text_len: int = 128
   max_chunks: int = 8
+  noisy_chunks: int = 0
   pad_id: int = 0
   bof_id: int = 1
   eof_id: int = 2
   eos_id: int = 3
+
+  @property
+  def num_noisy(self) -> int:
+    """Noisy chunk copies per row."""
+    return self.noisy_chunks or self.max_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +179,8 @@ class Experiment:
   @property
   def row_len(self) -> int:
     """L: slots in one packed row."""
-    return self.seq.text_len + 2 * self.seq.max_chunks * self.model.tokens_per_chunk
+    s = self.seq
+    return s.text_len + (s.num_noisy + s.max_chunks) * self.model.tokens_per_chunk
 
 
 def _build(cls, section: str, values: Mapping[str, Any] | None):
@@ -252,6 +261,8 @@ def validate(exp: Experiment) -> Experiment:
   _require(len(set(specials.values())) == 4, "seq.bof_id",
            f"special token ids must be distinct, got {specials}")
   _require(s.max_chunks >= 1, "seq.max_chunks", f"must be >= 1, got {s.max_chunks}")
+  _require(0 <= s.noisy_chunks <= s.max_chunks, "seq.noisy_chunks",
+           f"must be in [0, max_chunks={s.max_chunks}] (0: max_chunks), got {s.noisy_chunks}")
   # The shortest useful example: BOF, one chunk (noisy + clean), EOF, EOS.
   _require(s.text_len >= 3, "seq.text_len",
            f"{s.text_len} text slots cannot hold one chunk's BOF, EOF and EOS")

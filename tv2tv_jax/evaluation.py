@@ -30,7 +30,8 @@ _EVAL_NOISE_SEED = 1234
 
 def _eval_losses(params, batch, t, *, model: TV2TV, exp: Experiment, rules):
   with nn.logical_axis_rules(rules):
-    sample = flow.fixed_flow(batch["latents"].shape, 0.0, _EVAL_NOISE_SEED)
+    sample = flow.fixed_flow(batch["latents"].shape, 0.0, _EVAL_NOISE_SEED,
+                             batch["noisy_src"].shape[1])
     sample = sample.replace(noisy_t=jnp.full_like(sample.noisy_t, t))
     kwargs, v_target = losses.model_inputs(batch, sample, exp.model.tokens_per_chunk)
     logits, velocity = model.apply({"params": params}, **kwargs)

@@ -81,9 +81,10 @@ def ode_step(velocity, x: jax.Array, t0, t1, solver: str) -> jax.Array:
 class FlowSample:
   """The random quantities of one training batch, all per chunk copy.
 
-  noisy_t: f32[B, K]; noise: f32[B, K, h, w, c] (ε of each noisy copy);
-  cfg_drop: bool[B, K] (noisy copy j may not see its plan);
+  noisy_t: f32[B, Kn]; noise: f32[B, Kn, h, w, c] (ε of each noisy copy);
+  cfg_drop: bool[B, Kn] (noisy copy j may not see its plan);
   clean_t: f32[B, K] (1, or the flip time); clean_noise: f32[B, K, h, w, c].
+  Kn noisy copies per row (`SequenceConfig.num_noisy`), K clean copies.
   """
   noisy_t: jax.Array
   noise: jax.Array
@@ -92,25 +93,37 @@ class FlowSample:
   clean_noise: jax.Array
 
 
-def sample_flow(rng: jax.Array, latent_shape, cfg: FlowConfig) -> FlowSample:
-  """Draws a FlowSample for latents of shape [B, K, h, w, c]."""
+def _noisy_shape(latent_shape, num_noisy: int | None):
   b, k = latent_shape[:2]
+  return (b, k if num_noisy is None else num_noisy, *latent_shape[2:])
+
+
+def sample_flow(rng: jax.Array, latent_shape, cfg: FlowConfig,
+                num_noisy: int | None = None) -> FlowSample:
+  """Draws a FlowSample for clean latents of shape [B, K, h, w, c] and `num_noisy`
+  noisy copies per row (default K)."""
+  b, k = latent_shape[:2]
+  noisy_shape = _noisy_shape(latent_shape, num_noisy)
+  kn = noisy_shape[1]
   r_t, r_eps, r_drop, r_flip, r_ft, r_feps = jax.random.split(rng, 6)
   flip = jax.random.bernoulli(r_flip, cfg.clean_flip_prob, (b, k))
   flip_t = jax.random.uniform(r_ft, (b, k), jnp.float32, cfg.clean_flip_min_t, 1.0)
   return FlowSample(
-      noisy_t=sample_time(r_t, (b, k), cfg),
-      noise=jax.random.normal(r_eps, latent_shape, jnp.float32),
-      cfg_drop=jax.random.bernoulli(r_drop, cfg.cfg_drop_prob, (b, k)),
+      noisy_t=sample_time(r_t, (b, kn), cfg),
+      noise=jax.random.normal(r_eps, noisy_shape, jnp.float32),
+      cfg_drop=jax.random.bernoulli(r_drop, cfg.cfg_drop_prob, (b, kn)),
       clean_t=jnp.where(flip, flip_t, 1.0),
       clean_noise=jax.random.normal(r_feps, latent_shape, jnp.float32))
 
 
-def fixed_flow(latent_shape, t: float, seed: int = 0) -> FlowSample:
+def fixed_flow(latent_shape, t: float, seed: int = 0,
+               num_noisy: int | None = None) -> FlowSample:
   """A deterministic FlowSample for evaluation: every noisy copy at time `t`, no drop,
-  no flip, noise from `seed`."""
+  no flip, noise from `seed` (shapes as `sample_flow`)."""
   b, k = latent_shape[:2]
-  noise = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
-  return FlowSample(noisy_t=jnp.full((b, k), t, jnp.float32), noise=noise,
-                    cfg_drop=jnp.zeros((b, k), bool), clean_t=jnp.ones((b, k), jnp.float32),
-                    clean_noise=jnp.zeros_like(noise))
+  noisy_shape = _noisy_shape(latent_shape, num_noisy)
+  kn = noisy_shape[1]
+  noise = jax.random.normal(jax.random.key(seed), noisy_shape, jnp.float32)
+  return FlowSample(noisy_t=jnp.full((b, kn), t, jnp.float32), noise=noise,
+                    cfg_drop=jnp.zeros((b, kn), bool), clean_t=jnp.ones((b, k), jnp.float32),
+                    clean_noise=jnp.zeros(latent_shape, jnp.float32))

@@ -30,12 +30,12 @@ def model_inputs(batch: Mapping[str, jax.Array], sample: flow.FlowSample, n: int
   noisy = flow.interpolate(x, sample.noise, sample.noisy_t)
   clean = flow.interpolate(latents, sample.clean_noise, sample.clean_t)
   t_len = batch["text_tokens"].shape[1]
-  k = src.shape[1]
+  kc = latents.shape[1]
   # CFG text drop is a per-token flag on the noisy region of the row.
   drop_tokens = jnp.repeat(sample.cfg_drop & batch["noisy_valid"], n, axis=1)
   b = drop_tokens.shape[0]
   cfg_drop = jnp.concatenate([jnp.zeros((b, t_len), bool), drop_tokens,
-                              jnp.zeros((b, k * n), bool)], axis=1)
+                              jnp.zeros((b, kc * n), bool)], axis=1)
   meta = masks.SeqMeta.from_batch(batch, cfg_drop=cfg_drop)
   kwargs = dict(text_tokens=batch["text_tokens"], noisy_latents=noisy, noisy_t=sample.noisy_t,
                 clean_latents=clean, clean_t=sample.clean_t, meta=meta)

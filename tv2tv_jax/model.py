@@ -131,7 +131,9 @@ class TV2TV(nn.Module):
     tokens, skip = self.encode_chunks(jnp.concatenate([noisy_latents, clean_latents], axis=1),
                                       jnp.concatenate([noisy_t, clean_t], axis=1))
     b = tokens.shape[0]
-    skip_noisy = skip.reshape(b, 2 * k, *skip.shape[1:])[:, :k].reshape(b * k, *skip.shape[1:])
+    kc = clean_latents.shape[1]
+    skip_noisy = skip.reshape(b, k + kc, *skip.shape[1:])[:, :k].reshape(b * k,
+                                                                        *skip.shape[1:])
     x_txt = nn.with_logical_constraint(x_txt, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     x_vid = nn.with_logical_constraint(tokens.astype(x_txt.dtype),
                                        (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))

@@ -10,9 +10,13 @@ Logical order (TV2TV layout), per example::
 T2V drops every text_i; Think2V writes all text_i (in order) after the prompt and
 first frame, then all chunks. Text comes before the chunk it plans.
 
-Storage order. A packed row of L = T + 2·K·n slots is stored *grouped by modality*:
+Storage order. A packed row of L = T + (Kn + K)·n slots is stored *grouped by modality*:
 
-    [ T text slots | K noisy copies × n tokens | K clean copies × n tokens ]
+    [ T text slots | Kn noisy copies × n tokens | K clean copies × n tokens ]
+
+(K = seq.max_chunks; Kn = seq.num_noisy, K unless seq.noisy_chunks says fewer: a
+given first frame is a clean copy with no noisy twin, so rows of such clips need
+fewer noisy copies than clean ones.)
 
 so that each tower of the Mixture-of-Transformers works on a static slice of the
 residual stream (routing costs no gather or scatter) and the video output head
@@ -39,8 +43,8 @@ Row arrays (one example of `pack_rows`; a batch adds a leading B axis):
                               for noisy tokens, their own chunk; 0 elsewhere. The
                               CFG text-drop flag hides matching text from a noisy copy.
   latents          f32[K, h, w, c]  the clean latent of clean copy j (slot order)
-  noisy_src        i32[K]     latent index (into `latents`) that noisy copy j denoises
-  noisy_valid      bool[K]    noisy copy j holds a chunk
+  noisy_src        i32[Kn]    latent index (into `latents`) that noisy copy j denoises
+  noisy_valid      bool[Kn]   noisy copy j holds a chunk
   clean_valid      bool[K]    clean copy j holds a chunk
 """
 
@@ -259,22 +263,25 @@ def check_fits(ex: LaidOut, seq: SequenceConfig) -> None:
   if ex.num_text > seq.text_len:
     raise ExampleError(f"{ex.name}: needs {ex.num_text} text slots but seq.text_len is "
                        f"{seq.text_len}")
-  if max(ex.num_noisy, ex.num_clean) > seq.max_chunks:
-    raise ExampleError(f"{ex.name}: needs {max(ex.num_noisy, ex.num_clean)} chunk copies "
-                       f"per region but seq.max_chunks is {seq.max_chunks}")
+  if ex.num_clean > seq.max_chunks:
+    raise ExampleError(f"{ex.name}: needs {ex.num_clean} clean chunk copies but "
+                       f"seq.max_chunks is {seq.max_chunks}")
+  if ex.num_noisy > seq.num_noisy:
+    raise ExampleError(f"{ex.name}: needs {ex.num_noisy} noisy chunk copies but the row has "
+                       f"{seq.num_noisy} (seq.noisy_chunks / seq.max_chunks)")
 
 
 def empty_row(seq: SequenceConfig, model: ModelConfig) -> dict[str, np.ndarray]:
   """An all-padding row (numpy). Padding slots carry segment 0 and modality PAD."""
-  T, K, n = seq.text_len, seq.max_chunks, model.tokens_per_chunk
-  L = T + 2 * K * n
+  T, K, Kn, n = seq.text_len, seq.max_chunks, seq.num_noisy, model.tokens_per_chunk
+  L = T + (Kn + K) * n
   row = {key: np.zeros(L, np.int32) for key in SLOT_KEYS}
   row["text_tokens"] = np.full(T, seq.pad_id, np.int32)
   row["text_targets"] = np.full(T, seq.pad_id, np.int32)
   row["text_target_mask"] = np.zeros(T, bool)
   row["latents"] = np.zeros((K, *model.latent_shape), np.float32)
-  row["noisy_src"] = np.zeros(K, np.int32)
-  row["noisy_valid"] = np.zeros(K, bool)
+  row["noisy_src"] = np.zeros(Kn, np.int32)
+  row["noisy_valid"] = np.zeros(Kn, bool)
   row["clean_valid"] = np.zeros(K, bool)
   return row
 
@@ -296,15 +303,15 @@ def pack_rows(groups: Sequence[Sequence[LaidOut]], seq: SequenceConfig,
 def pack_row(examples: Sequence[LaidOut], seq: SequenceConfig,
              model: ModelConfig) -> dict[str, np.ndarray]:
   """Packs examples into one row (numpy arrays of the module docstring, no batch axis)."""
-  T, K, n = seq.text_len, seq.max_chunks, model.tokens_per_chunk
+  T, K, Kn, n = seq.text_len, seq.max_chunks, seq.num_noisy, model.tokens_per_chunk
   row = empty_row(seq, model)
   t0 = kn = kc = 0  # next free text slot, noisy copy, clean copy
   ar = np.arange(n, dtype=np.int32)
   for seg, ex in enumerate(examples, start=1):
     check_fits(ex, seq)
-    if t0 + ex.num_text > T or kn + ex.num_noisy > K or kc + ex.num_clean > K:
+    if t0 + ex.num_text > T or kn + ex.num_noisy > Kn or kc + ex.num_clean > K:
       raise ExampleError(f"{ex.name}: does not fit in the row after {seg - 1} examples "
-                         f"(text {t0}+{ex.num_text}/{T}, noisy {kn}+{ex.num_noisy}/{K}, "
+                         f"(text {t0}+{ex.num_text}/{T}, noisy {kn}+{ex.num_noisy}/{Kn}, "
                          f"clean {kc}+{ex.num_clean}/{K})")
     sl = slice(t0, t0 + ex.num_text)
     row["text_tokens"][sl] = ex.text_tokens
@@ -324,10 +331,10 @@ def pack_row(examples: Sequence[LaidOut], seq: SequenceConfig,
       latent_slot[int(ex.clean_latent[j])] = slot
       row["latents"][slot] = ex.latents[ex.clean_latent[j]]
       row["clean_valid"][slot] = True
-      s = slice(T + K * n + slot * n, T + K * n + (slot + 1) * n)
+      s = slice(T + Kn * n + slot * n, T + Kn * n + (slot + 1) * n)
       row["segment_ids"][s] = seg
       row["modality"][s] = CLEAN
-      row["chunk_ids"][s] = K + slot + 1
+      row["chunk_ids"][s] = Kn + slot + 1
       row["positions"][s] = ex.clean_pos[j] + ar
       row["order"][s] = ex.clean_order[j] + ar
     for j in range(ex.num_noisy):
@@ -365,7 +372,7 @@ class RowPacker:
   def _fits(self, group, ex):
     t, kn, kc = self._used(group)
     s = self.seq
-    return (t + ex.num_text <= s.text_len and kn + ex.num_noisy <= s.max_chunks
+    return (t + ex.num_text <= s.text_len and kn + ex.num_noisy <= s.num_noisy
             and kc + ex.num_clean <= s.max_chunks)
 
   def add(self, ex: LaidOut) -> list[list[LaidOut]]:

@@ -41,13 +41,16 @@ def random_batch(seed: int, seq: SequenceConfig, model: ModelConfig, batch_size:
   rng = np.random.default_rng(seed)
   groups = []
   for b in range(batch_size):
-    group, text_used, chunks_left = [], 0, seq.max_chunks
+    group, text_used, chunks_left, noisy_left = [], 0, seq.max_chunks, seq.num_noisy
     for e in range(int(rng.integers(1, max_examples_per_row + 1))):
       # Clean copies = chunks + first frame must fit the clean region.
       if chunks_left < 1 or (chunks_left < 2 and e > 0):
         break
       first_frame = bool(rng.integers(0, 2)) and chunks_left >= 2
-      most = chunks_left - int(first_frame)
+      # ...and the chunks themselves the noisy region (which may be smaller).
+      most = min(chunks_left - int(first_frame), noisy_left)
+      if most < 1:
+        break
       num_chunks = int(rng.integers(1, max(1, most // max(1, max_examples_per_row - e)) + 1))
       ex = random_example(rng, seq, model, num_chunks=num_chunks, first_frame=first_frame,
                           prompt_len=int(rng.integers(1, 5)), max_text_len=max_text_len,
@@ -61,6 +64,7 @@ def random_batch(seed: int, seq: SequenceConfig, model: ModelConfig, batch_size:
       group.append(laid)
       text_used += laid.num_text
       chunks_left -= laid.num_clean
+      noisy_left -= laid.num_noisy
     if not group:  # always at least one (short) example per row
       ex = random_example(rng, seq, model, num_chunks=1, first_frame=False, prompt_len=1,
                           max_text_len=0, name=f"synthetic[{seed}:{b}:min]")

@@ -64,7 +64,7 @@ def dummy_batch(exp: Experiment, batch_size: int | None = None) -> dict[str, jax
 def init_params(model: TV2TV, exp: Experiment, rng: jax.Array, batch_size: int = 1):
   """Initial (logically boxed) params from a dummy batch of `batch_size` rows."""
   batch = dummy_batch(exp, batch_size)
-  sample = flow.fixed_flow(batch["latents"].shape, 1.0)
+  sample = flow.fixed_flow(batch["latents"].shape, 1.0, num_noisy=batch["noisy_src"].shape[1])
   kwargs, _ = losses.model_inputs(batch, sample, exp.model.tokens_per_chunk)
   return model.init(rng, **kwargs)["params"]
 
@@ -105,7 +105,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   if sample is None:
-    sample = flow.sample_flow(rng, batch["latents"].shape, exp.flow)
+    sample = flow.sample_flow(rng, batch["latents"].shape, exp.flow,
+                              batch["noisy_src"].shape[1])
   grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
   grad_norm = optax.tree.norm(grads)

@@ -113,7 +113,7 @@ class RecomputeBackend:
       noisy[noisy_copy] = np.asarray(x, np.float32)
       noisy_t[noisy_copy] = t
     t_len, k = self.seq.text_len, self.seq.max_chunks
-    drop = np.zeros((b, t_len + 2 * k * self.n), bool)
+    drop = np.zeros((b, t_len + (self.seq.num_noisy + k) * self.n), bool)
     for r, d in enumerate(drops):
       if d:
         s = t_len + noisy_copy * self.n
