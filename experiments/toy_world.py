@@ -37,8 +37,13 @@ def _base() -> ml_collections.ConfigDict:
       mlp_dim=768, rope_theta=10_000.0, norm_eps=1e-5, latent_shape=(8, 8, 16), patch_size=2,
       unet_channels=64, unet_blocks=1, unet_groups=8, time_embed_dim=64, dtype="float32",
       param_dtype="float32", attention_impl="xla", scan_layers=True, remat=False))
+  # The default row holds one toy-world clip of 15 chunks after its given first frame:
+  # 16 clean copies and 15 noisy ones (a first frame has no noisy twin). Its text region
+  # is sized to toy-world texts, ~3.2 slots per chunk (prompt, action text, BOF, EOF, EOS):
+  # 57-62 slots for such a clip, depending on the tokenizer (docs/pipeline.md, packing).
   c.seq = ml_collections.ConfigDict(dict(
-      layout="tv2tv", text_len=256, max_chunks=16, pad_id=0, bof_id=1, eof_id=2, eos_id=3))
+      layout="tv2tv", text_len=64, max_chunks=16, noisy_chunks=15, pad_id=0, bof_id=1,
+      eof_id=2, eos_id=3))
   # DESIGN.md section 3 defaults: `FlowConfig` / `LossConfig` are their one source.
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(config_lib.FlowConfig()))
   c.loss = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LossConfig()))
@@ -83,7 +88,7 @@ def _tiny(c):
   c.model.update(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, mlp_dim=128, latent_shape=(4, 4, 4), patch_size=2,
                  unet_channels=16, unet_groups=4, time_embed_dim=16)
-  c.seq.update(text_len=32, max_chunks=4)
+  c.seq.update(text_len=32, max_chunks=4, noisy_chunks=0)
   c.optim.update(learning_rate=3e-3, warmup_steps=10, total_steps=300)
   c.train.update(batch_size=8, num_steps=20, log_every=5, save_every=0, eval_every=0,
                  eval_batches=1)
@@ -92,9 +97,10 @@ def _tiny(c):
 def _quick(c):
   c.model.update(vocab_size=256, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=32, mlp_dim=384, latent_shape=(8, 8, 8), unet_channels=32)
-  # Rows of 2 toy-world clips of 3 chunks: 2 x 4 clean copies fill max_chunks=8; their
+  # Rows of 2 toy-world clips of 3 chunks: 2 x 4 clean copies fill max_chunks=8 and
+  # 2 x 3 noisy copies noisy_chunks=6 (given first frames have no noisy twin); their
   # texts (prompt, ~1.2 tokens per chunk text, BOF/EOF, EOS) take at most 30 text slots.
-  c.seq.update(text_len=32, max_chunks=8)
+  c.seq.update(text_len=32, max_chunks=8, noisy_chunks=6)
   c.optim.update(learning_rate=2e-3, warmup_steps=30, total_steps=300)
   c.train.update(batch_size=4, num_steps=300, log_every=25, save_every=100, eval_every=100)
   # The whole chain on CPU in minutes (data_pipelines/main_job.py): 256 clips, a 300-step
@@ -107,7 +113,6 @@ def _quick(c):
 def _small(c):
   c.model.update(vocab_size=1024, d_model=512, num_layers=4, num_heads=8, num_kv_heads=4,
                  head_dim=64, mlp_dim=1536, latent_shape=(8, 8, 16), unet_channels=64)
-  c.seq.update(text_len=256, max_chunks=16)
   c.train.update(batch_size=8)
 
 
