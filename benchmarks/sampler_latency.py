@@ -1,18 +1,30 @@
-"""Per-chunk sampling latency: the KV-cached sampler vs recomputing the sequence each step.
+"""Sampler latency: the KV-cached sampler vs recomputing the sequence from scratch.
 
-For each chunk i = 1..N of one generation, the time from its BOF to its EOF: the
-`steps` velocity evaluations (cached: the chunk's n tokens against the cache;
-recompute: `TV2TV.__call__` on the whole row, `tv2tv_jax.sampling.recompute`)
-plus appending the clean chunk. Both run with static shapes (the cache at its
-full capacity, the recompute row at the size that holds all N chunks), which is
-what a jitted JAX sampler does; compile time is excluded by a warm-up generation.
-Every chunk's text is forced (one token) so that both paths do identical work;
-the two generations are also checked to agree (same latents, rel. < 1e-4).
+Four measurements, side by side in one process (randomly perturbed params, so
+every path does real work):
+
+1. Per-chunk latency as the video grows. For each chunk i of one cached generation
+   of N chunks: the wall time from its BOF to its EOF (the `steps` ODE steps in one
+   jitted loop, then the clean chunk appended). The recompute oracle
+   (`tv2tv_jax.sampling.recompute`: `TV2TV.__call__` on the whole row at every
+   velocity evaluation) is timed at chunk c for c in `--recompute_at`, each in its
+   own generation of c chunks whose row holds exactly c chunks (so it is not
+   charged for an oversized row; its first chunk compiles, the timed last one does
+   not). The cached cache holds all N chunks, so its early chunks pay for the full
+   capacity (attention spans it, masked): that favours the recompute side.
+2. One cached velocity evaluation (the chunk's n tokens against the cache at the
+   end of the generation) vs one full forward of the whole sequence.
+3. CFG overhead: one cached velocity evaluation with the conditional and the
+   text-dropped branch batched (2 rows) vs the conditional branch alone.
+4. Batched requests: B requests generated together vs one after another.
+
+Every chunk's text is forced (one token), so both paths do identical work, and the
+cached and recomputed chunks are checked to agree (rel. < 1e-4).
 
 Run:
 
-    python benchmarks/sampler_latency.py                      # tiny model, 32 chunks, CPU
-    python benchmarks/sampler_latency.py --config small --chunks 16 --steps 8
+    python benchmarks/sampler_latency.py                      # tiny model, 64 chunks, CPU
+    python benchmarks/sampler_latency.py --config small --chunks 32 --recompute_at 1,8,32
     # writes benchmarks/results/sampler_latency_<config>.json
 """
 
@@ -26,6 +38,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,46 +51,69 @@ from tv2tv_jax.sampling.decoding import Request, SamplerConfig  # noqa: E402
 
 
 class TimedBackend:
-  """Wraps a backend; records the wall time of every chunk (BOF written .. EOF written)."""
+  """Wraps a batched backend; records the wall time of every chunk of row 0
+  (BOF written .. EOF written, device work included)."""
 
   def __init__(self, inner, bof: int, eof: int):
     self.inner, self.bof, self.eof = inner, bof, eof
     self.start, self.times = None, []
 
-  def append_text(self, tokens, plan):
-    toks = [int(t) for t in np.asarray(tokens)]
-    if toks == [self.bof]:
+  def _sync(self):
+    cache = getattr(self.inner, "cache", None)
+    jax.block_until_ready(cache if cache is not None else 0)
+
+  def append_text(self, tokens, plans):
+    first = None if tokens[0] is None else [int(t) for t in np.asarray(tokens[0])]
+    if first == [self.bof]:
+      self._sync()
       self.start = time.perf_counter()
-    self.inner.append_text(tokens, plan)
-    if toks == [self.eof]:
-      jax.block_until_ready(getattr(self.inner, "cache", None))
+    self.inner.append_text(tokens, plans)
+    if first == [self.eof]:
+      self._sync()
       self.times.append(time.perf_counter() - self.start)
 
-  def logits(self):
-    return self.inner.logits()
+  def logits(self, rows):
+    return self.inner.logits(rows)
 
-  def velocities(self, x, t, chunk, reps):
-    return jax.block_until_ready(self.inner.velocities(x, t, chunk, reps))
+  def denoise(self, x, chunk, rows, sc, grid):
+    return self.inner.denoise(x, chunk, rows, sc, grid)
 
-  def append_chunk(self, latent, chunk):
-    self.inner.append_chunk(latent, chunk)
+  def append_chunk(self, latents, chunk):
+    self.inner.append_chunk(latents, chunk)
+
+
+def _median_time(fn, reps: int) -> float:
+  jax.block_until_ready(fn())  # compile / warm
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _experiment(name: str, chunks: int, prompt_len: int):
+  exp = config_lib.experiment_from_config_dict(toy_world.get_config(name))
+  text_len = prompt_len + 3 * chunks + 1  # one forced token + BOF + EOF per chunk, EOS
+  return dataclasses.replace(exp, seq=dataclasses.replace(exp.seq, text_len=text_len,
+                                                          max_chunks=chunks))
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="tiny")
-  ap.add_argument("--chunks", type=int, default=32)
+  ap.add_argument("--chunks", type=int, default=64)
+  ap.add_argument("--recompute_at", default="1,2,4,8,16,32,64",
+                  help="comma-separated chunk numbers at which to time the recompute oracle")
   ap.add_argument("--steps", type=int, default=4)
   ap.add_argument("--cfg_scale", type=float, default=2.0)
+  ap.add_argument("--batch", type=int, default=4, help="requests in the batched comparison")
+  ap.add_argument("--reps", type=int, default=5, help="repetitions of the single-call timings")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
 
-  exp = config_lib.experiment_from_config_dict(toy_world.get_config(args.config))
-  n = exp.model.tokens_per_chunk
   prompt = [5, 6, 7]
-  text_len = len(prompt) + 3 * args.chunks + 1  # one forced token + BOF + EOF per chunk, EOS
-  exp = dataclasses.replace(exp, seq=dataclasses.replace(exp.seq, text_len=text_len,
-                                                         max_chunks=args.chunks))
+  exp = _experiment(args.config, args.chunks, len(prompt))
   model = TV2TV(exp.model)
   params = train_step.create_train_state(model, exp, jax.random.key(0)).params
   # Perturb so that zero-initialised output convs do not make every velocity 0.
@@ -86,41 +122,98 @@ def main(argv=None):
   params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
                                      for p, k in zip(leaves, keys)])
   sc = SamplerConfig(steps=args.steps, cfg_scale=args.cfg_scale)
-  req = Request(prompt=prompt, num_chunks=args.chunks, seed=0,
-                interventions={i: [10 + i % 50] for i in range(args.chunks)})
+  n = exp.model.tokens_per_chunk
 
-  def run(make):
-    warm = dataclasses.replace(req, num_chunks=2, interventions={0: [10], 1: [11]})
-    sampler.generate(make(), warm, exp, sc)  # compile
-    backend = TimedBackend(make(), exp.seq.bof_id, exp.seq.eof_id)
-    gen = sampler.generate(backend, req, exp, sc)
-    return gen, backend.times
+  def request(chunks, seed=0):
+    return Request(prompt=prompt, num_chunks=chunks, seed=seed,
+                   interventions={i: [10 + i % 50] for i in range(chunks)})
 
-  cached, t_cached = run(lambda: sampler.CachedBackend(model, params, exp))
-  oracle, t_recomp = run(lambda: recompute.RecomputeBackend(model, params, exp))
-  rel = float(np.max(np.abs(cached.chunks - oracle.chunks)) / np.max(np.abs(oracle.chunks)))
-  if not rel < 1e-4:
-    raise SystemExit(f"cached and recomputed generations disagree: rel. error {rel:.3g}")
+  def timed(backend, req):
+    tb = TimedBackend(backend, exp.seq.bof_id, exp.seq.eof_id)
+    return sampler.generate(tb, req, exp, sc), tb.times
+
+  # 1. Per-chunk latency.
+  sampler.generate(sampler.CachedBackend(model, params, exp), request(2), exp, sc)  # compile
+  cached, t_cached = timed(sampler.CachedBackend(model, params, exp), request(args.chunks))
+  at = sorted({int(c) for c in args.recompute_at.split(",") if 0 < int(c) <= args.chunks})
+  t_recomp, worst_rel = {}, 0.0
+  for c in at:
+    exp_c = _experiment(args.config, c, len(prompt))
+    make = lambda: recompute.oracle(model, params, exp_c)
+    if c == 1:
+      timed(make(), request(1))  # compile this row size
+    oracle, times = timed(make(), request(c))
+    t_recomp[c] = times[-1]
+    ref = cached.chunks[:c]
+    worst_rel = max(worst_rel, float(np.max(np.abs(oracle.chunks - ref)) / np.max(np.abs(ref))))
+    print(f"  chunk {c}: cached {t_cached[c - 1] * 1e3:.1f} ms, "
+          f"recompute {t_recomp[c] * 1e3:.1f} ms (x{t_recomp[c] / t_cached[c - 1]:.1f})",
+          flush=True)
+  if not worst_rel < 1e-4:
+    raise SystemExit(f"cached and recomputed generations disagree: rel. error {worst_rel:.3g}")
+
+  # 2 and 3. One velocity evaluation at the end of the generation vs a full forward.
+  backend = sampler.CachedBackend(model, params, exp)
+  gen = sampler.generate(backend, request(args.chunks), exp, sc)
+  x = jnp.asarray(gen.chunks[-1:])
+  t_vel = {r: _median_time(lambda r=r: backend.velocities(x, 0.5, args.chunks, r), args.reps)
+           for r in (1, 2)}
+  full = recompute.RecomputeBackend(model, params, exp)
+  for i, text in enumerate(gen.texts):
+    full.append_text(text, i + 1)
+    full.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
+    full.append_chunk(gen.chunks[i], i)
+    full.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
+  t_full = _median_time(full.logits, args.reps)
+
+  # 4. Batched requests.
+  reqs = [request(min(args.chunks, 8), seed=s) for s in range(args.batch)]
+  sampler.sample(model, params, exp, reqs, sc)  # compile
+  t0 = time.perf_counter()
+  sampler.sample(model, params, exp, reqs, sc)
+  t_batched = time.perf_counter() - t0
+  sampler.sample(model, params, exp, reqs[0], sc)
+  t0 = time.perf_counter()
+  for r in reqs:
+    sampler.sample(model, params, exp, r, sc)
+  t_serial = time.perf_counter() - t0
+
   result = {
       "config": args.config, "device": str(jax.devices()[0].platform), "steps": args.steps,
-      "cfg_scale": args.cfg_scale, "tokens_per_chunk": n,
-      "row_len_recompute": text_len + 2 * args.chunks * n,
-      "cache_capacity": text_len + args.chunks * n,
-      "latent_rel_error": rel,
-      "per_chunk_s": {"cached": t_cached, "recompute": t_recomp},
-      "mean_s": {"cached": float(np.mean(t_cached)), "recompute": float(np.mean(t_recomp))},
+      "cfg_scale": args.cfg_scale, "tokens_per_chunk": n, "chunks": args.chunks,
+      "cache_capacity": backend.capacity, "full_row_len": exp.seq.text_len + 2 * args.chunks * n,
+      "latent_rel_error": worst_rel,
+      "per_chunk_s": {"cached": t_cached, "recompute": {str(c): t for c, t in t_recomp.items()}},
+      "speedup": {str(c): t_recomp[c] / t_cached[c - 1] for c in at},
+      "velocity_s": {"cond_only": t_vel[1], "cfg_batched": t_vel[2]},
+      "cfg_overhead": t_vel[2] / t_vel[1],
+      "full_forward_s": t_full, "full_forward_over_velocity": t_full / t_vel[1],
+      "batched": {"requests": args.batch, "chunks": min(args.chunks, 8),
+                  "together_s": t_batched, "one_by_one_s": t_serial,
+                  "speedup": t_serial / t_batched},
   }
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                  f"sampler_latency_{args.config}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
-  print(f"{args.config}: per-chunk mean cached {result['mean_s']['cached'] * 1e3:.1f} ms, "
-        f"recompute {result['mean_s']['recompute'] * 1e3:.1f} ms "
-        f"(x{result['mean_s']['recompute'] / result['mean_s']['cached']:.1f}); "
-        f"latent rel. error {rel:.2e}; -> {out}")
-  for i in (0, len(t_cached) // 2, len(t_cached) - 1):
-    print(f"  chunk {i + 1}: cached {t_cached[i] * 1e3:.1f} ms, recompute {t_recomp[i] * 1e3:.1f} ms")
+  q = lambda a, p: float(np.percentile(a, p)) * 1e3
+  print(f"\n{args.config}: n={n} tokens/chunk, {args.chunks} chunks, {args.steps} steps, "
+        f"CFG {args.cfg_scale}; cache {backend.capacity} slots; latent rel. error "
+        f"{worst_rel:.2e}")
+  print("| chunk | cached (ms) | recompute (ms) | speed-up |\n|---|---|---|---|")
+  for c in at:
+    print(f"| {c} | {t_cached[c - 1] * 1e3:.1f} | {t_recomp[c] * 1e3:.1f} | "
+          f"{result['speedup'][str(c)]:.1f}x |")
+  print(f"cached per chunk over all {args.chunks}: median {q(t_cached, 50):.1f} ms, "
+        f"p10 {q(t_cached, 10):.1f}, p90 {q(t_cached, 90):.1f}")
+  print(f"one velocity evaluation: {t_vel[1] * 1e3:.2f} ms (cond), "
+        f"{t_vel[2] * 1e3:.2f} ms (cond+uncond batched): CFG overhead "
+        f"{result['cfg_overhead']:.2f}x; full forward of the sequence "
+        f"{t_full * 1e3:.1f} ms = {result['full_forward_over_velocity']:.1f}x one step")
+  print(f"{args.batch} requests x {min(args.chunks, 8)} chunks: together {t_batched:.2f} s, "
+        f"one by one {t_serial:.2f} s (x{result['batched']['speedup']:.2f})")
+  print(f"-> {out}")
 
 
 if __name__ == "__main__":
