@@ -199,7 +199,7 @@ def test_noisy_chunk_never_enters_the_cache(setup):
   used = int(backend.cache.length[0])
   assert used == backend.used[0]
   modality = np.asarray(backend.cache.meta.modality[0])
-  n_text = len(PROMPT) + sum(len(t) + 2 for t in gen.texts)  # + BOF, EOF per chunk
+  n_text = len(PROMPT) + 1 + sum(len(t) + 2 for t in gen.texts)  # first-frame EOF; BOF, EOF
   assert used == n_text + n * (len(gen.chunks) + 1)  # clean chunks and the first frame
   assert np.sum(modality == sequence.TEXT) == n_text
   assert np.sum(modality == sequence.CLEAN) == n * (len(gen.chunks) + 1)
@@ -429,13 +429,14 @@ def test_sliding_window_keeps_prompt_and_matches_recompute_of_the_window(setup):
   oracle = recompute.RecomputeBackend(model, params, exp)
   oracle.append_text(np.asarray(PROMPT, np.int32), 0)
   oracle.append_chunk(req.first_frame, None)
+  oracle.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
   for j, i in enumerate(range(len(gen.chunks) - kept, len(gen.chunks))):
     if len(gen.texts[i]):
       oracle.append_text(gen.texts[i], j + 1)
     oracle.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
     oracle.append_chunk(gen.chunks[i], j)
     oracle.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
-  assert backend.used[0] == 3 + n + sum(len(gen.texts[i]) + 2 + n
+  assert backend.used[0] == 3 + n + 1 + sum(len(gen.texts[i]) + 2 + n
                                      for i in range(len(gen.chunks) - kept, len(gen.chunks)))
   assert _rel(backend.logits()[0], oracle.logits()) < 1e-5
   # Too small for even the prompt, first frame and one chunk: a clear error.

@@ -39,12 +39,27 @@ def test_layouts(tiny_exp, layout):
   kinds = [(k if k in ("noisy", "clean") else v) for k, v in _logical(row, seq, model)]
   B, E, S = seq.bof_id, seq.eof_id, seq.eos_id
   expected = {
-      "tv2tv": [10, 11, "clean", 20, B, "noisy", "clean", E, 30, 31, B, "noisy", "clean", E, S],
-      "t2v": [10, 11, "clean", B, "noisy", "clean", E, B, "noisy", "clean", E, S],
-      "think2v": [10, 11, "clean", 20, 30, 31, B, "noisy", "clean", E, B, "noisy", "clean", E,
-                  S],
+      "tv2tv": [10, 11, "clean", E, 20, B, "noisy", "clean", E, 30, 31, B, "noisy", "clean", E,
+                S],
+      "t2v": [10, 11, "clean", E, B, "noisy", "clean", E, B, "noisy", "clean", E, S],
+      "think2v": [10, 11, "clean", E, 20, 30, 31, B, "noisy", "clean", E, B, "noisy", "clean",
+                  E, S],
   }[layout]
   assert kinds == expected
+
+
+def test_first_frame_eof_predicts_the_first_chunk_text(tiny_exp):
+  """The EOF after a given first frame is the trained predictor of text_0's first token
+  (and the prompt's last token, followed by the frame, has no target)."""
+  seq, model = tiny_exp.seq, tiny_exp.model
+  ex = dataclasses.replace(_example(tiny_exp, num_chunks=1, first_frame=True),
+                           prompt=np.array([10]), chunk_texts=[np.array([20, 21])])
+  lo = sequence.layout_example(ex, seq, model)
+  # prompt 10, [frame], EOF, text 20 21, BOF, [chunk], EOF, EOS
+  np.testing.assert_array_equal(lo.text_tokens, [10, seq.eof_id, 20, 21, seq.bof_id,
+                                                 seq.eof_id, seq.eos_id])
+  np.testing.assert_array_equal(lo.text_target_mask, [0, 1, 1, 1, 0, 1, 0])
+  assert lo.text_targets[1] == 20
 
 
 def test_noisy_and_clean_copies_share_positions(tiny_exp):

@@ -5,10 +5,17 @@ kernel and the sampler (DESIGN.md section 2). Nothing else decides a layout.
 
 Logical order (TV2TV layout), per example::
 
-    prompt · [first frame: clean copy] · for chunk i: text_i · BOF · noisy_i · clean_i · EOF · … · EOS
+    prompt · [first frame: clean copy · EOF] · for chunk i: text_i · BOF · noisy_i · clean_i · EOF · … · EOS
 
 T2V drops every text_i; Think2V writes all text_i (in order) after the prompt and
 first frame, then all chunks. Text comes before the chunk it plans.
+
+The EOF after a given first frame (not in DESIGN.md's sketch) closes it as EOF
+closes every generated chunk. Without it no trained text slot would predict the
+first token of text_0 while seeing the frame: the prompt's last token is followed
+by the frame, so it has no text target, and a clean chunk has no LM head. With it,
+EOF's target is text_0's first token (or BOF), and the sampler draws that token
+from EOF's logits, as it does after every chunk.
 
 Storage order. A packed row of L = T + (Kn + K)·n slots is stored *grouped by modality*:
 
@@ -221,6 +228,9 @@ def layout_example(ex: Example, seq: SequenceConfig, model: ModelConfig,
   first = int(ex.first_frame)
   if ex.first_frame:
     add_chunk(0, 0, with_noisy=False)
+    # EOF closes the given frame as it closes every chunk, so that a text slot that sees
+    # the frame predicts the first token of text_0 (else nothing trained would).
+    add_text([seq.eof_id], 0)
   chunks = list(range(first, ex.latents.shape[0]))  # latent index per generated chunk
   if layout == "think2v":
     for i, _ in enumerate(chunks):

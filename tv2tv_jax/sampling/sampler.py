@@ -10,7 +10,8 @@ Loop (DESIGN.md section 6), per chunk i, for every request still running:
           conditional and the text-dropped branch run in one batched pass and
           v = v_u + s·(v_c − v_u) (`flow.guided_velocity`, `flow.ode_step`);
   then the clean chunk (t = 1) is appended in one pass, then EOF.
-Before the loop: the prompts, then the optional first frames as clean chunks.
+Before the loop: the prompts, then the optional first frames as clean chunks, each
+closed by EOF (`sequence`: EOF's logits give the first token of text_0).
 
 Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
 every running row writes its text (rows that already hit BOF write nothing while
@@ -30,11 +31,6 @@ means the row writes nothing.
   denoise(x f32[B,h,w,c], chunk, rows, sc, grid f32[m+1]) -> f32[B,h,w,c]
                                             the ODE of `sc.steps` guided steps for `rows`
   append_chunk(latents [f32[h,w,c] | None] * B, chunk)   clean chunk (chunk None: first frame)
-
-Note on first frames: nothing in training predicts the first token after a
-clean chunk (a text target needs a text predecessor), so after the first frame
-the first token of text_0 comes from the logits of the last prompt token, which
-do not see the frame. Both backends do the same; see docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -132,6 +128,8 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
   backend.append_text([r.req.prompt for r in rows], [0] * nb)
   if any(r.req.first_frame is not None for r in rows):
     backend.append_chunk([r.req.first_frame for r in rows], None)
+    backend.append_text([np.asarray([seq.eof_id], np.int32) if r.req.first_frame is not None
+                         else None for r in rows], [0] * nb)
   grid = np.asarray(flow.time_grid(sc.steps, sc.shift), np.float32)
   last = max(r.req.num_chunks for r in rows)
   if sc.layout == "think2v":
@@ -351,10 +349,10 @@ class CachedBackend:
   def _units(self):
     """Splits the written pieces into (prefix, complete chunk units, open tail).
 
-    prefix: the prompt and the first frame; a unit: text_i, BOF, clean_i, EOF.
+    prefix: the prompt, and the first frame with its EOF; a unit: text_i, BOF, clean_i, EOF.
     """
     pieces = list(self.pieces)
-    k = 2 if len(pieces) > 1 and pieces[1][0] == "clean" and pieces[1][2] is None else 1
+    k = 3 if len(pieces) > 1 and pieces[1][0] == "clean" and pieces[1][2] is None else 1
     prefix, units, cur = pieces[:k], [], []
     eof = self.exp.seq.eof_id
     for piece in pieces[k:]:
