@@ -16,7 +16,8 @@ Steps, each a `gcloud compute tpus tpu-vm` command (`--dry_run` prints them, run
                        files) as a tarball: `tpu-vm scp --worker=all`, then unpack;
        --install=git   `git fetch <git_url> <git_ref>` on each worker (the ref must be
                        pushed; a branch, tag or commit);
-     then `pip install -e '.[tpu]'` (jax[tpu] with its pinned libtpu) on each worker.
+     then `pip install -e '.[tpu]'` (jax[tpu] with its pinned libtpu) on each worker
+     (`'.[tpu,gcs]'` for a gs:// work directory).
   3. train: `tpu-vm ssh --worker=all --command=...` starts the same command on every worker:
        python3 -m tv2tv_jax.main --config=... --workdir=... --distributed [extra flags]
      under `setsid nohup` (it outlives the ssh session), output in
@@ -25,8 +26,8 @@ Steps, each a `gcloud compute tpus tpu-vm` command (`--dry_run` prints them, run
      and process ids from the TPU metadata.
 
 The work directory must be one path that every worker sees (checkpoints are written by all
-processes; tv2tv_jax.trainer writes with plain file I/O, so not a gs:// URL): a Filestore
-(NFS) mount or a gcsfuse mount of a bucket at the same path on every worker (docs/launch.md).
+processes): a gs://bucket/path URI (tv2tv_jax.workdirs), or a Filestore (NFS) or gcsfuse
+mount at the same path on every worker (docs/launch.md).
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def remote_install(args) -> str:
     # A fresh copy each time: files deleted locally must not linger on the workers.
     get = (f"rm -rf {d} && mkdir -p {d} && tar -xzf {shlex.quote(args.remote_tarball)} "
            f"-C {d}")
+  extras = "tpu,gcs" if args.workdir.startswith("gs://") else "tpu"
   return (f"set -e; {get} && cd {d} && python3 -m pip install --quiet --upgrade pip && "
-          "python3 -m pip install --quiet -e '.[tpu]'")
+          f"python3 -m pip install --quiet -e '.[{extras}]'")
 
 
 def remote_train(args) -> str:
@@ -107,7 +109,9 @@ def remote_train(args) -> str:
          f"--workdir={args.workdir}", "--distributed", *args.extra]
   # $(hostname) is expanded by the worker's shell: one log file per worker.
   log = "logs/train-$(hostname).log"  # relative to the checkout (after the cd)
-  return (f"cd {d} && mkdir -p logs {shlex.quote(args.workdir)} && "
+  # A bucket has no directories to make (and `mkdir -p gs://...` would make a local one).
+  mk = "" if args.workdir.startswith("gs://") else f" {shlex.quote(args.workdir)}"
+  return (f"cd {d} && mkdir -p logs{mk} && "
           f"PYTHONUNBUFFERED=1 setsid nohup {shlex.join(cmd)} > {log} 2>&1 < /dev/null & "
           f"echo started on $(hostname), log {log}")
 
@@ -155,7 +159,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--remote_dir", default="tv2tv", help="checkout on each worker (relative "
                  "to the home directory, or absolute)")
   p.add_argument("--config", required=True, help="experiments/<file>.py:<variant>")
-  p.add_argument("--workdir", required=True, help="a path every worker sees (NFS/gcsfuse)")
+  p.add_argument("--workdir", required=True,
+                 help="gs://bucket/path, or a path every worker sees (NFS/gcsfuse)")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   try:
     args = p.parse_args(argv)
@@ -171,10 +176,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   accelerator_type(args.accelerator_type)  # fails early on an unknown type
   if args.install == "git" and not args.git_url:
     raise LaunchError("--install=git needs --git_url (a URL the workers can clone)")
-  if args.workdir.startswith("gs://"):
-    raise LaunchError("--workdir must be a filesystem path shared by all workers (the "
-                      "trainer writes with plain file I/O): mount the bucket with gcsfuse "
-                      "on every worker and pass the mount path (docs/launch.md)")
+  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", args.workdir)
+  if scheme and scheme.group(1) != "gs":
+    raise LaunchError(f"--workdir {args.workdir!r}: only gs:// URIs or a filesystem path "
+                      "shared by all workers (NFS, gcsfuse mount) are supported (docs/launch.md)")
   if not re.fullmatch(r"[\w./-]+\.py(:[\w,.-]+)?", args.config):
     raise LaunchError(f"--config {args.config!r}: expected experiments/<file>.py[:variant]")
   args.local_tarball = os.path.join(tempfile.gettempdir(), f"tv2tv-{args.name}.tgz")

@@ -82,11 +82,22 @@ def test_git_install_and_v5e_type():
   assert flag(create, "version") == "v2-alpha-tpuv5-lite"
 
 
+def test_gcs_workdir():
+  """A gs:// work directory: the `gcs` extra is installed and no local directory is made."""
+  install, train = dry_run(*BASE[:-1], "--workdir=gs://bucket/runs/csgo",
+                           "--accelerator_type=v5p-8", "--install=git",
+                           "--git_url=https://example.com/tv2tv.git")
+  assert "pip install --quiet -e '.[tpu,gcs]'" in flag(install, "command")
+  remote = shlex.split(flag(train, "command"))
+  assert remote[:6] == ["cd", "tv2tv", "&&", "mkdir", "-p", "logs"] and remote[6] == "&&"
+  assert "--workdir=gs://bucket/runs/csgo" in remote
+
+
 @pytest.mark.parametrize("args,message", [
     (["--accelerator_type=v3-8"], "unknown accelerator type 'v3-8'"),
     (["--accelerator_type=v5p-12"], "multiples of 8"),
     (["--accelerator_type=v6e-12"], "unknown accelerator type 'v6e-12'"),
-    (["--accelerator_type=v5p-8", "--workdir=gs://bucket/run"], "gcsfuse"),
+    (["--accelerator_type=v5p-8", "--workdir=s3://bucket/run"], "only gs:// URIs"),
     (["--accelerator_type=v5p-8", "--install=git"], "--git_url"),
     (["--accelerator_type=v5p-8", "--", "--dry_run"], "must come before"),
 ])

@@ -13,19 +13,21 @@ written on 8 devices restores onto 1 or 4. If the newest checkpoint cannot be re
 (truncated, corrupt), the previous one is used and the reason is reported.
 
 A params-only export (`export_params`) holds just the parameters, for evaluation.
+
+Directories are local paths or gs:// URIs (`tv2tv_jax.workdirs`); Orbax takes either as
+an `epath.Path`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-from tv2tv_jax import train_step
+from tv2tv_jax import train_step, workdirs
 
 
 def state_tree(state: train_step.TrainState) -> dict[str, Any]:
@@ -44,11 +46,15 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints, plus every `keep_every`-th step if set."""
+  """Keeps the last `max_to_keep` checkpoints, plus every `keep_every`-th step if set.
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every: int | None = None,
-               async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  `directory`: local path or gs:// URI (str or path); `self.directory` is its epath.Path.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               keep_every: int | None = None, async_save: bool = True):
+    self.directory = workdirs.as_path(directory, "checkpoint directory")
+    workdirs.check_reachable(self.directory, "checkpoint directory")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_every,
                                            enable_async_checkpointing=async_save, create=True)
     self._mgr = ocp.CheckpointManager(self.directory, options=options,
@@ -110,13 +116,13 @@ class Checkpointer:
     """Moves unreadable step directories to `<directory>.unreadable/` (kept for
     inspection, never deleted), so training can write those steps again."""
     if jax.process_index() == 0:
-      aside = self.directory + ".unreadable"
-      os.makedirs(aside, exist_ok=True)
+      aside = self.directory.parent / f"{self.directory.name}.unreadable"
+      aside.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(aside, f"{step}-{int(time.time())}")
-        if os.path.exists(src):
-          shutil.move(src, dst)
+        src = self.directory / str(step)
+        dst = aside / f"{step}-{int(time.time())}"
+        if src.exists():
+          src.rename(dst)  # a sibling directory: a rename locally, copy + delete on GCS
           log(f"moved unreadable checkpoint {src} to {dst}")
     self._mgr.reload()
 
@@ -125,13 +131,15 @@ class Checkpointer:
     self._mgr.close()
 
 
-def export_params(params: Any, path: str) -> None:
-  """Writes a params-only checkpoint (for evaluation and sampling) to `path`."""
+def export_params(params: Any, path: str | os.PathLike) -> None:
+  """Writes a params-only checkpoint (for evaluation and sampling) to `path` (local or
+  gs://)."""
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(path), params, force=True)
+  ckptr.save(workdirs.as_path(path, "--export_params"), params, force=True)
   ckptr.wait_until_finished()
 
 
-def restore_params(path: str, target: Any) -> Any:
-  """Reads a params-only export onto `target`'s shardings (abstract params tree)."""
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+def restore_params(path: str | os.PathLike, target: Any) -> Any:
+  """Reads a params-only export (local or gs://) onto `target`'s shardings (abstract
+  params tree)."""
+  return ocp.StandardCheckpointer().restore(workdirs.as_path(path, "--params"), target)

@@ -5,7 +5,8 @@ r"""Evaluates a checkpoint on whatever devices this process has.
 
 The experiment config is read from the checkpoint (or `<workdir>/config.json` for
 a params-only export); `--config.mesh.*` style overrides are not needed: the mesh
-is rebuilt from the devices present. Prints the evaluation losses as JSON.
+is rebuilt from the devices present. Prints the evaluation losses as JSON. --workdir,
+--params and --export_params may be local paths or gs:// URIs (`tv2tv_jax.workdirs`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from tv2tv_jax import checkpoints, distributed, evaluation, inputs, trainer
+from tv2tv_jax import checkpoints, distributed, evaluation, inputs, trainer, workdirs
 
 FLAGS = flags.FLAGS
 
@@ -31,17 +32,21 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-def load_params(workdir: str, step: int | None = None, params_dir: str | None = None,
-                devices=None):
-  """(Run on the present devices, params restored onto its mesh, step or None)."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+def load_params(workdir: str | os.PathLike, step: int | None = None,
+                params_dir: str | os.PathLike | None = None, devices=None):
+  """(Run on the present devices, params restored onto its mesh, step or None).
+
+  `workdir` (and `params_dir`): local paths or gs:// URIs.
+  """
+  wd = workdirs.as_path(workdir, "--workdir")
+  workdirs.check_reachable(wd, "--workdir")
+  cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
   cfg.mesh = ml_collections.ConfigDict({"data": -1})  # whatever devices are here
   run = trainer.Run(cfg, devices)
   if params_dir:
     target = checkpoints.abstract_target(run.abstract_state().params, run.shardings.params)
     return run, checkpoints.restore_params(params_dir, target), None
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoints.Checkpointer(wd / "checkpoints")
   restored = ckpt.restore(run.restore_target(), step=step)
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint in {ckpt.directory}")
@@ -49,8 +54,8 @@ def load_params(workdir: str, step: int | None = None, params_dir: str | None = 
   return run, tree["params"], step
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, params_dir: str | None = None,
-                        devices=None) -> dict:
+def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,
+                        params_dir: str | os.PathLike | None = None, devices=None) -> dict:
   """The evaluation losses of a checkpoint (see `evaluation`), plus its step."""
   run, params, step = load_params(workdir, step, params_dir, devices)
   batches = inputs.make_eval_batches(run.exp, run.cfg, workdir=workdir)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from tv2tv_jax import synthetic
+from tv2tv_jax import synthetic, workdirs
 from tv2tv_jax.config import ConfigError, Experiment
 
 # Evaluation batches are drawn from a seed range disjoint from training's.
@@ -79,20 +79,36 @@ class SyntheticBatches:
     self.index = int(state["index"])
 
 
-def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | None):
+def toy_world_data_dir(cfg: Any, workdir: str | os.PathLike | None) -> str:
+  """The toy-world data directory: `data.data_dir`, else <workdir>/toy_world_data, else
+  <system temp dir>/tv2tv_toy_world_data; always a local path.
+
+  Raises workdirs.WorkdirError naming `data.data_dir` when it (or the default under a
+  gs:// work directory) is not local: the data stages (TFDS ArrayRecord build, VAE,
+  tokenizer) read and write with local file I/O.
+  """
+  data_cfg = cfg.get("data") or {}
+  if data_cfg.get("data_dir"):
+    data_dir = os.fspath(data_cfg["data_dir"])
+  elif workdir:
+    data_dir = os.fspath(workdirs.as_path(workdir) / "toy_world_data")
+  else:
+    # No work directory given (a caller of the older signature): a shared cache in the
+    # system temp directory; stage markers keep it correct across configs.
+    data_dir = os.path.join(tempfile.gettempdir(), "tv2tv_toy_world_data")
+  return workdirs.require_local(
+      data_dir, "data.data_dir", "the toy-world data stages (defaulting to "
+      "<workdir>/toy_world_data) use local file I/O; set data.data_dir to a local path")
+
+
+def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None):
   """Prepares the toy-world data stages (cached) and returns the pipeline config.
 
-  The data directory is `data.data_dir`, else <workdir>/toy_world_data, else
-  <system temp dir>/tv2tv_toy_world_data. Process 0 runs
+  The data directory is `toy_world_data_dir(cfg, workdir)`. Process 0 runs
   the missing stages; the others wait for it at a barrier and then read the same files.
   """
   from data_pipelines import main_job, tokenizer as tokenizer_lib  # local: heavy imports
-  data_cfg = cfg.get("data") or {}
-  data_dir = data_cfg.get("data_dir") or (
-      os.path.join(workdir, "toy_world_data") if workdir
-      # No work directory given (a caller of the older signature): a shared cache in the
-      # system temp directory; stage markers keep it correct across configs.
-      else os.path.join(tempfile.gettempdir(), "tv2tv_toy_world_data"))
+  data_dir = toy_world_data_dir(cfg, workdir)
   if jax.process_index() == 0:
     main_job.prepare_toy_world(data_dir, cfg)
   if jax.process_count() > 1:
@@ -103,7 +119,7 @@ def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | None):
   return pcfg
 
 
-def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | None, split: str,
+def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None, split: str,
                       train: bool):
   from data_pipelines import grain_pipeline  # local: grain is only needed for this source
   pcfg = _toy_world_pipeline(exp, cfg, workdir)
@@ -115,7 +131,7 @@ def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | None, split: str
   return grain_pipeline.GrainBatches(ds)
 
 
-def make_train_input(exp: Experiment, cfg: Any, workdir: str | None = None):
+def make_train_input(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None = None):
   """The configured training stream (see `data.source`).
 
   `workdir`: the run's work directory; 'toy_world' caches its data stages under it
@@ -131,7 +147,8 @@ def make_train_input(exp: Experiment, cfg: Any, workdir: str | None = None):
 
 
 def make_eval_batches(exp: Experiment, cfg: Any,
-                      workdir: str | None = None) -> list[dict[str, np.ndarray]]:
+                      workdir: str | os.PathLike | None = None
+                      ) -> list[dict[str, np.ndarray]]:
   """`train.eval_batches` held-out batches (this process's rows), fixed for the run.
 
   'toy_world': the first batches of the validation split, unshuffled (repeated if the

@@ -2,17 +2,20 @@ r"""Trains TV2TV from an experiment config (resuming from the work directory if 
 
     python -m tv2tv_jax.main --config=experiments/toy_world.py:quick --workdir=/tmp/run \
         [--config.train.num_steps=100 ...] [--distributed | --coordinator_address=...]
+
+--workdir may be a gs:// URI (docs/launch.md, "A work directory every worker sees").
 """
 
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import distributed, trainer
+from tv2tv_jax import distributed, trainer, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints: a "
+                                "local path or gs://bucket/path.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,9 +24,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.setup_process()
   cfg = _CONFIG.value
+  sample = cfg.get("sample") or {}
+  if sample.get("after_training") and not workdirs.is_local(_WORKDIR.value):
+    # Refused before training rather than after it: tv2tv_jax.generate reads the run and
+    # writes its samples with local file I/O.
+    raise workdirs.WorkdirError("sample.after_training", f"sampling after training needs a "
+                                f"local (or mounted) --workdir, not {_WORKDIR.value}; set it "
+                                f"False and run tv2tv_jax.generate on a local copy")
   records = trainer.train(cfg, _WORKDIR.value)
   print("done:", trainer.final_summary(records))
-  sample = cfg.get("sample") or {}
   if sample.get("after_training") and jax.process_index() == 0:
     from tv2tv_jax import generate  # local: the sampler is only needed here
     interventions = dict(generate.parse_intervention(s) for s in sample.interventions)

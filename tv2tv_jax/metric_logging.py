@@ -3,6 +3,9 @@
 Only process 0 writes (the others hold identical, replicated metrics). On a
 terminal the console line is a live progress display (rewritten in place);
 otherwise (CI, log files) one line per logged step.
+
+The work directory may be a gs:// URI (`tv2tv_jax.workdirs`): metrics.jsonl then goes
+through epath and TensorBoard through tensorboardX's own gs:// writer.
 """
 
 from __future__ import annotations
@@ -12,14 +15,51 @@ import os
 import sys
 from typing import Any, Callable
 
+from etils import epath
 import jax
+
+from tv2tv_jax import workdirs
+
+
+class _JsonLines:
+  """Appends JSON lines to a file that outlives the run (and its resumes).
+
+  A local file is appended to and flushed per line. A Cloud Storage object cannot be
+  appended to, and a buffered upload shows nothing until it is closed, so there the whole
+  text is rewritten per line: a crash loses no logged line, at the cost of rewriting a
+  file that grows by one line per logged step.
+  """
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self._file, self._text = None, None
+    if workdirs.is_local(path):
+      # Appended, not truncated: a resumed run continues the same file.
+      self._file = open(os.fspath(path), "a")
+    else:
+      self._text = path.read_text() if path.exists() else ""
+
+  def write(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line + "\n")
+      self._file.flush()
+    else:
+      self._text += line + "\n"
+      self.path.write_text(self._text)
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
 
 
 class MetricLogger:
-  """Appends to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tensorboard`."""
+  """Appends to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tensorboard`.
 
-  def __init__(self, workdir: str, total_steps: int, log: Callable[[str], None] = print,
-               tensorboard: bool = True):
+  `workdir`: a local path or gs:// URI (str or path), created if missing.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, total_steps: int,
+               log: Callable[[str], None] = print, tensorboard: bool = True):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self._log = log
@@ -28,19 +68,21 @@ class MetricLogger:
     self._tb = None
     if not self.active:
       return
-    # Appended, not truncated: a resumed run continues the same file.
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    wd = workdirs.as_path(workdir)
+    workdirs.check_reachable(wd)
+    wd.mkdir(parents=True, exist_ok=True)
+    self._jsonl = _JsonLines(wd / "metrics.jsonl")
     if tensorboard:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # A string: tensorboardX picks its gs:// writer (or the local one) from the prefix.
+      self._tb = SummaryWriter(os.fspath(wd / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     """Records scalar `metrics` at `step` (file + TensorBoard)."""
     if not self.active:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(json.dumps(record))
     if self._tb is not None:
       for k, v in record.items():
         if k != "step":

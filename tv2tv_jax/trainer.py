@@ -9,6 +9,9 @@
 A run resumes from the newest readable checkpoint in `workdir/checkpoints`; the
 input stream and the per-step randomness (fold_in(seed, step)) resume with it, so a
 resumed run logs exactly the losses an uninterrupted one would.
+
+`workdir` is a local path or a gs:// URI (`tv2tv_jax.workdirs`); what cannot use a
+bucket (the toy-world data directory) is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from tv2tv_jax import (checkpoints, evaluation, flops, inputs, llama_init, metric_logging,
-                       sharding, train_step)
+                       sharding, train_step, workdirs)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
 
@@ -69,29 +72,46 @@ class Run:
                                    self.shardings.params)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
-          devices=None) -> list[dict[str, float]]:
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
+  """The run's work directory as an epath.Path, checked before anything is built.
+
+  Raises workdirs.WorkdirError naming the flag or field: a scheme other than gs://, a
+  gs:// directory without the packages to reach it, or a toy-world data directory that
+  is not local (`data.data_dir`; it defaults to <workdir>/toy_world_data).
+  """
+  wd = workdirs.as_path(workdir, "--workdir")
+  workdirs.check_reachable(wd, "--workdir")
+  if (cfg.get("data") or {}).get("source") == "toy_world":
+    inputs.toy_world_data_dir(cfg, wd)
+  return wd
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          log: Callable[[str], None] = print, devices=None) -> list[dict[str, float]]:
   """Trains (or resumes) the configured model; returns the records logged by this call.
 
-  `devices` (default: all) are the devices the mesh is built on.
+  `workdir`: a local path or gs:// URI (str or path). `devices` (default: all) are the
+  devices the mesh is built on.
 
   Raises:
     config.ConfigError: a config field that cannot work (before any compile).
+    workdirs.WorkdirError: a work or data directory that cannot be used (before any
+      compile; see `check_workdir`).
     NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
   """
+  wd = check_workdir(cfg, workdir)
   run = Run(cfg, devices)
   exp, mesh = run.exp, run.mesh
   tc = exp.train
-  os.makedirs(workdir, exist_ok=True)
+  wd.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  logger = metric_logging.MetricLogger(workdir, tc.num_steps, log)
+    (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  logger = metric_logging.MetricLogger(wd, tc.num_steps, log)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoints.Checkpointer(wd / "checkpoints",
                                   max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
                                   async_save=tc.async_checkpoints)
-  data = inputs.make_train_input(exp, cfg, workdir=workdir)
+  data = inputs.make_train_input(exp, cfg, workdir=wd)
   restored = ckpt.restore(run.restore_target(), logger.message)
   if restored is not None:
     start, tree, data_state, _ = restored
@@ -108,7 +128,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, log: Callable[[str], Non
           cfg.init, exp.model, state.params, log=logger.message))
 
   step_fn = sharding.make_sharded_train_step(run.model, exp, mesh, run.rules, run.shardings)
-  eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg, workdir=workdir)
+  eval_fn, eval_batches = run.eval_fn(), inputs.make_eval_batches(exp, cfg, workdir=wd)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   step_flops = flops.train_step_flops(exp, tc.batch_size)
   peak = flops.device_peak_flops() * mesh.size

@@ -3,7 +3,7 @@ r"""Trains the video VAE on toy-world clips; evaluates held-out PSNR; saves and 
     python -m tv2tv_jax.vae.train --config=experiments/vae_toy_world.py:quick --workdir=/tmp/vae \
         [--config.train.num_steps=500 ...]
 
-Writes into the work directory:
+Writes into the work directory (a local path or a gs:// URI, `tv2tv_jax.workdirs`):
   config.json         the full experiment config
   metrics.jsonl       one JSON object per logged step (loss, recon, kl, psnr, grad norm, lr, clips/s)
   vae_config.json     the frozen VAEConfig (what `load_tokenizer` rebuilds the model from)
@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from data_pipelines import toy_world
+from tv2tv_jax import workdirs
 from tv2tv_jax.config import ConfigError
 from tv2tv_jax.vae import model as vae_model
 from tv2tv_jax.vae.model import LatentStats, VAEConfig, VideoVAE
@@ -271,17 +272,16 @@ def compute_latent_stats(vae_cfg: VAEConfig, params: Any, seeds: Iterable[int],
 
 # --------------------------------------------------------------------------- save / load
 
-def save(workdir: str, vae_cfg: VAEConfig, params: Any,
+def save(workdir: str | os.PathLike, vae_cfg: VAEConfig, params: Any,
          stats: LatentStats | None = None) -> None:
-  """Writes vae_config.json, params.msgpack and (if given) latent_stats.json into workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "vae_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(vae_cfg), f, indent=2)
-  with open(os.path.join(workdir, "params.msgpack"), "wb") as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(params)))
+  """Writes vae_config.json, params.msgpack and (if given) latent_stats.json into workdir
+  (local or gs://)."""
+  wd = workdirs.as_path(workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  (wd / "vae_config.json").write_text(json.dumps(dataclasses.asdict(vae_cfg), indent=2))
+  (wd / "params.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
   if stats is not None:
-    with open(os.path.join(workdir, "latent_stats.json"), "w") as f:
-      json.dump(stats.to_json(), f, indent=2)
+    (wd / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,42 +310,43 @@ class VideoTokenizer:
     return self.stats
 
 
-def load_tokenizer(workdir: str) -> VideoTokenizer:
-  """Rebuilds the VAEConfig and restores params (and stats, if saved) written by `save`."""
-  with open(os.path.join(workdir, "vae_config.json")) as f:
-    vae_cfg = vae_model.vae_config_from_dict(json.load(f))
+def load_tokenizer(workdir: str | os.PathLike) -> VideoTokenizer:
+  """Rebuilds the VAEConfig and restores params (and stats, if saved) written by `save`
+  into `workdir` (local or gs://)."""
+  wd = workdirs.as_path(workdir)
+  vae_cfg = vae_model.vae_config_from_dict(json.loads((wd / "vae_config.json").read_text()))
   # Restoring into the abstract init tree checks every name and shape of the file.
   target = jax.eval_shape(lambda: vae_model.init_params(vae_cfg, jax.random.key(0)))
-  with open(os.path.join(workdir, "params.msgpack"), "rb") as f:
-    params = flax.serialization.from_bytes(target, f.read())
+  params = flax.serialization.from_bytes(target, (wd / "params.msgpack").read_bytes())
   for want, got in zip(jax.tree.leaves(target), jax.tree.leaves(params)):
     if want.shape != got.shape:
       raise ValueError(f"params.msgpack does not match vae_config.json: {got.shape} vs "
                        f"{want.shape}")
   params = jax.tree.map(jnp.asarray, params)
   stats = None
-  path = os.path.join(workdir, "latent_stats.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      stats = LatentStats.from_json(json.load(f))
+  path = wd / "latent_stats.json"
+  if path.exists():
+    stats = LatentStats.from_json(json.loads(path.read_text()))
   return VideoTokenizer(vae_cfg, params, stats)
 
 
 # --------------------------------------------------------------------------- the loop
 
-def train(cfg: Any, workdir: str, log=print) -> dict[str, Any]:
+def train(cfg: Any, workdir: str | os.PathLike, log=print) -> dict[str, Any]:
   """Trains, evaluates held-out PSNR, computes latent stats, saves; returns a summary dict.
 
   Args:
     cfg: an experiment ConfigDict (`experiments/vae_toy_world.py`), sections vae and train.
-    workdir: output directory (created); see the module docstring for its files.
+    workdir: output directory (created; local or gs://); see the module docstring for its
+      files.
     log: where progress lines go.
   """
   vae_cfg, tcfg = configs_from_config_dict(cfg)  # validates before any compile
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True) if hasattr(
-        cfg, "to_json_best_effort") else json.dumps(dict(cfg), default=str))
+  wd = workdirs.as_path(workdir)
+  workdirs.check_reachable(wd)
+  wd.mkdir(parents=True, exist_ok=True)
+  (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True) if hasattr(
+      cfg, "to_json_best_effort") else json.dumps(dict(cfg), default=str))
 
   init_rng, step_rng = jax.random.split(jax.random.key(tcfg.seed))
   state = create_train_state(vae_cfg, tcfg, init_rng)
@@ -361,9 +362,9 @@ def train(cfg: Any, workdir: str, log=print) -> dict[str, Any]:
       + (f", temp {mem.temp_size_in_bytes / 2**20:.0f} MiB" if mem is not None else ""))
 
   records = []
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   t_start = t_log = time.time()
-  with open(metrics_path, "w") as mf:
+  # On GCS the object appears when the file closes (fsspec uploads in blocks).
+  with (wd / "metrics.jsonl").open("w") as mf:
     frames = first
     for step in range(tcfg.num_steps):
       if step > 0:
@@ -392,9 +393,8 @@ def train(cfg: Any, workdir: str, log=print) -> dict[str, Any]:
       f"{result['psnr_global']:.2f} pooled, first frame {result['first_frame_psnr']:.2f}")
   stats_seeds = range(tcfg.train_seed_start, tcfg.train_seed_start + tcfg.stats_clips)
   stats = compute_latent_stats(vae_cfg, params, stats_seeds, tcfg.eval_chunks, tcfg.eval_batch)
-  save(workdir, vae_cfg, params, stats)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  save(wd, vae_cfg, params, stats)
+  (wd / "eval.json").write_text(json.dumps(result, indent=2))
   return {"records": records, "eval": result, "stats": stats, "params": params,
           "vae_config": vae_cfg}
 
