@@ -530,3 +530,31 @@ def test_cache_write_skips_padding_past_count(tiny_exp):
   # A write past the capacity is dropped, never clamped onto earlier slots.
   c = kv_cache.write(c, 3 * jnp.ones(shape), 3 * jnp.ones(shape), meta, jnp.asarray([3, 0]))
   np.testing.assert_array_equal(np.asarray(c.k[0, 0, :, 0, 0]), [1, 1, 1, 3, 3])
+
+
+def test_cache_applies_llama3_rope_scaling(setup):
+  """A model with Llama-3.1 RoPE scaling: the cached forward rotates with the scaled
+  frequencies too (same logits and velocities as the oracle, different from plain RoPE)."""
+  exp, _, params = setup
+  # Scaled bands at the tiny head_dim 16 with positions up to ~30: original context 8.
+  scaled = dataclasses.replace(exp.model, rope_type="llama3", rope_factor=8.0,
+                               rope_original_max_position_embeddings=8, rope_theta=100.0)
+  exp_s = dataclasses.replace(exp, model=scaled)
+  model_s = TV2TV(scaled)
+  outs = {}
+  for name, (e, m) in {"scaled": (exp_s, model_s),
+                       "plain": (dataclasses.replace(exp, model=dataclasses.replace(
+                           scaled, rope_type="default", rope_factor=1.0,
+                           rope_original_max_position_embeddings=8192)), None)}.items():
+    m = m or TV2TV(e.model)
+    cached = sampler.CachedBackend(m, params, e)
+    oracle = recompute.RecomputeBackend(m, params, e)
+    for tokens, plan in ((PROMPT + [20, 21, 22, 23, 24, 25], 0), ([30], 1),
+                         ([exp.seq.bof_id], 0)):
+      cached.append_text([np.asarray(tokens, np.int32)], [plan])
+      oracle.append_text(np.asarray(tokens, np.int32), plan)
+    x = np.random.default_rng(2).standard_normal(exp.model.latent_shape).astype(np.float32)
+    outs[name] = (cached.logits()[0], cached.velocities(x[None], 0.5, 0, 1)[0])
+    assert _rel(outs[name][0], oracle.logits()) < 1e-5
+    assert _rel(outs[name][1], oracle.velocities(x, 0.5, 0, 1)) < 1e-5
+  assert _rel(outs["scaled"][0], outs["plain"][0]) > 1e-4  # the scaling is in effect

@@ -147,8 +147,8 @@ def forward_tokens(cfg: ModelConfig, params, cache: KVCache, x: jax.Array, tower
   for li, p in enumerate(layer_params(params, cfg)):
     variables = {"params": p[tower]}
     q, k, v = module.apply(variables, x, method="project")
-    q = layers.apply_rope(q, q_meta.positions, cfg.rope_theta)
-    k = layers.apply_rope(k, q_meta.positions, cfg.rope_theta)
+    q = layers.apply_rope(q, q_meta.positions, cfg.rope_theta, cfg.rope_scaling)
+    k = layers.apply_rope(k, q_meta.positions, cfg.rope_theta, cfg.rope_scaling)
     o = attend(q, jnp.concatenate([cache.k[li], k], axis=1),
                jnp.concatenate([cache.v[li], v], axis=1))
     x = module.apply(variables, x, o, method="finish")
