@@ -109,14 +109,22 @@ def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | 
   """
   from data_pipelines import main_job, tokenizer as tokenizer_lib  # local: heavy imports
   data_dir = toy_world_data_dir(cfg, workdir)
-  if jax.process_index() == 0:
-    main_job.prepare_toy_world(data_dir, cfg)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("toy_world_data_prepared")
-  pcfg = main_job.pipeline_config(data_dir, cfg)
-  tokenizer_lib.check_compatible(tokenizer_lib.load_tokenizer(pcfg.tokenizer_path), exp)
-  return pcfg
+  # The training stream and the evaluation batches of one run ask for the same stages:
+  # check (and log) them once per process.
+  key = (data_dir, repr(cfg), exp)
+  if key not in _PREPARED:
+    if jax.process_index() == 0:
+      main_job.prepare_toy_world(data_dir, cfg)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("toy_world_data_prepared")
+    pcfg = main_job.pipeline_config(data_dir, cfg)
+    tokenizer_lib.check_compatible(tokenizer_lib.load_tokenizer(pcfg.tokenizer_path), exp)
+    _PREPARED[key] = pcfg
+  return _PREPARED[key]
+
+
+_PREPARED: dict = {}  # (data dir, config, experiment) -> pipeline config, this process
 
 
 def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None, split: str,

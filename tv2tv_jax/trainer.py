@@ -134,7 +134,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
   peak = flops.device_peak_flops() * mesh.size
   logger.message(
       f"model: {n_params / 1e6:.2f}M params; row length {exp.row_len} (text {exp.seq.text_len}"
-      f", {exp.seq.max_chunks} chunk copies x {exp.model.tokens_per_chunk} tokens x 2); "
+      f", {exp.seq.num_noisy} noisy + {exp.seq.max_chunks} clean chunk copies x "
+      f"{exp.model.tokens_per_chunk} tokens); "
       f"layout {exp.seq.layout}; {step_flops / 1e9:.2f} GFLOP/step; mesh "
       f"{dict(mesh.shape)}")
 
