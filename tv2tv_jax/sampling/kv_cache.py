@@ -219,17 +219,28 @@ def _tiled(cache: KVCache, rows: int) -> KVCache:
   return cache.tile(reps) if reps > 1 else cache
 
 
+def _encode(model, params, x_t: jax.Array, t: jax.Array):
+  """U-Net downsampler of one noisy chunk per row: x_t f32[B, h, w, c], t f32[B] ->
+  (tokens [B, n, D], skip [B, h, w, C_u])."""
+  return model.apply({"params": params}, x_t[:, None], t[:, None],
+                     method=lambda m, l, tt: m.encode_chunks(l, tt))
+
+
+def _velocity_from_tokens(model, params, cache: KVCache, tokens: jax.Array, skip: jax.Array,
+                          t: jax.Array, q_meta: masks.SeqMeta) -> jax.Array:
+  """The rest of a noisy velocity, against a cache already tiled to the query batch."""
+  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
+                           q_meta)
+  vel = model.apply({"params": params}, x, skip, t[:, None],
+                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
+  return vel[:, 0]
+
+
 def _velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
               q_meta: masks.SeqMeta) -> jax.Array:
   """`noisy_velocity` against a cache already tiled to the query batch."""
-  variables = {"params": params}
-  tokens, skip = model.apply(variables, x_t[:, None], t[:, None],
-                             method=lambda m, l, tt: m.encode_chunks(l, tt))
-  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
-                           q_meta)
-  vel = model.apply(variables, x, skip, t[:, None],
-                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
-  return vel[:, 0]
+  tokens, skip = _encode(model, params, x_t, t)
+  return _velocity_from_tokens(model, params, cache, tokens, skip, t, q_meta)
 
 
 def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
@@ -251,15 +262,19 @@ def denoise(model, params, cache: KVCache, x0: jax.Array, grid: jax.Array,
   q_meta: SeqMeta of [r·B, n] as in `noisy_velocity` (r = 2: CFG, row b·2 + 1 with
   the plan dropped); cfg_scale: f32[]; solver: 'euler' | 'heun' (static).
   Returns f32[B, h, w, c]. The m steps run in one `fori_loop`, so a chunk is one
-  dispatch; the cache is tiled for CFG once, outside the loop.
+  dispatch; the cache is tiled for CFG once, outside the loop, and the two CFG
+  branches share one downsampler pass (same x_t, same t).
   """
   b = x0.shape[0]
   reps = q_meta.segment_ids.shape[0] // b
   cache = _tiled(cache, reps * b)
 
   def guided(x, t):
-    xs = jnp.repeat(x, reps, axis=0)
-    v = _velocity(model, params, cache, xs, jnp.full((reps * b,), t, jnp.float32), q_meta)
+    # Both CFG branches denoise the same x_t at the same t: downsample it once.
+    tokens, skip = _encode(model, params, x, jnp.full((b,), t, jnp.float32))
+    rep = lambda a: jnp.repeat(a, reps, axis=0)
+    v = _velocity_from_tokens(model, params, cache, rep(tokens), rep(skip),
+                              jnp.full((reps * b,), t, jnp.float32), q_meta)
     v = v.reshape(b, reps, *v.shape[1:])
     return flow.guided_velocity(jnp.moveaxis(v, 1, 0), cfg_scale)
 
