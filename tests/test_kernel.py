@@ -186,6 +186,21 @@ def test_attend_dispatch_and_defaults():
   assert default_block_sizes("cpu") == kernel.DEFAULT_BLOCK_SIZES["cpu"]
 
 
+def test_defaults_follow_the_mesh_being_traced_for():
+  # An ahead-of-time compile for a TPU mesh on a CPU host (tv2tv_jax.aot) lowers the kernel
+  # through Mosaic with that generation's blocks, not the CPU interpreter.
+  from jax._src.mesh import AbstractDevice  # what a TPU topology mesh carries
+  auto = (jax.sharding.AxisType.Auto,)
+  tpu = jax.sharding.AbstractMesh((2,), ("data",), axis_types=auto,
+                                  abstract_device=AbstractDevice("TPU v5 lite", None, "tpu"))
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert not default_interpret()
+    assert default_block_sizes() == kernel.DEFAULT_BLOCK_SIZES["v5e"]
+  with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=auto)):  # fake CPU devices
+    assert default_interpret()
+    assert default_block_sizes() == kernel.DEFAULT_BLOCK_SIZES["cpu"]
+
+
 def test_sharded_over_batch_and_heads_on_8_devices():
   if jax.device_count() < 8:
     pytest.fail("tests/conftest.py should give 8 fake CPU devices")

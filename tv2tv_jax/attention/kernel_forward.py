@@ -82,9 +82,20 @@ DEFAULT_BLOCK_SIZES = {
 }
 
 
+def _target_device():
+  """The AbstractDevice (platform, device_kind) of the mesh being traced for, or None.
+
+  Under `jax.set_mesh(<mesh of TPU devices>)` this is the TPU even on a CPU host that
+  compiles ahead of time (`tv2tv_jax.aot`), where `jax.devices()` is the CPU."""
+  return getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+
+
 def default_block_sizes(device_kind: str | None = None) -> BlockSizes:
-  """BlockSizes for a device kind ('TPU v5 lite', 'TPU v6e', ...; default: device 0's)."""
-  kind = (device_kind or jax.devices()[0].device_kind).lower()
+  """BlockSizes for a device kind ('TPU v5 lite', 'TPU v6e', ...; default: that of the
+  mesh being traced for (`jax.set_mesh`), else device 0's)."""
+  target = _target_device()
+  kind = device_kind or (target.device_kind if target else jax.devices()[0].device_kind)
+  kind = kind.lower()
   if "tpu" not in kind:
     return DEFAULT_BLOCK_SIZES["cpu"]
   if "v6" in kind:
@@ -101,8 +112,15 @@ def _round_up(x: int, m: int) -> int:
 
 
 def default_interpret() -> bool:
-  """Interpret mode on CPU (the only mode Pallas runs there); compiled elsewhere."""
-  return jax.default_backend() == "cpu"
+  """Interpret mode on CPU (the only mode Pallas runs there); compiled elsewhere.
+
+  "CPU" is the platform of the mesh being traced for when one is set, else the default
+  backend: an ahead-of-time compile for a TPU mesh on a CPU host must lower the Mosaic
+  kernel, not the interpreter (which XLA would compile as plain loops, with other memory
+  and no cost estimate)."""
+  target = _target_device()
+  platform = target.platform if target else jax.default_backend()
+  return platform == "cpu"
 
 
 def pack_meta(f: masks.SlotFields) -> jax.Array:
