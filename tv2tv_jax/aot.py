@@ -17,14 +17,13 @@ time. `--golden_out` writes the parameter shardings (eval_shape only, no compile
 Topology names (`parse_topology`): the number after the dash counts chips
 for v5e / v6e and TensorCores (2 per chip) for v4 / v5p, as in Cloud TPU accelerator types.
 
-FLOP counting: XLA's `cost_analysis` counts a while loop's body once, so with
-`model.scan_layers=True` the scanned layers appear once, not `num_layers` times; remat adds
-one recomputed forward per layer. The report gives the analytic count of the step
-(`analytic_flops`), the analytic count of what XLA's cost analysis sees
-(`analytic_flops_as_counted`: the layer stack once, plus its remat recompute) and the ratio
-of XLA to the latter. Pallas calls count only through their `CostEstimate` (the attention
-kernel's backward has none). Compile with `--config.model.scan_layers=False` for a direct
-comparison with `analytic_flops`.
+FLOP counting: the report gives the model FLOPs of the step (`flops.train_step_flops`, the
+MFU count) and the FLOPs the compiled program executes (`flops.executed_step_flops`: remat
+recompute, the flash-attention backward's recompute of the scores, attention dense over the
+kernel's padded row as the kernels' `pl.CostEstimate`s count it), and compares XLA's
+`cost_analysis` with the latter as XLA counts it: a while loop's body once, so with
+`model.scan_layers=True` one layer of the stack (`executed_flops_as_counted`). Compile
+with `--config.model.scan_layers=False` to count every layer.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tv2tv_jax import flops, sharding, train_step
+from tv2tv_jax.attention import kernel_forward
 
 # --- topology names ------------------------------------------------------------------
 # Nominal HBM per chip (= per JAX device: v4 / v5p run "megacore", one device per chip)
@@ -231,20 +231,15 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
   return out
 
 
-def analytic_flops_as_counted(exp, batch_size: int) -> float:
-  """The analytic step FLOPs as XLA's cost analysis sees the compiled program.
+def executed_flops_as_counted(exp, batch_size: int, block_sizes=None) -> dict[str, float]:
+  """`flops.executed_step_flops` by part, as XLA's cost analysis sees the compiled step.
 
-  With scan_layers the layer stack (towers + attention) is counted for one layer instead
-  of num_layers; with remat each layer's forward runs again in the backward pass."""
-  f = flops.forward_flops(exp, batch_size)
-  layers = f["towers"] + f["attention"]
-  total = flops.train_step_flops(exp, batch_size)
-  if exp.model.remat:
-    total += layers  # one recomputed forward of every layer
-  if exp.model.scan_layers:
-    per_layer_share = 4 if exp.model.remat else 3  # fwd + bwd (2x) [+ recompute]
-    total -= per_layer_share * layers * (exp.model.num_layers - 1) / exp.model.num_layers
-  return total
+  XLA counts a while loop's body once, so with `model.scan_layers` the layer stack
+  (forward loop, backward loop with the remat recompute) counts as one layer, not
+  num_layers; unrolled layers all count. `block_sizes`: the Pallas kernels' for the
+  target device (their padding of the row)."""
+  layers = 1 if exp.model.scan_layers else exp.model.num_layers
+  return flops.executed_step_flops(exp, batch_size, layers=layers, block_sizes=block_sizes)
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -280,8 +275,14 @@ def compile_report(cfg, spec: TopologySpec) -> dict[str, Any]:
   xla_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
   xla_total = xla_per_device * mesh.size
   analytic = flops.train_step_flops(exp, exp.train.batch_size)
-  as_counted = analytic_flops_as_counted(exp, exp.train.batch_size)
+  # The kernels' blocks on this device kind (the same default as at trace time).
+  block_sizes = kernel_forward.default_block_sizes(devices[0].device_kind)
+  executed = sum(flops.executed_step_flops(exp, exp.train.batch_size,
+                                           block_sizes=block_sizes).values())
+  parts = executed_flops_as_counted(exp, exp.train.batch_size, block_sizes)
+  as_counted = sum(parts.values())
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  hlo_text = compiled.as_text()
   return dict(
       topology=spec.name, topology_desc=spec.topology_desc_kwargs(),
       generation=spec.generation, device_kind=devices[0].device_kind,
@@ -291,10 +292,14 @@ def compile_report(cfg, spec: TopologySpec) -> dict[str, Any]:
       attention_impl=exp.model.attention_impl,
       memory=memory_report(compiled, spec.hbm_bytes),
       flops=dict(xla_per_device=xla_per_device, xla_total=xla_total,
-                 analytic=analytic, analytic_as_counted=as_counted,
+                 analytic=analytic, executed=executed, executed_as_counted=as_counted,
+                 executed_as_counted_parts=parts,
                  ratio_xla_to_analytic=xla_total / analytic,
-                 ratio_xla_to_analytic_as_counted=xla_total / as_counted),
-      collectives=count_collectives(compiled.as_text()),
+                 ratio_xla_to_executed_as_counted=xla_total / as_counted),
+      collectives=count_collectives(hlo_text),
+      # Pallas kernels lowered through Mosaic (0 with attention_impl='pallas' would mean
+      # they were compiled in interpret mode: another program, with no cost estimates).
+      mosaic_calls=hlo_text.count('custom_call_target="tpu_custom_call"'),
       lower_seconds=round(t1 - t0, 2), compile_seconds=round(t2 - t1, 2),
       jax_version=jax.__version__)
 
@@ -353,10 +358,11 @@ def format_report(r: dict[str, Any]) -> str:
       f"{_gib(m['alias_size_in_bytes'])}, code {m['generated_code_size_in_bytes'] / 2**20:.1f}"
       " MiB",
       f"  FLOPs/step: XLA {f['xla_total']:.4g} ({f['xla_per_device']:.4g} per device); "
-      f"analytic {f['analytic']:.4g} (ratio {f['ratio_xla_to_analytic']:.3f}); analytic as "
-      f"counted (scan body once, remat) {f['analytic_as_counted']:.4g} (ratio "
-      f"{f['ratio_xla_to_analytic_as_counted']:.3f})",
-      "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
+      f"model (MFU count) {f['analytic']:.4g} (ratio {f['ratio_xla_to_analytic']:.3f}); "
+      f"executed {f['executed']:.4g}, as XLA counts it (scan body once) "
+      f"{f['executed_as_counted']:.4g} (ratio {f['ratio_xla_to_executed_as_counted']:.3f})",
+      "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items())
+      + f"; Mosaic kernel calls {r['mosaic_calls']}",
       f"  lower {r['lower_seconds']} s, compile {r['compile_seconds']} s",
   ]
   return "\n".join(lines)

@@ -18,6 +18,11 @@ traffic than recomputing s in a second kernel, so dq stays separate.
 Layouts as in `kernel_forward`; lse and delta are f32[B, H, Lq, 1]. Masked
 entries get p = 0 explicitly, and rows that see nothing have lse = LSE_EMPTY, so
 every gradient of such a row is exactly zero.
+
+Cost estimates (what XLA's cost analysis sees of these calls), like the forward's: dense
+over the padded [Lq, Lk], with the matmuls each kernel does per visited block
+(`flops.FLASH_MATMULS`: 3 for dq, 4 for dk/dv, each recomputing s), so the backward
+counts 3.5x the forward kernel rather than the textbook 2x.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from tv2tv_jax import flops
 from tv2tv_jax.attention import block_table as bt
 from tv2tv_jax.attention.kernel_forward import (META_WORDS, NN, NT, TN, block_visible,
                                                 flat_lists)
@@ -97,11 +103,18 @@ def dq_call(q, k, v, do, lse, delta, q_meta, k_meta_t, table: bt.BlockTable, *,
       out_specs=q_spec,
       scratch_shapes=[pltpu.VMEM((bq, dh), jnp.float32)])
   kernel = functools.partial(_dq_kernel, scale=scale, nq=nq, nk=nk)
+  # Dense upper bound, as the forward's (module docstring). q, dO, lse, delta and dq once
+  # per q-block; k and v once per (q-block, query head).
+  cost = pl.CostEstimate(
+      flops=flops.attention_flops(bsz, h, lq, lk, dh, flops.FLASH_MATMULS["dq"]),
+      transcendentals=int(bsz * h * lq * lk),  # exp(s - lse)
+      bytes_accessed=int(3 * q.size * q.dtype.itemsize + 2 * lse.size * 4
+                         + (k.size + v.size) * k.dtype.itemsize * nq * groups))
   return pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret, name="tv2tv_splash_dq",
+      cost_estimate=cost, interpret=interpret, name="tv2tv_splash_dq",
   )(*flat_lists(table), q, k, v, do, lse, delta, q_meta, k_meta_t)
 
 
@@ -164,10 +177,17 @@ def dkv_call(q, k, v, do, lse, delta, q_meta, k_meta_t, table: bt.BlockTable, *,
       out_specs=[kv_spec, kv_spec],
       scratch_shapes=[pltpu.VMEM((bk, dh), jnp.float32), pltpu.VMEM((bk, dh), jnp.float32)])
   kernel = functools.partial(_dkv_kernel, scale=scale, nq=nq, nk=nk, groups=groups)
+  # Dense upper bound, as the forward's (module docstring). k, v, dk and dv once per
+  # kv-block; q, dO, lse and delta once per kv-block they are visited from.
+  cost = pl.CostEstimate(
+      flops=flops.attention_flops(bsz, h, lq, lk, dh, flops.FLASH_MATMULS["dkv"]),
+      transcendentals=int(bsz * h * lq * lk),  # exp(s - lse)
+      bytes_accessed=int(2 * (k.size + v.size) * k.dtype.itemsize
+                         + (2 * q.size * q.dtype.itemsize + 2 * lse.size * 4) * nk))
   return pl.pallas_call(
       kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-      interpret=interpret, name="tv2tv_splash_dkv",
+      cost_estimate=cost, interpret=interpret, name="tv2tv_splash_dkv",
   )(*flat_lists(table, transposed=True), q, k, v, do, lse, delta, q_meta, k_meta_t)
