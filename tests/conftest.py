@@ -1,6 +1,7 @@
 """Test-session setup: 8 fake CPU devices (for sharding tests) before JAX initialises."""
 
 import os
+import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -18,3 +19,20 @@ from tv2tv_jax import config as config_lib  # noqa: E402
 def tiny_exp():
   """The frozen Experiment of `experiments/toy_world.py:tiny`."""
   return config_lib.experiment_from_config_dict(toy_world.get_config("tiny"))
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+  """gs:// through epath goes to an in-memory filesystem (returned); package checks pass."""
+  from etils.epath import backend, gpath
+  from fsspec.implementations.memory import MemoryFileSystem
+  from orbax.checkpoint._src.path import gcs_utils
+  from tv2tv_jax import workdirs
+  fs = MemoryFileSystem(skip_instance_cache=True)
+  fs.store, fs.pseudo_dirs = {}, [""]  # this test's own, not the shared class-level store
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # gs:// -> fsspec backend
+  monkeypatch.setattr(backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fs)
+  # Orbax asks the bucket (google-cloud-storage) whether it has a hierarchical namespace.
+  monkeypatch.setattr(gcs_utils, "get_bucket", lambda name: types.SimpleNamespace())
+  monkeypatch.setattr(workdirs, "missing_cloud_packages", lambda path: [])
+  return fs

@@ -215,3 +215,25 @@ def test_sampled_text_stays_inside_the_tokenizer(workdir, assets, tmp_path):
   sampled = [t for c in doc["chunks"] for t in c["tokens"]]
   assert sampled, "nothing was sampled"
   assert max(sampled) < assets.text.vocab_size
+
+
+def test_outputs_into_a_gs_directory(workdir, assets, fake_gcs):
+  """--out (or a gs:// --workdir's default samples/<seed>) in a bucket: the files are
+  written locally, then copied up through epath (in-memory bucket here)."""
+  paths = generate.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0,
+                                   "gs://bucket/run/samples/0", assets=assets)
+  names = {os.path.basename(p) for p in paths}
+  assert {"sample.gif", "sample.json", "sample_sheet.png"} <= names
+  assert all(p.startswith("gs://bucket/run/samples/0/") for p in paths)
+  doc = json.loads(fake_gcs.cat("gs://bucket/run/samples/0/sample.json"))
+  assert doc["prompt"] == "toy world"
+  assert fake_gcs.cat("gs://bucket/run/samples/0/sample.gif")[:6] == b"GIF89a"
+  assert not os.path.exists("gs:")
+
+
+def test_data_dir_of_a_gs_run_must_be_local():
+  cfg = toy_world.get_config("tiny")
+  with pytest.raises(generate.workdirs.WorkdirError, match="data.data_dir"):
+    generate.data_dir_of("gs://bucket/run", cfg)
+  cfg.data.data_dir = "/data/toy"
+  assert generate.data_dir_of("gs://bucket/run", cfg) == "/data/toy"

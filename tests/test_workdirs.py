@@ -3,7 +3,7 @@
 Local paths behave as before, given as a string or as an `epath.Path`; gs:// URIs reach
 epath and Orbax as URIs; what cannot use a bucket fails early, naming the flag or field.
 
-No bucket is reachable here. `fake_gcs` swaps the filesystem epath's fsspec backend uses
+No bucket is reachable here. `fake_gcs` (tests/conftest.py) swaps the filesystem epath's fsspec backend uses
 for gs:// (gcsfs in real use) for an in-memory one, and answers Orbax's bucket-metadata
 query; so these tests show which paths the code builds and that what goes through epath
 (config.json, metrics.jsonl, checkpoint directories, VAE files) lands under the URI. They
@@ -23,22 +23,6 @@ import pytest
 
 from experiments import toy_world
 from tv2tv_jax import checkpoints, evaluate, metric_logging, trainer, workdirs
-
-
-@pytest.fixture
-def fake_gcs(monkeypatch):
-  """gs:// through epath goes to an in-memory filesystem (returned); package checks pass."""
-  from etils.epath import backend, gpath
-  from fsspec.implementations.memory import MemoryFileSystem
-  from orbax.checkpoint._src.path import gcs_utils
-  fs = MemoryFileSystem(skip_instance_cache=True)
-  fs.store, fs.pseudo_dirs = {}, [""]  # this test's own, not the shared class-level store
-  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # gs:// -> fsspec backend
-  monkeypatch.setattr(backend._FileSystemSpecBackend, "_get_filesystem", lambda self, name: fs)
-  # Orbax asks the bucket (google-cloud-storage) whether it has a hierarchical namespace.
-  monkeypatch.setattr(gcs_utils, "get_bucket", lambda name: types.SimpleNamespace())
-  monkeypatch.setattr(workdirs, "missing_cloud_packages", lambda path: [])
-  return fs
 
 
 class _SummaryWriter:
@@ -202,17 +186,3 @@ def test_vae_files_through_gs(fake_gcs):
   assert tok.config == cfg
   jax.tree.map(np.testing.assert_array_equal, tok.params, params)
   np.testing.assert_array_equal(tok.stats.mean, stats.mean)
-
-
-def test_main_refuses_sampling_after_training_into_gs(monkeypatch):
-  """Sampling after training (tv2tv_jax.generate) is local-only: refused before training."""
-  from tv2tv_jax import main  # defines its absl flags on import (no other test does)
-  cfg = toy_world.get_config("quick")
-  assert cfg.sample.after_training
-  monkeypatch.setattr(main, "_CONFIG", types.SimpleNamespace(value=cfg))
-  monkeypatch.setattr(main, "_WORKDIR", types.SimpleNamespace(value="gs://bucket/run"))
-  monkeypatch.setattr(main.distributed, "setup_process", lambda: None)
-  monkeypatch.setattr(main.trainer, "train", lambda *a, **k: pytest.fail("trained"))
-  with pytest.raises(workdirs.WorkdirError) as err:
-    main.main(["main"])
-  assert err.value.field == "sample.after_training"

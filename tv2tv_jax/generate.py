@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags
 import numpy as np
 
-from tv2tv_jax import evaluate
+from tv2tv_jax import evaluate, workdirs
 from tv2tv_jax.sampling import outputs
 
 FLAGS = flags.FLAGS
@@ -79,9 +79,13 @@ class Assets:
 
 
 def data_dir_of(workdir: str, cfg: Any) -> str:
-  """The run's toy-world data directory: cfg.data.data_dir, else <workdir>/toy_world_data."""
+  """The run's toy-world data directory: cfg.data.data_dir, else <workdir>/toy_world_data
+  (a local directory: the toy-world stages use local file I/O)."""
   data = cfg.get("data") or {}
-  return data.get("data_dir") or os.path.join(workdir, "toy_world_data")
+  return workdirs.require_local(
+      data.get("data_dir") or os.fspath(workdirs.as_path(workdir) / "toy_world_data"),
+      "data.data_dir", "generation reads the run's tokenizer and VAE from a local data "
+      "directory; set data.data_dir (in the run's config.json) to a local copy")
 
 
 def load_tokenizers(data_dir: str, exp: Any):
@@ -127,7 +131,9 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   """Restores `workdir`'s checkpoint (newest, or step `checkpoint`) onto the present devices
   and loads its tokenizers. Raises GenerateError naming --workdir / --checkpoint."""
   from tv2tv_jax import checkpoints
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+  wd = workdirs.as_path(workdir, "--workdir")
+  workdirs.check_reachable(wd, "--workdir")
+  if not (wd / "config.json").exists():
     raise GenerateError(f"--workdir: {workdir} has no config.json (not a training run?)")
   try:
     run, params, step = evaluate.load_params(workdir, checkpoint, devices=devices)
@@ -294,13 +300,25 @@ def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping
   if not prompts:
     raise GenerateError("--prompt: at least one prompt is needed")
   assets = assets or load_assets(workdir, checkpoint, devices)
-  out_dir = out_dir or os.path.join(workdir, "samples", str(seed))
+  out_dir = out_dir or os.fspath(workdirs.as_path(workdir) / "samples" / str(seed))
   sc_kwargs = dict(steps=ode_steps, solver=solver, cfg_scale=cfg_scale,
                    temperature=temperature, top_k=top_k, top_p=top_p,
                    max_text_tokens=max_text_tokens)
   stems = ["sample"] if len(prompts) == 1 else [f"sample_{k}" for k in range(len(prompts))]
-  return generate_batch(assets, list(prompts), dict(interventions), num_chunks, sc_kwargs,
-                        seed, out_dir, first_frame, stems)
+  args = (assets, list(prompts), dict(interventions), num_chunks, sc_kwargs, seed)
+  if workdirs.is_local(out_dir):
+    return generate_batch(*args, out_dir, first_frame, stems)
+  # The GIF / MP4 / PNG writers need local files: write them locally, then copy them up.
+  import tempfile
+  remote = workdirs.as_path(out_dir, "--out")
+  remote.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = []
+    for path in generate_batch(*args, tmp, first_frame, stems):
+      dst = remote / os.path.basename(path)
+      dst.write_bytes(workdirs.as_path(path).read_bytes())
+      paths.append(os.fspath(dst))
+  return paths
 
 
 def main(argv):

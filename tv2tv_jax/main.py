@@ -10,7 +10,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import distributed, trainer, workdirs
+from tv2tv_jax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
@@ -25,12 +25,6 @@ def main(argv):
   distributed.setup_process()
   cfg = _CONFIG.value
   sample = cfg.get("sample") or {}
-  if sample.get("after_training") and not workdirs.is_local(_WORKDIR.value):
-    # Refused before training rather than after it: tv2tv_jax.generate reads the run and
-    # writes its samples with local file I/O.
-    raise workdirs.WorkdirError("sample.after_training", f"sampling after training needs a "
-                                f"local (or mounted) --workdir, not {_WORKDIR.value}; set it "
-                                f"False and run tv2tv_jax.generate on a local copy")
   records = trainer.train(cfg, _WORKDIR.value)
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
