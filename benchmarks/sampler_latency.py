@@ -96,8 +96,9 @@ def _median_time(fn, reps: int) -> float:
 def _experiment(name: str, chunks: int, prompt_len: int):
   exp = config_lib.experiment_from_config_dict(toy_world.get_config(name))
   text_len = prompt_len + 3 * chunks + 1  # one forced token + BOF + EOF per chunk, EOS
+  # No first frame: as many noisy copies as chunks (the recompute row holds them all).
   return dataclasses.replace(exp, seq=dataclasses.replace(exp.seq, text_len=text_len,
-                                                          max_chunks=chunks))
+                                                          max_chunks=chunks, noisy_chunks=0))
 
 
 def main(argv=None):
