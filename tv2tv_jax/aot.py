@@ -214,7 +214,7 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, Any]:
 
   peak_bytes: the larger of XLA's `peak_memory_in_bytes` and the estimate argument + output
   - alias + temp + generated code (the donated state aliases its output). They differ (the
-  3B step on v5p-128: 10.2 vs 15.2 GiB, temp being an arena sized for the whole program),
+  3B step on v5p-128: 10.8 vs 15.9 GiB, temp being an arena sized for the whole program),
   so the verdict takes the conservative one."""
   m = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
