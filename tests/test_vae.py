@@ -139,7 +139,7 @@ def test_unknown_and_train_fields_raise():
     vae_toy_world.get_config("huge")
 
 
-@pytest.mark.parametrize("variant", ["tiny", "quick", "default"])
+@pytest.mark.parametrize("variant", ["tiny", "quick", "long", "default"])
 def test_experiment_variants_build(variant):
   vae_cfg, train_cfg = vt.configs_from_config_dict(vae_toy_world.get_config(variant))
   assert vae_cfg.latent_size * vae_cfg.spatial_factor == 64
