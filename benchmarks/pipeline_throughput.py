@@ -12,12 +12,13 @@ texts, not latent values, and this keeps a VAE's training out of a pipeline benc
 
 Measured:
   * batches/s and tokens/s (row slots; and non-padding slots) of the `small` config's
-    batches (B=8, L=768) with 0 and 2 Grain workers, after a warm-up;
+    batches (B=8, the default row: L = 64 + (15 + 16) x 16 = 560) with 0 and 2 Grain
+    workers, after a warm-up;
   * the `small` train step's time on this machine (median of a few steps after compile),
     and the headroom = pipeline batches/s x step time (goal >= 5);
   * packing efficiency (non-pad share) per layout (tv2tv, t2v, think2v) at the default
-    row length (text 256 + 2 x 16 chunks x 16 tokens), for clips of 15 and 7 chunks, over
-    `max_open` in {1, 2, 4, 8}, and at a row whose text region matches toy-world texts.
+    row, for clips of 15 and 7 chunks, over `max_open` in {1, 2, 4, 8}; and, for
+    comparison, in a row with 256 text slots and 16 noisy copies (a caption-sized row).
 """
 
 from __future__ import annotations
@@ -62,12 +63,16 @@ def build_data(root: str, num_chunks: int, num_train: int, vocab_size: int):
                                        prompt="toy world")
 
 
-def small_experiment(layout: str = "tv2tv", text_len: int | None = None):
+def small_experiment(layout: str = "tv2tv", text_len: int | None = None,
+                     noisy_chunks: int | None = None):
+  """The `small` config (its default row unless text_len / noisy_chunks override it)."""
   from experiments import toy_world
   from tv2tv_jax import config as config_lib
   c = toy_world.get_config(f"small,{layout}")
   if text_len is not None:
     c.seq.text_len = text_len
+  if noisy_chunks is not None:
+    c.seq.noisy_chunks = noisy_chunks
   return config_lib.experiment_from_config_dict(c)
 
 
@@ -110,10 +115,11 @@ def packing_efficiency(pcfg, exp, rows: int = 64) -> float:
 def max_text_slots(pcfg, exp) -> int:
   """The most text slots one example of the train split needs in `exp`'s layout."""
   from data_pipelines import grain_pipeline, latent_dataset
+  from tv2tv_jax import sequence
   to_ex = grain_pipeline.ToExample(pcfg, exp.seq, exp.model, exp.seq.layout)
   src = latent_dataset.data_source(pcfg.latent_dir, "train")
-  return max(len(ex.prompt) + sum(len(t) + 2 for t in ex.chunk_texts) + 1
-             for ex in (to_ex.example(src[i]) for i in range(len(src))))
+  return max(sequence.layout_example(to_ex.example(src[i]), exp.seq, exp.model).num_text
+             for i in range(len(src)))
 
 
 def main():
@@ -140,13 +146,13 @@ def main():
         for max_open in (1, 2, 4, 8):
           eff[f"{layout}/k{k}/default_row/max_open{max_open}"] = packing_efficiency(
               dataclasses.replace(p, max_open=max_open), lexp)
-    # A row whose text region fits toy-world texts (~3.2 slots per chunk): the longest
-    # 15-chunk example's text, rounded up to a multiple of 4.
-    fit = -(-max_text_slots(data[15], exp) // 4) * 4
-    result["fitted_text_len"] = fit
+    # For comparison: the same clips in a row with a 256-slot text region and as many noisy
+    # as clean copies (a row budgeted for long captions, not for toy-world texts).
     for layout in ("tv2tv", "t2v", "think2v"):
-      eff[f"{layout}/k15/text_len{fit}/max_open4"] = packing_efficiency(
-          data[15], small_experiment(layout, text_len=fit))
+      wide = small_experiment(layout, text_len=256, noisy_chunks=0)
+      for k, p in data.items():
+        eff[f"{layout}/k{k}/text_len256_noisy16/max_open4"] = packing_efficiency(p, wide)
+    result["max_text_slots"] = {k: max_text_slots(p, exp) for k, p in data.items()}
     result["packing_efficiency"] = eff
     result["train_step"] = time_train_step(exp, args.steps)
   step_s = result["train_step"]["step_s"]
