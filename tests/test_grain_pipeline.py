@@ -43,6 +43,8 @@ def test_same_seed_same_batches_other_seed_differs(pcfg):
 def _expected_text(rec, tok, seq):
   """The tv2tv text slots of one record, written out independently of sequence.py."""
   ids = list(tok.encode(grain_fixture.PROMPT))
+  if len(rec["latents"]) == len(rec["texts"]) + 1:  # a given first frame, closed by EOF
+    ids += [seq.eof_id]
   for text in rec["texts"]:
     ids += list(tok.encode(text)) if text else []
     ids += [seq.bof_id, seq.eof_id]
@@ -211,17 +213,27 @@ def test_packing_efficiency_on_toy_world_rows(pcfg, tmp_path):
   c = grain_fixture.experiment_config()
   default = toy_world.get_config("default").seq
   c.seq.update(text_len=default.text_len, max_chunks=default.max_chunks)
+  assert default.noisy_chunks == 15  # a given first frame has no noisy twin
   from tv2tv_jax import config as config_lib
-  p = dataclasses.replace(pcfg, latent_dir=out)
-  for text_len, want in ((default.text_len, 0.95), (256, None)):
-    c.seq.text_len = text_len
+  # Texts tokenised as the main job does (data_pipelines/main_job.py: BPE trained on the
+  # toy world's texts with the model's vocabulary); the fixture's 96-id tokenizer, trained
+  # on 4 clips, writes longer texts than any run would.
+  tok_path = str(tmp_path / "tokenizer.json")
+  tokenizer_lib.train_bpe(tokenizer_lib.toy_world_corpus() + [grain_fixture.PROMPT],
+                          c.model.vocab_size, byte_level=False).save(tok_path)
+  p = dataclasses.replace(pcfg, latent_dir=out, tokenizer_path=tok_path)
+  # The default row, then one budgeted for long captions (256 text slots, 16 + 16 copies).
+  for text_len, noisy, want in ((default.text_len, default.noisy_chunks, 0.95),
+                                (256, 0, None)):
+    c.seq.update(text_len=text_len, noisy_chunks=noisy)
     exp = config_lib.experiment_from_config_dict(c)
     it = iter(grain_pipeline.make_dataset(p, "train", exp.seq, exp.model, 8))
     batch = next(it)
     assert it.get_state()["skipped"] == 0  # every clip fits the default row
     seg = batch["segment_ids"]
     video = seg[:, text_len:] > 0
-    assert video.mean() >= 31 / 32 - 1e-9  # 16 clean + 15 noisy of 16 + 16 copies
+    # 16 clean + 15 noisy copies per clip: the default row's chunk regions are full.
+    assert video.mean() == (1.0 if noisy else 31 / 32)
     if want:
       assert sequence.packing_efficiency(seg) >= want, sequence.packing_efficiency(seg)
     else:
