@@ -47,7 +47,7 @@ def paper_rows(layout: str, seed: int, packed: bool):
 
 
 def toy_rows(layout: str, seed: int):
-  """The toy experiment's default row shape (experiments/toy_world.py): n = 16, L = 768."""
+  """A toy-scale row of random examples (n = 16, 256 text slots, 16 + 16 copies: L = 768)."""
   seq = SequenceConfig(layout=layout, text_len=256, max_chunks=16)
   model = ModelConfig(latent_shape=(8, 8, 1), patch_size=2)
   return synthetic.random_batch(seed, seq, model, 4, layout=layout, max_examples_per_row=3)
