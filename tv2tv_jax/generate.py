@@ -235,7 +235,7 @@ def _capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
               forced: Mapping[int, np.ndarray]) -> int:
   """Cache slots for the whole generation: prompt, first frame + EOF, per chunk text + BOF +
   clean chunk + EOF (so no request of this size hits CacheFullError)."""
-  n = int(np.prod(exp.model.latent_shape[:2])) // exp.model.patch_size ** 2
+  n = exp.model.tokens_per_chunk
   text = sum(max(max_text, len(forced.get(i, ()))) for i in range(num_chunks))
   return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 2
 

@@ -236,13 +236,6 @@ def _velocity_from_tokens(model, params, cache: KVCache, tokens: jax.Array, skip
   return vel[:, 0]
 
 
-def _velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
-              q_meta: masks.SeqMeta) -> jax.Array:
-  """`noisy_velocity` against a cache already tiled to the query batch."""
-  tokens, skip = _encode(model, params, x_t, t)
-  return _velocity_from_tokens(model, params, cache, tokens, skip, t, q_meta)
-
-
 def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
                    q_meta: masks.SeqMeta) -> jax.Array:
   """Velocity of one noisy chunk per row against the cache; nothing is written.
@@ -251,7 +244,9 @@ def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,
   (rows b·r .. b·r + r - 1 all use cache row b, e.g. r = 2 for the batched CFG
   pass whose rows differ only in `q_meta.cfg_drop`). Returns f32[Bq, h, w, c].
   """
-  return _velocity(model, params, _tiled(cache, x_t.shape[0]), x_t, t, q_meta)
+  tokens, skip = _encode(model, params, x_t, t)
+  return _velocity_from_tokens(model, params, _tiled(cache, x_t.shape[0]), tokens, skip, t,
+                               q_meta)
 
 
 def denoise(model, params, cache: KVCache, x0: jax.Array, grid: jax.Array,
