@@ -33,6 +33,11 @@ moves 4 * speed px in the written direction and a written fire really shows a ne
 projectile. A repeated action that is no longer allowed is redrawn. "stop" is always
 allowed.
 
+Forced actions: `generate_clip(..., forced={i: Action})` plays the given action at chunk
+i when it is allowed there (a scripted player, for evaluation tests). `allowed_moves`,
+`allowed_actions` and `policy_distribution` expose the policy's rules for a state read
+off frames (data_pipelines/clip_scores.py).
+
 Text template (one string per chunk): `"<move>"`, `"<move> fire"`, `"stop"`, or `"fire"`
 (stop + fire), with <move> in left/right/up/down. Words: ACTION_WORDS.
 
@@ -43,7 +48,7 @@ k-th chunk, summarising the last k chunks; see `summarise_actions` for the templ
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -268,10 +273,18 @@ def _advance(cfg: ToyWorldConfig, blocked: np.ndarray,
   return live
 
 
-def generate_clip(seed: int, num_chunks: int,
-                  config: ToyWorldConfig = ToyWorldConfig()) -> Clip:
-  """Generates one clip of `num_chunks` chunks (1 + 4 * num_chunks frames), deterministic in seed."""
+def generate_clip(seed: int, num_chunks: int, config: ToyWorldConfig = ToyWorldConfig(),
+                  forced: Mapping[int, Action] | None = None) -> Clip:
+  """Generates one clip of `num_chunks` chunks (1 + 4 * num_chunks frames), deterministic in seed.
+
+  forced: chunk index (0-based) -> Action played there instead of the policy's choice,
+    when that action is allowed in the chunk's state (`permits`); otherwise the policy's
+    choice stands (read `clip.actions` for what was played). The policy still draws its
+    own choice first, so the random stream, hence every chunk before the first forced
+    one, is the unforced clip's; an empty `forced` gives the unforced clip bit for bit.
+  """
   cfg = config
+  forced = _check_forced(forced or {}, num_chunks)
   rng = np.random.default_rng(seed)
   ids, blocked = _make_layout(rng, cfg)
   static = PALETTE[ids]
@@ -290,7 +303,10 @@ def generate_clip(seed: int, num_chunks: int,
   actions: list[Action] = []
   prev = None
   for c in range(num_chunks):
-    action = _choose(rng, cfg, prev, _allowed(cfg, blocked, x, y, facing))
+    allowed = _allowed(cfg, blocked, x, y, facing)
+    action = _choose(rng, cfg, prev, allowed)
+    if c in forced and permits(allowed, forced[c]):
+      action = forced[c]
     actions.append(action)
     dx, dy = STEP[action.movement]
     if action.movement != "stop":
@@ -306,6 +322,90 @@ def generate_clip(seed: int, num_chunks: int,
     prev = action
   return Clip(frames=frames, actions=actions, texts=[action_text(a) for a in actions],
               states=states, num_projectiles=counts, layout=static, seed=seed)
+
+
+def _check_forced(forced: Mapping[int, Action], num_chunks: int) -> dict[int, Action]:
+  out = {}
+  for i, action in forced.items():
+    if not isinstance(i, (int, np.integer)) or not 0 <= i < num_chunks:
+      raise ValueError(f"forced[{i!r}]: chunk index must be in [0, num_chunks={num_chunks})")
+    if not isinstance(action, tuple) or len(action) != 2 or action[0] not in MOVES:
+      raise ValueError(f"forced[{i}]: expected an Action(movement in {MOVES}, fire), "
+                       f"got {action!r}")
+    out[int(i)] = Action(action[0], bool(action[1]))
+  return out
+
+
+# --------------------------------------------------------------------------- policy and state
+# Public views of the policy for evaluation (data_pipelines/clip_scores.py): what the
+# world allows in a state read off frames, and the exact distribution `_choose` draws from.
+
+# Every action, in a fixed order (MOVES, each without then with fire): 10 action texts.
+ACTIONS = tuple(Action(m, f) for m in MOVES for f in (False, True))
+
+
+def blocked_cells(layout_ids: np.ndarray) -> np.ndarray:
+  """layout_ids: int[size, size] palette ids (a quantised frame) -> bool[size, size] cells
+  the agent may not enter: walls and objects. Agent, projectile and unknown pixels are
+  free: they cover free cells in any valid frame."""
+  return np.isin(np.asarray(layout_ids), (WALL_ID, *OBJECT_IDS))
+
+
+def allowed_moves(layout_ids: np.ndarray, x: int, y: int, facing: int | None,
+                  config: ToyWorldConfig = ToyWorldConfig()) -> dict[str, bool]:
+  """Movement -> whether fire is allowed with it, for the movements allowed in a state.
+
+  layout_ids: int[size, size] palette ids whose walls and objects block (`blocked_cells`);
+  x, y: the agent's top-left corner (px); facing: index into DIRECTIONS, or None when
+  unknown: then "stop" may fire only if it may for every facing, so that anything called
+  allowed is allowed whatever the true facing. Empty when the agent itself stands on
+  blocked cells (not a state the world reaches), otherwise it holds at least "stop".
+  """
+  blocked = blocked_cells(layout_ids)
+  if facing is not None:
+    return _allowed(config, blocked, int(x), int(y), int(facing))
+  per_facing = [_allowed(config, blocked, int(x), int(y), f) for f in range(len(DIRECTIONS))]
+  out = per_facing[0]
+  for other in per_facing[1:]:
+    out = {m: out[m] and other[m] for m in out}  # movements do not depend on facing
+  return out
+
+
+def permits(allowed: Mapping[str, bool], action: Action) -> bool:
+  """Whether `action` is allowed under `allowed` (from `allowed_moves`)."""
+  return action.movement in allowed and (allowed[action.movement] or not action.fire)
+
+
+def allowed_actions(layout_ids: np.ndarray, x: int, y: int, facing: int | None,
+                    config: ToyWorldConfig = ToyWorldConfig()) -> list[Action]:
+  """The Actions allowed in a state (see `allowed_moves` for the arguments), ACTIONS order."""
+  allowed = allowed_moves(layout_ids, x, y, facing, config)
+  return [a for a in ACTIONS if permits(allowed, a)]
+
+
+def policy_distribution(allowed: Mapping[str, bool], prev: Action | None,
+                        config: ToyWorldConfig = ToyWorldConfig()) -> dict[Action, float]:
+  """The probability of each action `_choose` returns, given `allowed` and the previous action.
+
+  Exactly `_choose`: with probability `persistence` the previous action is kept if still
+  allowed; otherwise (and always when it is not) a movement is drawn uniformly from the
+  allowed ones and fire added with probability `fire_prob` where fire is allowed. Returns
+  only actions of non-zero probability; empty when nothing is allowed.
+  """
+  moves = [m for m in MOVES if m in allowed]
+  if not moves:
+    return {}
+  keep = config.persistence if prev is not None and permits(allowed, prev) else 0.0
+  probs: dict[Action, float] = {}
+  for m in moves:
+    pf = config.fire_prob if allowed[m] else 0.0
+    for fire, p in ((False, 1.0 - pf), (True, pf)):
+      if p > 0:
+        probs[Action(m, fire)] = (1.0 - keep) * p / len(moves)
+  if keep:
+    prev = Action(prev.movement, bool(prev.fire))
+    probs[prev] = probs.get(prev, 0.0) + keep
+  return probs
 
 
 # --------------------------------------------------------------------------- captions
