@@ -100,22 +100,23 @@ def frame_measurements(frames: np.ndarray, reference_frame: np.ndarray,
       yx = max(agents, key=len).mean(0)
       out["centroid_x"][t], out["centroid_y"][t] = yx[1], yx[0]
     p = cfg.projectile_size
-    out["projectiles_ok"][t] = all(
-        ((b.max(0) - b.min(0) + 1) <= p).all() for b in oracle.components(frame == tw.PROJECTILE_ID))
+    shots = oracle.components(frame == tw.PROJECTILE_ID)
+    out["projectiles_ok"][t] = all(((b.max(0) - b.min(0) + 1) <= p).all() for b in shots)
     bg_px = frames[t][frame == tw.BG_ID].astype(np.float32)
     if len(bg_px):
       out["background_dist"][t] = np.linalg.norm(bg_px.mean(0) - bg)
   return out
 
 
-def track_continuity(centroids: np.ndarray, config: ToyWorldConfig = ToyWorldConfig()) -> np.ndarray:
+def track_continuity(centroids: np.ndarray,
+                     config: ToyWorldConfig = ToyWorldConfig()) -> np.ndarray:
   """centroids: float[T, 2] (x, y), NaN where no agent -> bool[T - 1]: frame t-1 -> t continuous.
 
   Continuous: both frames show an agent and its centroid moved at most 2 * speed px on
   each axis (Chebyshev). The world moves the agent exactly `speed` px per frame along
   one axis, so the true track jumps by speed or 0; the extra `speed` px absorbs the
   centroid shift of a deformed blob (a few pixels gained or lost move a 4x4 blob's
-  centroid by well under 2 px), while anything beyond is a jump the world cannot make:
+  centroid by under 1 px), while anything beyond is a jump the world cannot make:
   the agent teleported, vanished, or another blob took over as the largest. A chunk's
   whole motion (frames_per_chunk * speed = 8 px) in one frame fails, as it should.
   """

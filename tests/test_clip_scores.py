@@ -274,6 +274,28 @@ def test_choose_intervention():
   assert cs.choose_intervention("blah", none, np.random.default_rng(0)).candidates == 10
 
 
+def test_chance_reads_the_true_state():
+  """On ground truth, chance is the policy's probability in the clip's true state (true
+  position, facing and previous action), wherever the facing is visible."""
+  cfg = ToyWorldConfig()
+  compared = 0
+  for seed in SEEDS:
+    clip = tw.generate_clip(seed, 10, cfg)
+    ids = _layout_ids(clip)
+    read = cs.read_actions(clip.frames, cfg)
+    for i in range(1, 10):
+      st = cs.chunk_state(clip.frames, i, ids, cfg, read)
+      if st.facing is None:
+        continue
+      x, y, facing = clip.states[4 * i]
+      dist = tw.policy_distribution(tw.allowed_moves(ids, x, y, facing, cfg),
+                                    clip.actions[i - 1], cfg)
+      for a in tw.ACTIONS:
+        assert cs.chance(st, a, cfg)["both"] == pytest.approx(dist.get(a, 0.0)), (seed, i, a)
+      compared += 1
+  assert compared >= 10
+
+
 def test_chance_is_the_policy_probability():
   cfg = ToyWorldConfig()
   clip = tw.generate_clip(SEEDS[0], 6)
