@@ -121,11 +121,22 @@ def test_decode_uses_stored_stats(assets):
   np.testing.assert_array_equal(frames, raw)
 
 
-def test_several_prompts_are_one_batch(workdir, assets, tmp_path):
-  """Two prompts generated together: each file equals that prompt generated alone."""
+def test_several_prompts_are_one_batch(workdir, assets, tmp_path, monkeypatch):
+  """Two prompts generated together: each equals that prompt generated alone.
+
+  Compared on what the claim is about: the transcripts exactly, and the sampled latents
+  (the VAE decoder's input) within float tolerance. Not on the GIFs: palette quantisation
+  turns a 1e-6 difference of the batched forward into a different palette entry, and
+  which entry depends on the CPU's rounding.
+  """
+  latents = []
+  decode = generate.decode_frames
+  monkeypatch.setattr(generate, "decode_frames", lambda a, first, chunks: (
+      latents.append(np.asarray(chunks, np.float32)), decode(a, first, chunks))[1])
   paths = generate.generate_to_dir(workdir, ["toy world", "toy"], {1: "left fire"}, 2, 2.0, 2,
                                    0, str(tmp_path / "both"), assets=assets)
   assert {os.path.basename(p) for p in paths} >= {"sample_0.json", "sample_1.json"}
+  together = list(latents)
   for k, prompt in enumerate(["toy world", "toy"]):
     generate.generate_to_dir(workdir, [prompt], {1: "left fire"}, 2, 2.0, 2, 0,
                              str(tmp_path / prompt), assets=assets)
@@ -133,11 +144,10 @@ def test_several_prompts_are_one_batch(workdir, assets, tmp_path):
     alone = json.load(open(tmp_path / prompt / "sample.json"))
     assert both["prompt"] == prompt and both["settings"]["batch"] == 2
     assert both["chunks"] == alone["chunks"]
-    gif = lambda d: np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(
-        Image.open(d))])
-    diff = np.abs(gif(tmp_path / "both" / f"sample_{k}.gif").astype(int)
-                  - gif(tmp_path / prompt / "sample.gif").astype(int))
-    assert diff.max() <= 1  # float rounding of the batched forward may flip a uint8 level
+    # Latents are O(1) (normalised); the batched forward differs from the single one by
+    # float32 reassociation (~1e-6 per op), amplified at most by the CFG scale (2) over
+    # 2 ODE steps: 1e-4 leaves two orders of margin and still catches a mixed-up row.
+    np.testing.assert_allclose(together[k], latents[-1], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
