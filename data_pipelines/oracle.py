@@ -163,6 +163,22 @@ def action_accuracy(frames: np.ndarray, actions: Sequence[Action],
   return float(np.mean([Action(*a) == r for a, r in zip(actions, read)])) if read else 1.0
 
 
+def action_agreement(read: Sequence[Action], truth: Sequence[Action]) -> dict[str, float]:
+  """Share of chunks where the read action matches the truth: movement, fire, and both.
+
+  read, truth: equally long sequences of Actions (read from frames / what the text said).
+  Returns {"movement", "fire", "both", "chunks"}; NaN accuracies when there are no chunks.
+  """
+  if len(read) != len(truth):
+    raise ValueError(f"{len(read)} read actions, {len(truth)} true ones")
+  if not read:
+    return {"movement": float("nan"), "fire": float("nan"), "both": float("nan"), "chunks": 0}
+  move = [r.movement == t.movement for r, t in zip(read, truth)]
+  fire = [r.fire == t.fire for r, t in zip(read, truth)]
+  return {"movement": float(np.mean(move)), "fire": float(np.mean(fire)),
+          "both": float(np.mean([m and f for m, f in zip(move, fire)])), "chunks": len(read)}
+
+
 def instruction_accuracy(frames: np.ndarray, texts: Sequence[str],
                          config: ToyWorldConfig = ToyWorldConfig(), **kwargs) -> float:
   """`action_accuracy` against per-chunk action texts ("left fire", ...): did the video obey?"""

@@ -33,7 +33,7 @@ def _base() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, clip_chunks=2, num_steps=20_000, learning_rate=1e-3, warmup_steps=200,
       end_lr_fraction=0.05, weight_decay=1e-4, b1=0.9, b2=0.99, grad_clip=1.0,
-      recon_loss="mse", kl_weight=1e-5, seed=0, train_seed_start=0,
+      recon_loss="mse", foreground_weight=1.0, kl_weight=1e-5, seed=0, train_seed_start=0,
       eval_seed_start=1_000_000, eval_clips=32, eval_chunks=4, eval_batch=8,
       stats_clips=32, log_every=100, prefetch=2))
   return c

@@ -149,9 +149,13 @@ def test_experiment_variants_build(variant):
 def test_training_data_is_deterministic_and_disjoint():
   cfg = vt.TrainConfig(batch_size=2, clip_chunks=1, num_steps=3, warmup_steps=0)
   batches = list(vt.train_batches(cfg))
-  assert len(batches) == 3 and batches[0].shape == (2, 5, 64, 64, 3)
-  np.testing.assert_array_equal(batches[2], vt.clip_frames([4, 5], 1))
-  assert batches[0].min() >= -1 and batches[0].max() <= 1
+  assert len(batches) == 3 and batches[0][0].shape == (2, 5, 64, 64, 3)
+  np.testing.assert_array_equal(batches[2][0], vt.clip_frames([4, 5], 1))
+  assert batches[0][0].min() >= -1 and batches[0][0].max() <= 1
+  # The foreground is the sprites: every frame has the agent (16 px), nothing else static.
+  frames, fg = batches[0]
+  assert fg.shape == frames.shape[:-1]
+  assert (fg.sum((2, 3)) >= 16).all() and (fg.sum((2, 3)) < 64).all()
   assert not set(vt.step_seeds(cfg, 0)) & set(vt.step_seeds(cfg, 1))
 
 
