@@ -166,6 +166,9 @@ def test_held_out_seeds_never_reach_training_seeds():
   assert ge.trained_num_chunks(cfg) == 8
   with pytest.raises(ge.EvalError, match="validation split"):
     ge.held_out_seeds(1_000_000_000 + 63, 1, cfg)
+  cfg.data.toy_world = {"num_chunks": 4, "colour": "red"}
+  with pytest.raises(ge.EvalError, match="data.toy_world"):
+    ge.trained_num_chunks(cfg)
 
 
 def test_contact_sheet_marks_the_intervention(tmp_path):

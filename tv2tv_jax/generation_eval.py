@@ -445,7 +445,10 @@ def _builder_config(cfg: Any):
   name = tw_cfg.pop("name", "custom")
   if not tw_cfg:
     return next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == name), None)
-  return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="run", **tw_cfg)
+  try:
+    return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="run", **tw_cfg)
+  except (TypeError, ValueError) as e:
+    raise EvalError(f"data.toy_world of the run's config: {e}") from e
 
 
 def trained_num_chunks(cfg: Any) -> int | None:
