@@ -79,6 +79,11 @@ def test_mask_matches_rule_for_every_pair(layout):
   for q in np.nonzero(mod == CLEAN)[0]:
     twin = (mod == NOISY) & (seg == seg[q]) & (order + n == order[q])
     assert not got[q, twin].any()
+  # A dropped noisy copy never sees the BOF that opens it (BOF has read the dropped plan).
+  for q in np.nonzero(drop & (mod == NOISY))[0]:
+    first = order[(chunk == chunk[q])].min()
+    bof = (mod == TEXT) & (seg == seg[q]) & (order == first - 1)
+    assert bof.sum() == 1 and not got[q, bof].any()
   # Text is causal: a text query sees no later slot.
   later = order[None, :] > order[:, None]
   assert not (got & later & (mod[:, None] == TEXT)).any()
@@ -87,7 +92,9 @@ def test_mask_matches_rule_for_every_pair(layout):
   assert not got[real][:, ~real].any()
 
 
-def test_cfg_drop_hides_only_the_plan():
+def test_cfg_drop_hides_the_plan_and_its_bof_only():
+  """A dropped noisy copy of chunk i sees neither text_i nor the BOF that closes it (BOF
+  has read text_i); nothing else changes, for it or for any other query."""
   model = ModelConfig(vocab_size=64, latent_shape=(2, 2, 2), patch_size=2, unet_channels=8,
                       unet_groups=4)
   seq = SequenceConfig(text_len=24, max_chunks=3)
@@ -97,21 +104,25 @@ def test_cfg_drop_hides_only_the_plan():
   ex = dataclasses.replace(ex, prompt=np.array([10, 11]),
                            chunk_texts=[np.array([20, 21]), np.array([30])])
   row = sequence.pack_row([sequence.layout_example(ex, seq, model)], seq, model)
+  # 10 11 · 20 21 · BOF · noisy_1 · clean_1 · EOF · 30 · BOF · noisy_2 · clean_2 · EOF · EOS
   second = (row["modality"] == NOISY) & (row["plan_ids"] == 2)
   meta = lambda drop: masks.SeqMeta.from_batch({k: v[None] for k, v in row.items()},
                                                cfg_drop=drop[None])
   with_plan = np.asarray(masks.dense_mask(meta(np.zeros_like(second))))[0]
   without = np.asarray(masks.dense_mask(meta(second)))[0]
-  q = np.nonzero(second)[0][0]
-  plan2 = (row["modality"] == TEXT) & np.isin(row["text_tokens"].tolist() + [0] * (
-      len(second) - seq.text_len), [30])
-  assert with_plan[q, plan2].all() and not without[q, plan2].any()
-  # The prompt, chunk 1's plan, and everything else stay visible.
-  np.testing.assert_array_equal(with_plan[q] & ~plan2, without[q])
+  # What was written since chunk 1 ended (after its EOF), up to chunk 2's noisy copy.
+  tokens = np.concatenate([row["text_tokens"], np.zeros(len(second) - seq.text_len, int)])
+  text = (row["modality"] == TEXT) & (row["segment_ids"] == 1)
+  eof_1 = row["order"][text & (tokens == seq.eof_id)].min()
+  start = row["order"][second].min()
+  plan2 = text & (row["order"] > eof_1) & (row["order"] < start)
+  assert tokens[plan2].tolist() == [30, seq.bof_id]
+  for q in np.nonzero(second)[0]:
+    assert with_plan[q, plan2].all() and not without[q, plan2].any()
+    # The prompt, chunk 1's plan and BOF, its clean copy and EOF stay visible.
+    np.testing.assert_array_equal(with_plan[q] & ~plan2, without[q])
   # Other queries are unaffected.
-  others = np.ones(len(second), bool)
-  others[second] = False
-  np.testing.assert_array_equal(with_plan[others], without[others])
+  np.testing.assert_array_equal(with_plan[~second], without[~second])
 
 
 def test_padding_rows_produce_no_nan():

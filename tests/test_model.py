@@ -194,3 +194,36 @@ def test_smaller_noisy_region_gives_the_same_outputs(setup):
   l3, m3 = losses.compute_loss(params, model3, batch3, sample3, exp3)
   l4, m4 = losses.compute_loss(params, model3, batch4, sample4, exp)
   np.testing.assert_allclose(l3, l4, rtol=1e-5)
+
+
+def _rows_with_text(exp, text_1, layout="tv2tv"):
+  """One example (first frame, 3 chunks) laid out twice in a batch of 2, with text_1 set."""
+  rng = np.random.default_rng(5)
+  ex = synthetic.random_example(rng, exp.seq, exp.model, num_chunks=3, first_frame=True)
+  ex = dataclasses.replace(ex, chunk_texts=[np.array([20, 21]), np.asarray(text_1),
+                                            np.array([40])])
+  laid = sequence.layout_example(ex, exp.seq, exp.model, layout)
+  return sequence.pack_rows([[laid], [laid]], exp.seq, exp.model)
+
+
+def test_dropped_branch_is_blind_to_its_chunk_text(tiny_exp):
+  """TV2TV, training forward (dense mask, XLA attention): the velocity of noisy chunk 1
+  with its plan dropped (`cfg_drop`, row 1) is bit-identical whatever text_1 says, since
+  it sees neither text_1 nor the BOF that closes it; the conditional one (row 0) moves."""
+  exp = tiny_exp
+  assert exp.model.attention_impl == "xla"
+  model = TV2TV(exp.model)
+  params = _live_params(model, exp)
+  apply = jax.jit(lambda kw: model.apply({"params": params}, **kw))
+  vel = []
+  # Same length: the length of a dropped text still shows in later RoPE positions.
+  for text_1 in ([30, 31], [50, 51]):
+    batch = _rows_with_text(exp, text_1)
+    sample = flow.sample_flow(jax.random.key(3), batch["latents"].shape, exp.flow)
+    drop = np.zeros(sample.cfg_drop.shape, bool)
+    drop[1, 1] = True  # row 1: noisy copy 1 (chunk 1) is the unconditional branch
+    kwargs, _ = losses.model_inputs(batch, sample.replace(cfg_drop=jnp.asarray(drop)),
+                                    exp.model.tokens_per_chunk)
+    vel.append(np.asarray(apply(kwargs)[1][:, 1]))
+  np.testing.assert_array_equal(vel[0][1], vel[1][1])
+  assert np.abs(vel[0][0] - vel[1][0]).max() > 1e-2  # the text matters when it is seen

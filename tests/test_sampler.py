@@ -83,7 +83,7 @@ def test_cached_logits_and_velocity_match_recompute_step_by_step(setup):
   assert _rel(cached.logits()[0], oracle.logits()) < 1e-5
   text([20, 21], 1)
   assert _rel(cached.logits()[0], oracle.logits()) < 1e-5
-  text([exp.seq.bof_id], 0)
+  text([exp.seq.bof_id], 1)  # BOF_0 carries chunk 0's plan id, as the loop writes it
   v_c, v_o = cached.velocities(x[None], 0.3, 0, 2)[0], oracle.velocities(x, 0.3, 0, 2)
   assert _rel(v_c, v_o) < 1e-5
   # The text drop must matter, or the CFG comparison above proves nothing.
@@ -247,6 +247,39 @@ def test_intervention_at_chunk_i_changes_nothing_before_i(setup):
   assert _rel(changed.chunks[2], base.chunks[2]) > 1e-4  # the forced text mattered
 
 
+class _Probe:
+  """A CachedBackend whose `denoise` of chunk `chunk` first records both CFG branches'
+  velocities (`velocities`, reps=2: row 0 conditional, row 1 dropped) at a fixed (x, t)."""
+
+  def __init__(self, cached, chunk, x, t):
+    self.cached, self.chunk, self.x, self.t, self.v = cached, chunk, x, t, None
+
+  def __getattr__(self, name):
+    return getattr(self.cached, name)
+
+  def denoise(self, x, chunk, rows, sc, grid):
+    if chunk == self.chunk:
+      self.v = np.asarray(self.cached.velocities(self.x[None], self.t, chunk, 2)[0])
+    return self.cached.denoise(x, chunk, rows, sc, grid)
+
+
+def test_dropped_branch_is_blind_to_its_chunk_text_in_the_cache(setup):
+  """TV2TV through the KV-cached loop: the dropped branch of chunk 1 (which sees neither
+  text_1 nor the BOF the loop writes after it) is bit-identical whatever text_1 says;
+  the conditional branch moves."""
+  exp, model, params = setup
+  x = np.random.default_rng(4).standard_normal(exp.model.latent_shape).astype(np.float32)
+  v = []
+  for text_1 in ([30, 31], [50, 51]):  # same length: positions after it stay the same
+    probe = _Probe(sampler.CachedBackend(model, params, exp), 1, x, 0.3)
+    req = Request(prompt=PROMPT, num_chunks=2, first_frame=_first_frame(exp), seed=3,
+                  interventions={0: [20, 21], 1: text_1})
+    sampler.generate(probe, req, exp, SC)
+    v.append(probe.v)
+  np.testing.assert_array_equal(v[0][1], v[1][1])
+  assert _rel(v[0][0], v[1][0]) > 1e-3
+
+
 def test_determinism(setup):
   exp, model, params = setup
   req = dataclasses.replace(REQ, num_chunks=2)
@@ -346,7 +379,7 @@ def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
                        exp, sc)
   assert [t["text"] for t in g.transcript] == [[30, 30, 30]] * 2
   assert g.stop_reason == "chunk_budget"
-  assert ("text", [seq.bof_id], 0) in b.appended
+  assert ("text", [seq.bof_id], 1) in b.appended  # BOF_0 carries chunk 0's plan id
 
 
 def test_cfg_combination_and_heun(tiny_exp):
@@ -550,7 +583,7 @@ def test_cache_applies_llama3_rope_scaling(setup):
     cached = sampler.CachedBackend(m, params, e)
     oracle = recompute.RecomputeBackend(m, params, e)
     for tokens, plan in ((PROMPT + [20, 21, 22, 23, 24, 25], 0), ([30], 1),
-                         ([exp.seq.bof_id], 0)):
+                         ([exp.seq.bof_id], 1)):
       cached.append_text([np.asarray(tokens, np.int32)], [plan])
       oracle.append_text(np.asarray(tokens, np.int32), plan)
     x = np.random.default_rng(2).standard_normal(exp.model.latent_shape).astype(np.float32)

@@ -46,6 +46,14 @@ def test_layouts(tiny_exp, layout):
                   E, S],
   }[layout]
   assert kinds == expected
+  # Plan ids: text_i and the BOF opening chunk i carry i + 1 (a CFG-dropped noisy copy of
+  # chunk i sees neither); the prompt, EOF and EOS carry 0.
+  T = seq.text_len
+  text = row["segment_ids"][:T] == 1
+  tok, plan = row["text_tokens"][:T][text], row["plan_ids"][:T][text]
+  want = {10: 0, 11: 0, 20: 1, 30: 2, 31: 2, E: 0, S: 0}
+  assert all(p == want[t] for t, p in zip(tok.tolist(), plan.tolist()) if t != B)
+  assert plan[tok == B].tolist() == [1, 2]
 
 
 def test_first_frame_eof_predicts_the_first_chunk_text(tiny_exp):

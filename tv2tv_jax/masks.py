@@ -8,7 +8,13 @@ packed example (segment id, non-zero) and either
 
 and k is not hidden by classifier-free-guidance text drop: when q is a noisy
 token whose chunk has its plan dropped (`cfg_drop`), text tokens of that plan
-(`plan_ids` equal, non-zero) are invisible to it.
+(`plan_ids` equal, non-zero) are invisible to it. The layout (`sequence`) gives
+that plan id to the chunk's text *and* to the BOF that closes it, because BOF has
+attended to the text: a dropped noisy copy may see neither its plan (the text
+written since the previous chunk) nor that BOF, so in the TV2TV layout its
+velocity does not depend on the dropped text at all. (Think2V still leaks: every
+token after the plan block has read the whole plan; docs/model.md, "Classifier-free
+guidance: what the dropped branch sees".)
 
 Padding slots (segment 0) attend to themselves only, so no row is empty and no
 NaN can come out of a softmax; nothing real attends to padding.

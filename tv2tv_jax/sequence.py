@@ -10,6 +10,10 @@ Logical order (TV2TV layout), per example::
 T2V drops every text_i; Think2V writes all text_i (in order) after the prompt and
 first frame, then all chunks. Text comes before the chunk it plans.
 
+BOF_i carries the plan id of the chunk it opens (i + 1, like text_i), so that a
+noisy copy whose plan is dropped for classifier-free guidance sees neither its
+plan nor the BOF that closes it (BOF has attended to the plan; `masks`).
+
 The EOF after a given first frame (not in DESIGN.md's sketch) closes it as EOF
 closes every generated chunk. Without it no trained text slot would predict the
 first token of text_0 while seeing the frame: the prompt's last token is followed
@@ -46,9 +50,10 @@ Row arrays (one example of `pack_rows`; a batch adds a leading B axis):
                               clean copies share positions (**default**)
   order            i32[L]     index in its example's logical sequence
   plan_ids         i32[L]     the chunk a plan belongs to: for text, the chunk its
-                              text_i precedes (0 for prompt and structural tokens);
-                              for noisy tokens, their own chunk; 0 elsewhere. The
-                              CFG text-drop flag hides matching text from a noisy copy.
+                              text_i plans and the chunk BOF_i opens (0 for the
+                              prompt, EOF and EOS); for noisy tokens, their own
+                              chunk; 0 elsewhere. The CFG text-drop flag hides
+                              matching text (plan and BOF) from a noisy copy.
   latents          f32[K, h, w, c]  the clean latent of clean copy j (slot order)
   noisy_src        i32[Kn]    latent index (into `latents`) that noisy copy j denoises
   noisy_valid      bool[Kn]   noisy copy j holds a chunk
@@ -108,7 +113,7 @@ class LaidOut:
   text_target_mask: np.ndarray
   text_order: np.ndarray
   text_pos: np.ndarray
-  text_plan: np.ndarray  # chunk number (1-based, example-local) or 0
+  text_plan: np.ndarray  # chunk number (1-based, example-local) of text_i and BOF_i, or 0
   noisy_latent: np.ndarray  # latent index of each noisy copy
   noisy_order: np.ndarray
   noisy_pos: np.ndarray
@@ -238,7 +243,9 @@ def layout_example(ex: Example, seq: SequenceConfig, model: ModelConfig,
   for i, latent_idx in enumerate(chunks):
     if layout == "tv2tv":
       add_text(texts[i], i + 1)
-    add_text([seq.bof_id], 0)
+    # BOF_i belongs to chunk i's plan: it has read text_i, so a CFG-dropped noisy copy
+    # must not see it either (`masks.visible` hides equal plan ids).
+    add_text([seq.bof_id], i + 1)
     add_chunk(latent_idx, i + 1, with_noisy=True)
     add_text([seq.eof_id], 0)
   add_text([seq.eos_id], 0)

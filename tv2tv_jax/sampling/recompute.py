@@ -58,14 +58,19 @@ class RecomputeBackend:
       self.texts.append([])
 
   def append_text(self, tokens, plan: int) -> None:
+    """Records tokens i32[N] written with `plan` (text_i and BOF_i: i + 1; else 0).
+
+    BOF opens the next chunk whatever its plan id: the layout alone assigns plan ids
+    in the recomputed row.
+    """
     tokens = [int(t) for t in np.asarray(tokens)]
     if self.prompt is None:
       self.prompt = np.asarray(tokens, np.int32)
+    elif tokens == [self.exp.seq.bof_id]:
+      self._open(len(self.latents) + 1)  # BOF opens the next chunk (t2v: empty text)
     elif plan > 0:
       self._open(plan)
       self.texts[plan - 1].extend(tokens)
-    elif tokens == [self.exp.seq.bof_id]:
-      self._open(len(self.latents) + 1)  # BOF opens the next chunk (t2v: empty text)
     self.order += len(tokens)
     self.last_text_order = self.order - 1
 

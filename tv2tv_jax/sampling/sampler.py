@@ -12,6 +12,8 @@ Loop (DESIGN.md section 6), per chunk i, for every request still running:
   then the clean chunk (t = 1) is appended in one pass, then EOF.
 Before the loop: the prompts, then the optional first frames as clean chunks, each
 closed by EOF (`sequence`: EOF's logits give the first token of text_0).
+BOF_i carries chunk i's plan id, like text_i, so that the text-dropped CFG branch
+sees neither (`masks`).
 
 Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
 every running row writes its text (rows that already hit BOF write nothing while
@@ -25,7 +27,8 @@ oracle) through these calls, so that both make identical decisions from
 identical randomness and differ only in how outputs are computed. A `None` entry
 means the row writes nothing.
 
-  append_text(tokens [i32[N_b] | None] * B, plans [int] * B)   plan: chunk number or 0
+  append_text(tokens [i32[N_b] | None] * B, plans [int] * B)   plan: chunk number (text_i
+                                            and BOF_i: i + 1) or 0
   logits(rows [bool] * B) -> f32[B, V]      next-token logits at each row's last text slot
                                             (rows not asked may hold anything)
   denoise(x f32[B,h,w,c], chunk, rows, sc, grid f32[m+1]) -> f32[B,h,w,c]
@@ -185,7 +188,8 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
     if not any(active):
       break
     marker = lambda tok: [np.asarray([tok], np.int32) if a else None for a in active]
-    backend.append_text(marker(seq.bof_id), [0] * nb)
+    # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
+    backend.append_text(marker(seq.bof_id), [i + 1] * nb)
     x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
     # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
     ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
