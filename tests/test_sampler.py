@@ -169,21 +169,51 @@ def test_t2v_layout_matches_recompute(setup):
   assert all(t["text"] == [] for t in cached.transcript)
 
 
-def test_think2v_layout_and_replacement_match_recompute(setup):
-  """Think2V: the given plan of every chunk first, then the chunks (CFG drops each chunk's
-  own plan text); chunk 1 replaced by a given latent."""
+THINK2V = dataclasses.replace(SC, layout="think2v")
+
+
+def test_think2v_sampled_plan_matches_recompute_in_a_batch(setup):
+  """Think2V: the plan written item by item (items 0 and 2 of row 0 sampled after the
+  forced item 1; row 1 forces an empty item 0 and samples item 1), each closed by EOF,
+  then the chunks (CFG drops each chunk's own item and its BOF); chunk 1 of row 0
+  replaced by a given latent. Two rows of one cached batch vs two recompute oracles:
+  same tokens, latents within 1e-5."""
   exp, model, params = setup
-  sc = dataclasses.replace(SC, layout="think2v")
   given = np.random.default_rng(3).standard_normal(exp.model.latent_shape).astype(np.float32)
-  req = Request(prompt=PROMPT, num_chunks=3, first_frame=_first_frame(exp), seed=2,
-                interventions={0: [20, 21], 1: [], 2: [22]}, replacements={1: given})
-  cached = sampler.sample(model, params, exp, req, sc)
-  _assert_same(cached, _recompute(model, params, exp, req, sc))
-  np.testing.assert_array_equal(cached.chunks[1], given)
-  assert [t["replaced"] for t in cached.transcript] == [False, True, False]
-  assert [t["text"] for t in cached.transcript] == [[20, 21], [], [22]]
-  with pytest.raises(RequestError, match=r"^interventions: the think2v layout .* \[1, 2\]"):
-    sampler.sample(model, params, exp, dataclasses.replace(req, interventions={0: [20]}), sc)
+  reqs = [Request(prompt=PROMPT, num_chunks=3, first_frame=_first_frame(exp), seed=2,
+                  interventions={1: [20, 21]}, replacements={1: given}),
+          Request(prompt=[8, 9], num_chunks=2, seed=5, interventions={0: []})]
+  cached = sampler.generate_batch(sampler.CachedBackend(model, params, exp, batch=2), reqs,
+                                  exp, THINK2V)
+  oracle = sampler.generate_batch(recompute.oracle(model, params, exp, "think2v", batch=2),
+                                  reqs, exp, THINK2V)
+  for c, o in zip(cached, oracle):
+    _assert_same(c, o)
+  a, b = cached
+  assert [t["forced"] for t in a.transcript] == [False, True, False]
+  assert [t["replaced"] for t in a.transcript] == [False, True, False]
+  assert a.transcript[1]["text"] == [20, 21] and a.transcript[0]["text"]
+  np.testing.assert_array_equal(a.chunks[1], given)
+  assert [t["forced"] for t in b.transcript] == [True, False]
+  assert b.transcript[0]["text"] == [] and b.transcript[1]["text"]
+  assert [len(t) for t in a.texts] == [len(t["text"]) for t in a.transcript]
+  assert a.stop_reason == b.stop_reason == "chunk_budget"
+
+
+def test_think2v_intervention_at_item_k_keeps_the_items_before_k(setup):
+  """Forcing plan item 1: item 0 is the free run's (same seed), item 1 is the forced text,
+  and the items after it are sampled again (conditioned on it)."""
+  exp, model, params = setup
+  req = Request(prompt=PROMPT, num_chunks=3, first_frame=_first_frame(exp), seed=6)
+  free = sampler.sample(model, params, exp, req, THINK2V)
+  forced = [40, 41, 42]
+  assert free.transcript[1]["text"] != forced
+  got = sampler.sample(model, params, exp, dataclasses.replace(req, interventions={1: forced}),
+                       THINK2V)
+  assert got.transcript[0] == free.transcript[0]
+  assert got.transcript[1]["text"] == forced and got.transcript[1]["forced"]
+  np.testing.assert_array_equal(got.texts[1], forced)
+  assert not got.transcript[2]["forced"] and len(got.chunks) == 3
 
 
 def _generate_recorded(model, params, exp, req, sc):
@@ -380,6 +410,42 @@ def test_text_stops_at_bof_and_eos_and_budget(tiny_exp):
   assert [t["text"] for t in g.transcript] == [[30, 30, 30]] * 2
   assert g.stop_reason == "chunk_budget"
   assert ("text", [seq.bof_id], 1) in b.appended  # BOF_0 carries chunk 0's plan id
+
+
+def test_think2v_plan_items_end_at_eof_or_budget_on_scripted_rows(tiny_exp):
+  """Think2V plan: a sampled item ends at EOF, or at the budget (EOF forced); BOF and EOS
+  are never drawn there; a forced item is written with its plan id; each item is closed
+  by EOF, then BOF (plan id i + 1) · chunk · EOF per chunk. Two rows with different
+  token counts per item, run together, match their own runs call for call."""
+  exp, seq = tiny_exp, tiny_exp.seq
+  E, B = seq.eof_id, seq.bof_id
+  const = lambda x, t: jnp.ones_like(x)
+  sc = SamplerConfig(steps=2, greedy=True, max_text_tokens=3, layout="think2v")
+  # BOF and EOS dominate but are banned in the plan: 33 is drawn instead.
+  spiky = _one_hot(exp, B) + _one_hot(exp, seq.eos_id) + _one_hot(exp, 33, 10.0)
+  scripts = [[_one_hot(exp, 30), _one_hot(exp, E), spiky],
+             [_one_hot(exp, 31), _one_hot(exp, 31), _one_hot(exp, E)]]
+  reqs = [Request(prompt=PROMPT, num_chunks=3, interventions={1: [40]}),
+          Request(prompt=[4], num_chunks=2, seed=1)]
+  rows = [ScriptedBackend(sc_, const) for sc_ in scripts]
+  together = sampler.generate_batch(sampler.RowwiseBackend(rows), reqs, exp, sc)
+  a, b = together
+  assert [t["text"] for t in a.transcript] == [[30], [40], [33, 33, 33]]
+  assert [t["forced"] for t in a.transcript] == [False, True, False]
+  assert [t["text"] for t in b.transcript] == [[31, 31], []]
+  assert a.stop_reason == b.stop_reason == "chunk_budget" and len(a.chunks) == 3
+  assert rows[0].appended == [
+      ("text", PROMPT, 0), ("text", [30], 1), ("text", [E], 0), ("text", [40], 2),
+      ("text", [E], 0), ("text", [33], 3), ("text", [33], 3), ("text", [33], 3),
+      ("text", [E], 0),
+      ("text", [B], 1), ("chunk", 0), ("text", [E], 0), ("text", [B], 2), ("chunk", 1),
+      ("text", [E], 0), ("text", [B], 3), ("chunk", 2), ("text", [E], 0)]
+  for script, req, got, row in zip(scripts, reqs, together, rows):
+    alone = ScriptedBackend(script, const)
+    want = sampler.generate(sampler.RowwiseBackend([alone]), req, exp, sc)
+    assert got.transcript == want.transcript
+    np.testing.assert_array_equal(got.chunks, want.chunks)
+    assert row.appended == alone.appended
 
 
 def test_cfg_combination_and_heun(tiny_exp):

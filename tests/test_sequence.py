@@ -42,8 +42,9 @@ def test_layouts(tiny_exp, layout):
       "tv2tv": [10, 11, "clean", E, 20, B, "noisy", "clean", E, 30, 31, B, "noisy", "clean", E,
                 S],
       "t2v": [10, 11, "clean", E, B, "noisy", "clean", E, B, "noisy", "clean", E, S],
-      "think2v": [10, 11, "clean", E, 20, 30, 31, B, "noisy", "clean", E, B, "noisy", "clean",
-                  E, S],
+      # Every plan item is closed by EOF: the boundary a sampler needs.
+      "think2v": [10, 11, "clean", E, 20, E, 30, 31, E, B, "noisy", "clean", E, B, "noisy",
+                  "clean", E, S],
   }[layout]
   assert kinds == expected
   # Plan ids: text_i and the BOF opening chunk i carry i + 1 (a CFG-dropped noisy copy of

@@ -7,8 +7,15 @@ Logical order (TV2TV layout), per example::
 
     prompt · [first frame: clean copy · EOF] · for chunk i: text_i · BOF · noisy_i · clean_i · EOF · … · EOS
 
-T2V drops every text_i; Think2V writes all text_i (in order) after the prompt and
-first frame, then all chunks. Text comes before the chunk it plans.
+T2V drops every text_i. Think2V writes the whole plan after the prompt and first
+frame, each item closed by EOF (as EOF closes every chunk), then all chunks::
+
+    prompt · [first frame · EOF] · text_0 · EOF · … · text_{N-1} · EOF · for chunk i: BOF · noisy_i · clean_i · EOF · … · EOS
+
+The EOF after each plan item is the item's boundary: a sampler writing the plan
+item by item stops an item when it samples EOF (trained here: the last token of
+item i predicts EOF, that EOF predicts the first token of item i + 1, or BOF after
+the last item). In every layout text comes before the chunk it plans.
 
 BOF_i carries the plan id of the chunk it opens (i + 1, like text_i), so that a
 noisy copy whose plan is dropped for classifier-free guidance sees neither its
@@ -238,8 +245,11 @@ def layout_example(ex: Example, seq: SequenceConfig, model: ModelConfig,
     add_text([seq.eof_id], 0)
   chunks = list(range(first, ex.latents.shape[0]))  # latent index per generated chunk
   if layout == "think2v":
+    # EOF closes every plan item: the boundary a sampler needs to write the plan item
+    # by item (plan id 0, as after every chunk).
     for i, _ in enumerate(chunks):
       add_text(texts[i], i + 1)
+      add_text([seq.eof_id], 0)
   for i, latent_idx in enumerate(chunks):
     if layout == "tv2tv":
       add_text(texts[i], i + 1)

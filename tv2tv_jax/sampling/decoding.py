@@ -34,8 +34,8 @@ class Request:
     num_chunks: chunk budget (generated chunks, not counting the first frame).
     first_frame: optional f32[h, w, c] latent, cached as a clean chunk after the prompt.
     interventions: chunk index i (0-based, < num_chunks) -> i32[*] text forced as
-      text_i instead of sampling it (then BOF is forced). The think2v layout needs
-      one for every chunk (its plan block has no per-chunk boundaries to sample).
+      text_i instead of sampling it (then BOF is forced; think2v: plan item i, then
+      EOF, and the items after it are sampled conditioned on it).
     replacements: chunk index i -> f32[h, w, c] latent used as chunk i instead of
       generating it (its text is still sampled or forced; it is cached as usual).
     seed: all randomness (text sampling, chunk noise) derives from it.
@@ -54,14 +54,16 @@ class SamplerConfig:
 
   Text: `greedy`, else softmax sampling at `temperature`, restricted to the `top_k`
   most likely tokens (0: off) and to the smallest set with mass >= `top_p` (1: off).
-  `max_text_tokens` caps one chunk's text; at the cap BOF is forced.
+  `max_text_tokens` caps one chunk's text (Think2V: one plan item); at the cap BOF
+  (Think2V: EOF) is forced.
   Video: `steps` ODE steps of `solver` on `flow.time_grid(steps, shift)`, CFG scale
   `cfg_scale` (1: conditional only, no second branch).
   `capacity`: KV-cache slots (default: seq.text_len + seq.max_chunks · n).
   `sliding_window`: when the cache is full, drop the oldest chunks (keeping the
   prompt and first frame) and rebuild it, instead of raising CacheFullError.
   `layout`: 'tv2tv' (text before every chunk), 't2v' (no chunk text) or 'think2v'
-  (all chunk texts, which must be given as interventions, then all chunks).
+  (the whole plan, one item per chunk, sampled or forced item by item, then all
+  chunks).
   `text_vocab`: ids at or above it are never sampled (a model vocabulary padded
   beyond its tokenizer's; None: the whole model vocabulary).
   """
@@ -137,11 +139,6 @@ def check_request(req: Request, seq: SequenceConfig, model: ModelConfig,
       raise RequestError(f"interventions[{i}]: the t2v layout has no chunk text to force")
     forced[int(i)] = _check_tokens(text, f"interventions[{i}]", seq, model.vocab_size,
                                    allow_empty=True)
-  if sc.layout == "think2v" and len(forced) != req.num_chunks:
-    missing = [i for i in range(req.num_chunks) if i not in forced]
-    raise RequestError(f"interventions: the think2v layout needs the text of every chunk "
-                       f"(its plan is written before all chunks, with no per-chunk "
-                       f"boundaries to sample); missing chunks {missing}")
   replaced = {}
   for i, latent in dict(req.replacements).items():
     if not isinstance(i, (int, np.integer)) or not 0 <= i < req.num_chunks:
@@ -159,8 +156,8 @@ def check_request(req: Request, seq: SequenceConfig, model: ModelConfig,
 def filter_logits(logits: jax.Array, sc: SamplerConfig, banned: Sequence[int]) -> jax.Array:
   """f32[V] -> f32[V] with -inf outside the allowed set (banned ids, top-k, top-p).
 
-  Banned ids are tokens that cannot come next in text (pad, EOF: EOF only closes a
-  chunk, which the sampler writes itself).
+  Banned ids are tokens that cannot come next in text (pad; EOF in chunk text, where
+  only the sampler writes it after a chunk; BOF and EOS in a Think2V plan item).
   """
   logits = logits.astype(jnp.float32)
   logits = logits.at[jnp.asarray(banned, jnp.int32)].set(-jnp.inf)

@@ -9,8 +9,9 @@ the latency benchmark.
 
 Reading outputs from the row:
   logits    the text slot whose logical order is that of the last written text
-            token (anything laid out after it, e.g. the EOS or a placeholder
-            chunk the layout adds, cannot reach it: the mask is causal);
+            token (anything laid out after it, e.g. the EOS, a placeholder
+            chunk or the EOF closing a partly written think2v plan item, all of
+            which the layout adds, cannot reach it: the mask is causal);
   velocity  the noisy copy of the chunk being generated, holding the current x_t
             at time t; for CFG a second row with that copy's `cfg_drop` set.
 """
@@ -49,6 +50,8 @@ class RecomputeBackend:
     self.first_frame = None
     self.texts: list[list[int]] = []  # text of chunk i (opened by its text or its BOF)
     self.latents: list[np.ndarray] = []  # generated chunks so far
+    self.items = 0  # think2v: plan items closed by their EOF
+    self.after_clean = False  # the last write was a clean chunk (the next EOF closes it)
     self.order = 0  # logical order of the next slot
     self.last_text_order = -1
     self._apply = lambda p, kw: _APPLY(model, p, kw)
@@ -60,22 +63,29 @@ class RecomputeBackend:
   def append_text(self, tokens, plan: int) -> None:
     """Records tokens i32[N] written with `plan` (text_i and BOF_i: i + 1; else 0).
 
-    BOF opens the next chunk whatever its plan id: the layout alone assigns plan ids
-    in the recomputed row.
+    What a token is follows from the token and its context, as in the layout, which
+    alone assigns plan ids in the recomputed row: BOF opens the next chunk; in
+    think2v an EOF that does not follow a clean chunk closes the next plan item.
     """
     tokens = [int(t) for t in np.asarray(tokens)]
+    seq = self.exp.seq
     if self.prompt is None:
       self.prompt = np.asarray(tokens, np.int32)
-    elif tokens == [self.exp.seq.bof_id]:
+    elif tokens == [seq.bof_id]:
       self._open(len(self.latents) + 1)  # BOF opens the next chunk (t2v: empty text)
+    elif tokens == [seq.eof_id] and self.layout == "think2v" and not self.after_clean:
+      self.items += 1
+      self._open(self.items)  # an empty item is still an item
     elif plan > 0:
       self._open(plan)
       self.texts[plan - 1].extend(tokens)
+    self.after_clean = False
     self.order += len(tokens)
     self.last_text_order = self.order - 1
 
   def append_chunk(self, latent, chunk) -> None:
     latent = np.asarray(latent, np.float32)
+    self.after_clean = True
     if chunk is None:
       self.first_frame = latent
       self.order += self.n

@@ -15,11 +15,20 @@ closed by EOF (`sequence`: EOF's logits give the first token of text_0).
 BOF_i carries chunk i's plan id, like text_i, so that the text-dropped CFG branch
 sees neither (`masks`).
 
+Layouts (`SamplerConfig.layout`): 'tv2tv' is the loop above; 't2v' writes no text
+(BOF at once); 'think2v' first writes the whole plan, item by item: item i is
+forced (intervention) or sampled until EOF or `max_text_tokens` (EOF forced), with
+BOF and EOS banned (the plan has exactly num_chunks items), then EOF; an item after
+a forced one is sampled conditioned on it. Then the chunks (BOF, ODE, clean chunk,
+EOF) with no text between them; chunk i's text in the transcript is plan item i.
+EOF is sampled nowhere but in the Think2V plan.
+
 Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
 every running row writes its text (rows that already hit BOF write nothing while
-others still sample), then all rows denoise chunk i together. What a row
-generates depends only on its own request and seed (`test_sampler` checks a
-batch against each request run alone).
+others still sample), then all rows denoise chunk i together. Think2V plan items
+go the same way (rows that ended item i write nothing until all have, then EOF).
+What a row generates depends only on its own request and seed (`test_sampler`
+checks a batch against each request run alone).
 
 The loop talks to a batched *backend* of B rows (`CachedBackend` here;
 `RowwiseBackend` over per-row `recompute.RecomputeBackend`s is the from-scratch
@@ -62,9 +71,9 @@ class Generation:
   """A finished generation.
 
   chunks: f32[N, h, w, c] generated chunk latents (N <= num_chunks; no first frame);
-  texts: per generated chunk, its text i32[*]; transcript: JSON-able list of
-  {'chunk', 'text', 'forced', 'replaced'}; trailing_text: text sampled after the last chunk
-  before EOS; stop_reason: 'eos' or 'chunk_budget'.
+  texts: per generated chunk, its text i32[*] (Think2V: plan item i); transcript: JSON-able
+  list of {'chunk', 'text', 'forced', 'replaced'}; trailing_text: text sampled after the last
+  chunk before EOS; stop_reason: 'eos' or 'chunk_budget' (Think2V: always 'chunk_budget').
   """
   chunks: np.ndarray
   texts: list[np.ndarray]
@@ -115,6 +124,55 @@ class _Row:
                       trailing_text=self.trailing, stop_reason=self.stop)
 
 
+def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, stops):
+  """Writes text item `item` (text_item, plan id item + 1) of every active row.
+
+  Rows with `item` in their interventions write that text, all in one pass; the
+  others sample token by token (one pass per token for every row still sampling)
+  from their last text slot's logits until they draw a token of `stops` (not
+  written: the caller writes what ends the text) or hold `sc.max_text_tokens`
+  tokens. A row that stopped writes nothing while others continue.
+
+  rows: [_Row] * B; active: [bool] * B; banned, stops: tuples of token ids.
+  Returns (texts [list[int]] * B, forced [bool] * B, stop [int | None] * B): the stop
+  token a row drew, None where its text was forced or cut at the budget.
+  """
+  nb = len(rows)
+  texts = [[] for _ in rows]
+  forced = [False] * nb
+  stop = [None] * nb
+  given = [None] * nb
+  sampling = [False] * nb
+  for b, r in enumerate(rows):
+    if not active[b]:
+      continue
+    if item in r.req.interventions:
+      texts[b], forced[b] = r.req.interventions[item].tolist(), True
+      given[b] = r.req.interventions[item] if texts[b] else None
+    else:
+      sampling[b] = sc.max_text_tokens > 0
+  if any(g is not None for g in given):
+    backend.append_text(given, [item + 1] * nb)
+  while any(sampling):
+    keys = jnp.stack([text_key(r.req.seed, r.sampled) for r in rows])
+    toks = np.asarray(_NEXT_TOKENS(backend.logits(sampling), keys, sc, banned))
+    writes = [None] * nb
+    for b, r in enumerate(rows):
+      if not sampling[b]:
+        continue
+      r.sampled += 1
+      tok = int(toks[b])
+      if tok in stops:
+        sampling[b], stop[b] = False, tok
+      else:
+        texts[b].append(tok)
+        writes[b] = np.asarray([tok], np.int32)
+        sampling[b] = len(texts[b]) < sc.max_text_tokens
+    if any(w is not None for w in writes):
+      backend.append_text(writes, [item + 1] * nb)
+  return texts, forced, stop
+
+
 def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
                    sc: SamplerConfig) -> list[Generation]:
   """Runs the loop of the module docstring for len(requests) rows of `backend`.
@@ -125,9 +183,13 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
   check_config(sc, model)
   rows = [_Row(r) for r in _check_all(requests, exp, sc)]
   nb = len(rows)
-  # Never sample pad or EOF (EOF is appended after each chunk), nor ids the tokenizer lacks.
-  banned = (seq.pad_id, seq.eof_id) + tuple(range(sc.text_vocab or model.vocab_size,
-                                                  model.vocab_size))
+  # Never sample pad, nor ids the tokenizer lacks. Chunk text: never EOF (the loop
+  # writes it after each chunk). Think2V plan items: EOF ends an item; never BOF or
+  # EOS (the plan has exactly num_chunks items, and the chunks follow it).
+  unknown = tuple(range(sc.text_vocab or model.vocab_size, model.vocab_size))
+  banned = (seq.pad_id, seq.eof_id) + unknown
+  plan_banned = (seq.pad_id, seq.bof_id, seq.eos_id) + unknown
+  marker = lambda tok, active: [np.asarray([tok], np.int32) if a else None for a in active]
   backend.append_text([r.req.prompt for r in rows], [0] * nb)
   if any(r.req.first_frame is not None for r in rows):
     backend.append_chunk([r.req.first_frame for r in rows], None)
@@ -135,13 +197,17 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
                          else None for r in rows], [0] * nb)
   grid = np.asarray(flow.time_grid(sc.steps, sc.shift), np.float32)
   last = max(r.req.num_chunks for r in rows)
+  plans = [[] for _ in rows]  # think2v: (text, forced) of each plan item
   if sc.layout == "think2v":
-    # The whole plan first (every chunk's text is given: `check_request`), then chunks.
+    # The whole plan first, item by item, each closed by EOF (`sequence`); then chunks.
     for i in range(last):
-      plan = [r.req.interventions[i] if i < r.req.num_chunks and len(r.req.interventions[i])
-              else None for r in rows]
-      if any(p is not None for p in plan):
-        backend.append_text(plan, [i + 1] * nb)
+      active = [i < r.req.num_chunks for r in rows]
+      texts, forced, _ = _write_text(backend, rows, active, i, sc, plan_banned,
+                                     (seq.eof_id,))
+      backend.append_text(marker(seq.eof_id, active), [0] * nb)
+      for b in range(nb):
+        if active[b]:
+          plans[b].append((texts[b], forced[b]))
   for i in range(last):
     active = [not r.done and i < r.req.num_chunks for r in rows]
     if not any(active):
@@ -149,47 +215,20 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
     texts = [[] for _ in rows]
     forced = [False] * nb
     if sc.layout == "think2v":
-      for b, r in enumerate(rows):
+      for b in range(nb):
         if active[b]:
-          texts[b], forced[b] = r.req.interventions[i].tolist(), True
+          texts[b], forced[b] = plans[b][i]
     elif sc.layout == "tv2tv":
-      given = [None] * nb
-      sampling = [False] * nb
+      texts, forced, stop = _write_text(backend, rows, active, i, sc, banned,
+                                        (seq.bof_id, seq.eos_id))
       for b, r in enumerate(rows):
-        if not active[b]:
-          continue
-        if i in r.req.interventions:
-          texts[b], forced[b] = r.req.interventions[i].tolist(), True
-          given[b] = r.req.interventions[i] if texts[b] else None
-        else:
-          sampling[b] = sc.max_text_tokens > 0
-      if any(g is not None for g in given):
-        backend.append_text(given, [i + 1] * nb)
-      while any(sampling):
-        keys = jnp.stack([text_key(r.req.seed, r.sampled) for r in rows])
-        toks = np.asarray(_NEXT_TOKENS(backend.logits(sampling), keys, sc, banned))
-        writes = [None] * nb
-        for b, r in enumerate(rows):
-          if not sampling[b]:
-            continue
-          r.sampled += 1
-          tok = int(toks[b])
-          if tok == seq.bof_id:
-            sampling[b] = False
-          elif tok == seq.eos_id:
-            sampling[b] = active[b] = False
-            r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
-          else:
-            texts[b].append(tok)
-            writes[b] = np.asarray([tok], np.int32)
-            sampling[b] = len(texts[b]) < sc.max_text_tokens
-        if any(w is not None for w in writes):
-          backend.append_text(writes, [i + 1] * nb)
+        if stop[b] == seq.eos_id:
+          active[b] = False
+          r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
     if not any(active):
       break
-    marker = lambda tok: [np.asarray([tok], np.int32) if a else None for a in active]
     # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
-    backend.append_text(marker(seq.bof_id), [i + 1] * nb)
+    backend.append_text(marker(seq.bof_id, active), [i + 1] * nb)
     x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
     # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
     ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
@@ -200,7 +239,7 @@ def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
       if active[b] and i in r.req.replacements:
         x[b] = r.req.replacements[i]
     backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
-    backend.append_text(marker(seq.eof_id), [0] * nb)
+    backend.append_text(marker(seq.eof_id, active), [0] * nb)
     for b, r in enumerate(rows):
       if active[b]:
         r.chunks.append(x[b])
