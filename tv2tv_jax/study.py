@@ -1,0 +1,216 @@
+r"""The toy-world study in one command: TV2TV against T2V and Think2V (docs/results.md).
+
+    python -m tv2tv_jax.study --config=experiments/toy_study.py --workdir=/tmp/toy_study \
+        [--arms=tv2tv,t2v,think2v] [--seeds=0,1,2] [--results=docs/results/toy_study]
+
+Stages, each cached in the work directory, so running the command again resumes:
+  1. data: build the toy world, train the VAE, encode latents, train the tokenizer
+     (`data_pipelines.main_job`), once, in <workdir>/data, shared by every arm;
+  2. per arm and seed (study.arms x study.seeds): train with that layout and seed into
+     <workdir>/runs/<arm>_s<seed> (the trainer resumes from its newest checkpoint, with
+     its data-iterator state, so a killed run continues exactly);
+  3. per run: the generation evaluation (`tv2tv_jax.generation_eval`) into
+     <run>/gen_eval (skipped when scores.json exists for the final checkpoint and the
+     same evaluation settings);
+  4. per run: a small JSON (`study_report.run_record`: loss curves, training time,
+     per-clip scores) into --results, written as soon as the run is evaluated;
+  5. the report (`study_report.write_report`): summary.json with means and 95% CIs per
+     arm, and the plots, from whatever run records --results holds.
+
+An arm differs from the others only in `seq.layout`; `train.seed` and
+`data.shuffle_seed` are the study seed. Everything else comes from the one config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from tv2tv_jax import study_report
+
+LAYOUT_OF_ARM = {"tv2tv": "tv2tv", "t2v": "t2v", "think2v": "think2v"}
+
+
+class StudyError(ValueError):
+  """A study setting cannot work; the message names the field or flag."""
+
+
+def run_name(arm: str, seed: int) -> str:
+  return f"{arm}_s{seed}"
+
+
+def arm_config(cfg: ml_collections.ConfigDict, arm: str, seed: int,
+               data_dir: str) -> ml_collections.ConfigDict:
+  """The training config of one arm and seed: `cfg` with seq.layout, train.seed,
+  data.shuffle_seed and data.data_dir set (nothing else changes)."""
+  if arm not in LAYOUT_OF_ARM:
+    raise StudyError(f"study.arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.seq.layout = LAYOUT_OF_ARM[arm]
+  out.train.seed = int(seed)
+  out.data.shuffle_seed = int(seed)
+  out.data.data_dir = data_dir
+  if "study" in out:
+    del out["study"]  # the trainer's config is the arm's alone
+  return out
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Fails with a message naming the field before anything is built."""
+  study = cfg.get("study")
+  if study is None:
+    raise StudyError("study: the config has no `study` section (experiments/toy_study.py)")
+  if (cfg.get("data") or {}).get("source") != "toy_world":
+    raise StudyError("data.source: the study needs 'toy_world' data (the oracle scores "
+                     "toy-world videos)")
+  if not study.arms:
+    raise StudyError("study.arms: at least one arm is needed")
+  for arm in study.arms:
+    if arm not in LAYOUT_OF_ARM:
+      raise StudyError(f"study.arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+  if not study.seeds or len(set(study.seeds)) != len(study.seeds):
+    raise StudyError(f"study.seeds: needs distinct seeds, got {tuple(study.seeds)}")
+  ev = study.eval
+  if ev.num_clips < 1 or ev.batch < 1 or ev.ode_steps < 1:
+    raise StudyError("study.eval: num_clips, batch and ode_steps must be >= 1")
+
+
+def _eval_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  ev = cfg.study.eval
+  return dict(num_clips=int(ev.num_clips), batch=int(ev.batch), cfg_scale=float(ev.cfg_scale),
+              ode_steps=int(ev.ode_steps), times=[float(t) for t in ev.times],
+              seed=int(ev.seed), num_resamples=int(cfg.study.bootstrap_resamples))
+
+
+def _evaluated(out_dir: str, settings: dict[str, Any], step: int) -> bool:
+  """Whether out_dir holds scores of checkpoint `step` with these evaluation settings."""
+  path = os.path.join(out_dir, "scores.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    doc = json.load(f)
+  got = doc.get("settings", {})
+  same = all(got.get(k) == v for k, v in settings.items() if k != "batch")
+  return same and doc.get("checkpoint_step") == step
+
+
+def run_arm(cfg: ml_collections.ConfigDict, workdir: str, arm: str, seed: int,
+            results_dir: str | None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Stages 2-4 for one arm and seed; returns its run record (`study_report.run_record`)."""
+  from tv2tv_jax import generation_eval, trainer
+  data_dir = os.path.join(workdir, "data")
+  run_dir = os.path.join(workdir, "runs", run_name(arm, seed))
+  acfg = arm_config(cfg, arm, seed, data_dir)
+  t0 = time.time()
+  trainer.train(acfg, run_dir, log=lambda s: log(f"[{run_name(arm, seed)}] {s}"))
+  log(f"[{run_name(arm, seed)}] training stage: {time.time() - t0:.0f}s this call")
+  settings = _eval_settings(cfg)
+  out_dir = os.path.join(run_dir, "gen_eval")
+  step = int(acfg.train.num_steps)
+  if _evaluated(out_dir, settings, step):
+    log(f"[{run_name(arm, seed)}] generation evaluation: cached")
+  else:
+    t0 = time.time()
+    generation_eval.run(run_dir, out_dir, checkpoint=step, **settings)
+    log(f"[{run_name(arm, seed)}] generation evaluation: {time.time() - t0:.0f}s")
+  with open(os.path.join(out_dir, "scores.json")) as f:
+    scores = json.load(f)
+  record = study_report.run_record(arm, seed, run_dir, scores)
+  if results_dir:
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{run_name(arm, seed)}.json")
+    with open(path, "w") as f:
+      json.dump(record, f, indent=1, allow_nan=False)
+    log(f"[{run_name(arm, seed)}] run record: {path}")
+  return record
+
+
+def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequence[str],
+                     seed: int, path: str, text: str = "left fire") -> str:
+  """One PNG with a row per arm: the same held-out first frame, the same sampler seed and
+  the same action `text` inserted at the first intervention time (T2V, which has no
+  text channel, runs free). Each frame carries its chunk's text and the oracle's reading.
+  """
+  from data_pipelines import clip_scores, toy_world as tw
+  from tv2tv_jax import generate, generation_eval
+  ev = cfg.study.eval
+  k = int(cfg.data.toy_world.num_chunks)
+  chunk = min(generation_eval.intervention_chunks(ev.times, k)["chunks"].values())
+  clip = tw.generate_clip(generation_eval.FIRST_HELD_OUT_SEED, k)
+  runs, clips = [], []
+  for arm in arms:
+    assets = generate.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
+    gen = generation_eval.ModelGenerator(assets, cfg.data.prompt, cfg_scale=ev.cfg_scale,
+                                         ode_steps=ev.ode_steps, batch=1)
+    forced = {} if gen.layout == "t2v" else {chunk: text}
+    g = gen.generate([generation_eval.ClipRequest(clip.seed, clip.frames[0], k, forced,
+                                                  int(ev.seed))])[0]
+    g = generation_eval.Generated(*g) if not isinstance(g, generation_eval.Generated) else g
+    iv = clip_scores.Intervention(chunk, text, "", True, 0) if forced else None
+    runs.append({"generated": g, "read": clip_scores.read_actions(g.frames), "intervention": iv})
+    clips.append(dataclasses.replace(clip, seed=f"{clip.seed} ({arm})"))
+  return generation_eval.write_sheet(path, runs, clips,
+                                     f"same first frame, seed {ev.seed}; '{text}' inserted at "
+                                     f"chunk {chunk} (t2v: free)", limit=len(runs))
+
+
+def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
+              arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+              results_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
+  """The whole study (module docstring). Returns the report's summary."""
+  from data_pipelines import main_job
+  check_config(cfg)
+  arms = list(arms or cfg.study.arms)
+  seeds = [int(s) for s in (seeds if seeds is not None else cfg.study.seeds)]
+  for arm in arms:
+    if arm not in LAYOUT_OF_ARM:
+      raise StudyError(f"--arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+  results_dir = results_dir or os.path.join(workdir, "results")
+  data_dir = os.path.join(workdir, "data")
+  t0 = time.time()
+  # The data stages depend only on data and model settings, identical across arms.
+  main_job.prepare_toy_world(data_dir, arm_config(cfg, arms[0], seeds[0], data_dir), log=log)
+  log(f"data stages: {time.time() - t0:.0f}s")
+  for seed in seeds:  # seed-major: a partial study has every arm of its first seeds
+    for arm in arms:
+      run_arm(cfg, workdir, arm, seed, results_dir, log)
+    if seed == seeds[0]:
+      path = comparison_sheet(cfg, workdir, arms, seed, os.path.join(results_dir,
+                                                                     "arms_sheet.png"))
+      log(f"comparison sheet: {path}")
+  with open(os.path.join(data_dir, "stage_vae.json")) as f:
+    vae_eval = json.load(f).get("eval", {})
+  return study_report.write_report(results_dir, vae_eval=vae_eval,
+                                   num_resamples=int(cfg.study.bootstrap_resamples))
+
+
+def main(argv):
+  from absl import app, flags
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  arms = FLAGS.arms or None
+  seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+  summary = run_study(FLAGS.config, FLAGS.workdir, arms=arms, seeds=seeds,
+                      results_dir=FLAGS.results)
+  print(study_report.format_table(summary))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Study config file[:variant].",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Study directory (data, runs, results).")
+  flags.DEFINE_list("arms", None, "Arms to run (default: study.arms).")
+  flags.DEFINE_list("seeds", None, "Seeds to run (default: study.seeds).")
+  flags.DEFINE_string("results", None, "Where run records and the report go "
+                      "(default <workdir>/results; the committed study uses "
+                      "docs/results/toy_study).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
