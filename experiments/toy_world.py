@@ -132,4 +132,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     else:
       raise ValueError(f"unknown config variant {part!r}; sizes {sorted(_VARIANTS)}, "
                        f"layouts {list(_LAYOUTS)}")
+  if c.seq.layout == "think2v":
+    # Think2V closes every plan item with EOF: one more text slot per chunk (after the
+    # size variant, whatever the order of the parts).
+    c.seq.text_len += c.seq.max_chunks
   return c
