@@ -39,7 +39,10 @@ def _study(c: ml_collections.ConfigDict) -> None:
       source="toy_world", synthetic_batches=0, max_examples_per_row=1,
       toy_world=dict(name="study", num_train=2048, num_validation=32, num_chunks=12,
                      caption_mode="dense"),
-      vae_variant="study", vae_overrides={}, prompt="toy world")
+      vae_variant="study", prompt="toy world")
+  # Replaced, not updated: ConfigDict.update merges dicts, which would keep the main
+  # job's 300-step VAE override.
+  c.data.vae_overrides = ml_collections.ConfigDict()
   c.sample.after_training = False
   # The study: arms x seeds, and the generation evaluation of every run.
   c.study = ml_collections.ConfigDict(dict(
