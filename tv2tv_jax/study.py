@@ -32,8 +32,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from tv2tv_jax import study_report
-
-LAYOUT_OF_ARM = {"tv2tv": "tv2tv", "t2v": "t2v", "think2v": "think2v"}
+from tv2tv_jax.config import LAYOUTS  # an arm is named by its layout
 
 
 class StudyError(ValueError):
@@ -48,10 +47,10 @@ def arm_config(cfg: ml_collections.ConfigDict, arm: str, seed: int,
                data_dir: str) -> ml_collections.ConfigDict:
   """The training config of one arm and seed: `cfg` with seq.layout, train.seed,
   data.shuffle_seed and data.data_dir set (nothing else changes)."""
-  if arm not in LAYOUT_OF_ARM:
-    raise StudyError(f"study.arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+  if arm not in LAYOUTS:
+    raise StudyError(f"study.arms: unknown arm {arm!r}; one of {list(LAYOUTS)}")
   out = ml_collections.ConfigDict(cfg.to_dict())
-  out.seq.layout = LAYOUT_OF_ARM[arm]
+  out.seq.layout = arm
   out.train.seed = int(seed)
   out.data.shuffle_seed = int(seed)
   out.data.data_dir = data_dir
@@ -71,8 +70,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   if not study.arms:
     raise StudyError("study.arms: at least one arm is needed")
   for arm in study.arms:
-    if arm not in LAYOUT_OF_ARM:
-      raise StudyError(f"study.arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+    if arm not in LAYOUTS:
+      raise StudyError(f"study.arms: unknown arm {arm!r}; one of {list(LAYOUTS)}")
   if not study.seeds or len(set(study.seeds)) != len(study.seeds):
     raise StudyError(f"study.seeds: needs distinct seeds, got {tuple(study.seeds)}")
   ev = study.eval
@@ -168,8 +167,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
   arms = list(arms or cfg.study.arms)
   seeds = [int(s) for s in (seeds if seeds is not None else cfg.study.seeds)]
   for arm in arms:
-    if arm not in LAYOUT_OF_ARM:
-      raise StudyError(f"--arms: unknown arm {arm!r}; one of {sorted(LAYOUT_OF_ARM)}")
+    if arm not in LAYOUTS:
+      raise StudyError(f"--arms: unknown arm {arm!r}; one of {list(LAYOUTS)}")
   results_dir = results_dir or os.path.join(workdir, "results")
   data_dir = os.path.join(workdir, "data")
   t0 = time.time()
