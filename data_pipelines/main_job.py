@@ -49,13 +49,10 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   data, model = _section(cfg, "data"), _section(cfg, "model")
   tfds = {"toy_world": data.get("toy_world") or {}}
   # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so a
-  # resized dataset keeps the trained VAE.
-  # The resolved VAE config, not only the variant's name: a variant whose recipe changed
+  # resized dataset keeps the trained VAE. Its resolved config (variant, overrides and
+  # latent channels applied), not only the variant's name: a variant whose recipe changed
   # must not reuse the VAE trained with the old one.
-  vae = {"vae_variant": data.get("vae_variant", "quick"),
-         "vae_overrides": data.get("vae_overrides") or {},
-         "latent_channels": int(model["latent_shape"][-1]),
-         "config": _vae_config(cfg).to_dict()}
+  vae = {"config": _vae_config(cfg).to_dict()}
   latents = {"tfds": tfds, "vae": vae}
   tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
                "prompt": data.get("prompt", "")}

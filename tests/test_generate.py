@@ -247,3 +247,13 @@ def test_data_dir_of_a_gs_run_must_be_local():
     generate.data_dir_of("gs://bucket/run", cfg)
   cfg.data.data_dir = "/data/toy"
   assert generate.data_dir_of("gs://bucket/run", cfg) == "/data/toy"
+
+
+def test_cache_capacity_counts_think2v_plan_eofs():
+  """Think2V closes each plan item with EOF: one cache slot per chunk more than TV2TV."""
+  from experiments import toy_world
+  from tv2tv_jax.config import experiment_from_config_dict
+  exps = {l: experiment_from_config_dict(toy_world.get_config(f"tiny,{l}"))
+          for l in ("tv2tv", "think2v")}
+  cap = {l: generate.cache_capacity(e, 3, 5, 4, {}) for l, e in exps.items()}
+  assert cap["think2v"] - cap["tv2tv"] == 5

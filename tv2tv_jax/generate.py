@@ -231,13 +231,15 @@ def decode_frames(assets: Assets, first_latent: np.ndarray, chunks: np.ndarray) 
   return vae_train.to_uint8(frames[0])
 
 
-def _capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
-              forced: Mapping[int, np.ndarray]) -> int:
+def cache_capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
+                   forced: Mapping[int, np.ndarray]) -> int:
   """Cache slots for the whole generation: prompt, first frame + EOF, per chunk text + BOF +
-  clean chunk + EOF (so no request of this size hits CacheFullError)."""
+  clean chunk + EOF, and in Think2V the EOF closing each plan item (so no request of this
+  size hits CacheFullError)."""
   n = exp.model.tokens_per_chunk
   text = sum(max(max_text, len(forced.get(i, ()))) for i in range(num_chunks))
-  return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 2
+  plan_eofs = num_chunks if exp.seq.layout == "think2v" else 0
+  return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 2 + plan_eofs
 
 
 def generate_batch(assets: Assets, prompts: Sequence[str], interventions: Mapping[int, str],
@@ -263,7 +265,7 @@ def generate_batch(assets: Assets, prompts: Sequence[str], interventions: Mappin
   sc = SamplerConfig(**{k: v for k, v in sc_kwargs.items()})
   # The model's vocabulary may be padded beyond the tokenizer's: never sample those ids.
   sc = dataclasses.replace(sc, text_vocab=min(assets.text.vocab_size, exp.model.vocab_size))
-  sc = dataclasses.replace(sc, capacity=sc.capacity or _capacity(
+  sc = dataclasses.replace(sc, capacity=sc.capacity or cache_capacity(
       exp, max(len(p) for p in prompt_ids), num_chunks, sc.max_text_tokens, forced))
   gens = sample(assets.run.model, assets.params, exp,
                 [Request(prompt=ids, num_chunks=num_chunks, first_frame=latent0,

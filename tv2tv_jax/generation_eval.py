@@ -147,9 +147,8 @@ class ModelGenerator:
         for i, ids in f.items():
           longest[i] = ids if len(ids) > len(longest.get(i, ())) else longest[i]
       k = max(r.num_chunks for r in part)
-      # + k: a Think2V plan closes each item with its own EOF.
-      capacity = generate._capacity(exp, len(self.prompt_ids), k,
-                                    self.settings["max_text_tokens"], longest) + k
+      capacity = generate.cache_capacity(exp, len(self.prompt_ids), k,
+                                         self.settings["max_text_tokens"], longest)
       sc = SamplerConfig(**self.settings, capacity=capacity,
                          text_vocab=min(a.text.vocab_size, exp.model.vocab_size))
       latents = [generate.first_frame_latent(a, r.first_frame, r.sample_seed)[0] for r in part]

@@ -149,7 +149,6 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
     forced = {} if gen.layout == "t2v" else {chunk: text}
     g = gen.generate([generation_eval.ClipRequest(clip.seed, clip.frames[0], k, forced,
                                                   int(ev.seed))])[0]
-    g = generation_eval.Generated(*g) if not isinstance(g, generation_eval.Generated) else g
     iv = clip_scores.Intervention(chunk, text, "", True, 0) if forced else None
     runs.append({"generated": g, "read": clip_scores.read_actions(g.frames), "intervention": iv})
     clips.append(dataclasses.replace(clip, seed=f"{clip.seed} ({arm})"))

@@ -267,15 +267,15 @@ def evaluate(vae_cfg: VAEConfig, params: Any, cfg: TrainConfig) -> dict[str, flo
   mses, first, read, truth, valid = [], [], [], [], []
   seeds = list(range(cfg.eval_seed_start, cfg.eval_seed_start + cfg.eval_clips))
   for i in range(0, len(seeds), cfg.eval_batch):
-    batch_seeds = seeds[i:i + cfg.eval_batch]
-    frames = clip_frames(batch_seeds, cfg.eval_chunks)
+    clips = [toy_world.generate_clip(s, cfg.eval_chunks) for s in seeds[i:i + cfg.eval_batch]]
+    frames = np.stack([to_float(c.frames) for c in clips])
     recon = reconstruct(params, frames, vae_cfg)
     mses.append(np.asarray(_clip_mse(recon, frames)))
     first.append(np.asarray(_clip_mse(recon[:, :1], frames[:, :1])))
-    for seed, rec, true in zip(batch_seeds, to_uint8(recon), to_uint8(frames)):
+    for clip, rec in zip(clips, to_uint8(recon)):
       read += oracle.classify_chunks(rec)
-      truth += toy_world.generate_clip(seed, cfg.eval_chunks).actions
-      valid += list(oracle.frame_validity(rec, true[0])[0])
+      truth += clip.actions
+      valid += list(oracle.frame_validity(rec, clip.frames[0])[0])
   mse, first_mse = np.concatenate(mses), np.concatenate(first)
   psnr = np.asarray(psnr_from_mse(mse))
   agree = oracle.action_agreement(read, truth)
