@@ -52,6 +52,9 @@ class PipelineConfig:
     caption_every: keep the text of chunk i only when i % caption_every == 0 (1: all).
     wrong_caption_rate: probability that a kept text is replaced by a different text of
       another chunk of the same clip (a "hallucinated" caption); fixed per clip seed.
+    plan_drop_rate: probability that a clip's chunk texts are all dropped (fixed per clip
+      seed): the plan-free rows a `SamplerConfig.uncond = 'plan_free'` CFG branch is
+      conditioned on (`tv2tv_jax.sampling.plan_free`).
     max_open: rows the first-fit packer keeps open.
     window: source examples per packing window (see the module docstring).
   """
@@ -62,6 +65,7 @@ class PipelineConfig:
   num_workers: int = 0
   caption_every: int = 1
   wrong_caption_rate: float = 0.0
+  plan_drop_rate: float = 0.0
   max_open: int = 4
   window: int = 64
 
@@ -71,6 +75,9 @@ class PipelineConfig:
     if not 0.0 <= self.wrong_caption_rate <= 1.0:
       raise ConfigError("data.wrong_caption_rate", f"must be in [0, 1], got "
                         f"{self.wrong_caption_rate}")
+    if not 0.0 <= self.plan_drop_rate <= 1.0:
+      raise ConfigError("data.plan_drop_rate", f"must be in [0, 1], got "
+                        f"{self.plan_drop_rate}")
     if self.num_workers < 0 or self.max_open < 1 or self.window < 1:
       raise ConfigError("data", "num_workers >= 0, max_open >= 1 and window >= 1 required")
 
@@ -107,12 +114,15 @@ class ToExample(grain.transforms.Map):
     return self._tok
 
   def texts(self, rec: Mapping[str, Any]) -> list[str]:
-    """The chunk texts after the caption-density and corruption knobs."""
+    """The chunk texts after the caption-density, corruption and plan-drop knobs."""
     texts = list(rec["texts"])
     p = self.pcfg
     rng = np.random.default_rng([int(rec["seed"]) % 2**63, 0x7E47])
     wrong = rng.random(len(texts)) < p.wrong_caption_rate
     pick = rng.random(len(texts))
+    # Drawn after the draws above, so that adding this knob changed no existing stream.
+    if rng.random() < p.plan_drop_rate:
+      return [""] * len(texts)
     out = []
     for i, text in enumerate(texts):
       # A wrong caption is another *distinct* text of the same clip: plausible words,

@@ -172,6 +172,7 @@ def pipeline_config(data_dir: str, cfg: Any) -> grain_pipeline.PipelineConfig:
       num_workers=int(data.get("num_workers", 0)),
       caption_every=int(data.get("caption_every", 1)),
       wrong_caption_rate=float(data.get("wrong_caption_rate", 0.0)),
+      plan_drop_rate=float(data.get("plan_drop_rate", 0.0)),
       max_open=int(data.get("max_open", 4)), window=int(data.get("window", 64)))
 
 

@@ -47,8 +47,10 @@ def _study(c: ml_collections.ConfigDict) -> None:
   # The study: arms x seeds, and the generation evaluation of every run.
   c.study = ml_collections.ConfigDict(dict(
       arms=("tv2tv", "t2v", "think2v"), seeds=(0, 1, 2),
+      # uncond: CFG's second branch, 'mask' or 'plan_free' (docs/model.md); plan_free
+      # wants data.plan_drop_rate > 0.
       eval=dict(num_clips=32, batch=8, cfg_scale=3.0, ode_steps=16, times=(1.0, 3.0),
-                seed=0),
+                seed=0, uncond="mask"),
       bootstrap_resamples=2000))
 
 

@@ -80,6 +80,7 @@ def _base() -> ml_collections.ConfigDict:
       shuffle_seed=0, num_workers=0,
       caption_every=1,  # keep the text of every k-th chunk only
       wrong_caption_rate=0.0,  # share of kept texts replaced by another chunk's text
+      plan_drop_rate=0.0,  # share of clips with every text dropped (plan-free CFG branch)
       max_open=4, window=64))  # RowPacker rows kept open; examples per packing window
   return c
 

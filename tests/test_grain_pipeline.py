@@ -116,6 +116,31 @@ def test_caption_knobs(pcfg):
   assert none.texts(rec) == rec["texts"]
 
 
+def test_plan_drop_rate_drops_whole_plans_per_clip(pcfg):
+  """plan_drop_rate: a clip loses all its texts or none, fixed per clip seed, at about the
+  rate asked (binomial, 4 SE); it leaves the other knobs' draws unchanged."""
+  import dataclasses
+  exp = grain_fixture.experiment()
+  recs = [{"texts": ["left", "up fire", "stop"], "seed": s} for s in range(400)]
+  to = lambda **kw: grain_pipeline.ToExample(dataclasses.replace(pcfg, **kw), exp.seq,
+                                             exp.model, "think2v")
+  assert all(to(plan_drop_rate=1.0).texts(r) == ["", "", ""] for r in recs)
+  assert all(to(plan_drop_rate=0.0).texts(r) == r["texts"] for r in recs)
+  half = to(plan_drop_rate=0.3, wrong_caption_rate=0.5)
+  wrong = to(wrong_caption_rate=0.5)
+  dropped = 0
+  for r in recs:
+    texts = half.texts(r)
+    assert texts == half.texts(r)
+    if texts == ["", "", ""]:
+      dropped += 1
+    else:
+      assert texts == wrong.texts(r)  # the corruption draws are the same with or without
+  assert abs(dropped / len(recs) - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(recs))
+  with pytest.raises(grain_pipeline.ConfigError, match="data.plan_drop_rate"):
+    dataclasses.replace(pcfg, plan_drop_rate=1.5)
+
+
 def test_hosts_read_disjoint_shards(pcfg):
   exp = grain_fixture.experiment()
   firsts = []

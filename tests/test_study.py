@@ -58,6 +58,18 @@ def test_bad_study_settings_name_the_field(field, value, needle):
     study.check_config(cfg)
 
 
+def test_plan_free_evaluation_needs_plan_free_training():
+  cfg = toy_study.get_config()
+  cfg.study.eval.uncond = "plan_free"
+  with pytest.raises(study.StudyError, match="data.plan_drop_rate"):
+    study.check_config(cfg)
+  cfg.data.plan_drop_rate = 0.1
+  study.check_config(cfg)
+  cfg.study.eval.uncond = "nothing"
+  with pytest.raises(study.StudyError, match="study.eval.uncond"):
+    study.check_config(cfg)
+
+
 def test_hierarchical_ci_covers_the_mean_and_widens_with_seed_spread():
   rng = np.random.default_rng(0)
   tight = [rng.normal(0.5, 0.1, 32) for _ in range(3)]

@@ -118,12 +118,13 @@ class ModelGenerator:
   of `batch` rows, chunks decoded with the run's VAE.
 
   The t2v layout samples with cfg_scale 1: its CFG branch drops the chunk text, which t2v
-  does not have, so both branches agree and guidance only doubles the work.
+  does not have, so both branches agree and guidance only doubles the work. `uncond` is
+  `SamplerConfig.uncond` (the CFG branch: 'mask' or 'plan_free').
   """
 
   def __init__(self, assets: Any, prompt: str, *, cfg_scale: float, ode_steps: int,
                batch: int, solver: str = "euler", temperature: float = 1.0,
-               max_text_tokens: int = 16):
+               max_text_tokens: int = 16, uncond: str = "mask"):
     from tv2tv_jax import generate
     self.assets, self.batch = assets, batch
     self.layout = assets.run.exp.seq.layout
@@ -131,7 +132,7 @@ class ModelGenerator:
     self.cfg_scale = 1.0 if self.layout == "t2v" else float(cfg_scale)
     self.settings = dict(steps=ode_steps, solver=solver, cfg_scale=self.cfg_scale,
                          temperature=temperature, max_text_tokens=max_text_tokens,
-                         layout=self.layout)
+                         layout=self.layout, uncond=uncond)
 
   def generate(self, requests: Sequence[ClipRequest]) -> list[Generated]:
     from tv2tv_jax import generate
@@ -398,7 +399,9 @@ def write_sheet(path: str, runs: Sequence[dict[str, Any]], clips: Sequence[tw.Cl
                  f"read {_read_text(run['read'][col - 1])}"[:size // 6]]
       for n, line in enumerate(lines):
         draw.text((x, y + size + 3 + 12 * n), line, fill=(0, 0, 0), font=font)
-  sheet.save(path)
+  # The toy world's palette and the labels fit 256 colours: a quarter of the RGB file's
+  # size, which matters for sheets committed with results.
+  sheet.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
   return path
 
 
@@ -499,7 +502,8 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
         checkpoint: int | None = None, cfg_scale: float = 2.0, ode_steps: int = 16,
         times: Sequence[float] = DEFAULT_TIMES, seed: int = 0,
         first_seed: int = FIRST_HELD_OUT_SEED, num_chunks: int | None = None,
-        num_resamples: int = 2000, num_reference: int = 128, assets: Any = None) -> list[str]:
+        num_resamples: int = 2000, num_reference: int = 128, uncond: str = "mask",
+        assets: Any = None) -> list[str]:
   """The command: restores the run, evaluates model and ceiling, writes --out. Returns paths."""
   from tv2tv_jax import generate
   if batch < 1 or num_clips < 1:
@@ -516,7 +520,8 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
   clips = [tw.generate_clip(s, k) for s in seeds[:num_clips]]
   reference = [tw.generate_clip(s, k) for s in seeds[num_clips:]] or None
   prompt = (cfg.get("data") or {}).get("prompt", "toy world")
-  model = ModelGenerator(assets, prompt, cfg_scale=cfg_scale, ode_steps=ode_steps, batch=batch)
+  model = ModelGenerator(assets, prompt, cfg_scale=cfg_scale, ode_steps=ode_steps, batch=batch,
+                         uncond=uncond)
   ceiling = ToyWorldGenerator(model.layout,
                               reconstruct=lambda fs: vae_reconstruct(assets, fs, batch))
   doc = evaluate(model, clips, times=times, ceiling=ceiling, reference=reference, seed=seed,
@@ -524,7 +529,7 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
   settings = dict(workdir=os.fspath(workdir), num_clips=num_clips, batch=batch,
                   cfg_scale=cfg_scale, ode_steps=ode_steps, times=list(times), seed=seed,
                   first_seed=first_seed, num_chunks=k, prompt=prompt,
-                  num_resamples=num_resamples, num_reference=num_reference,
+                  num_resamples=num_resamples, num_reference=num_reference, uncond=uncond,
                   sampler=model.settings,
                   sample_seeds=f"clip c uses seed {seed} + c in every condition")
   if model.layout == "t2v":
@@ -560,6 +565,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch", 8, "Rows per sampler batch.")
   flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
   flags.DEFINE_float("cfg_scale", 2.0, "CFG scale (t2v runs always use 1).")
+  flags.DEFINE_enum("uncond", "mask", ["mask", "plan_free"],
+                    "CFG's second branch: the chunk's plan masked out of the same cache, or "
+                    "a second cache without any plan (needs data.plan_drop_rate > 0 in "
+                    "training; docs/model.md).")
   flags.DEFINE_integer("ode_steps", 16, "ODE steps per chunk.")
   flags.DEFINE_list("times", ["1", "3"], "Intervention times in seconds.")
   flags.DEFINE_integer("seed", 0, "Sampler seed of clip 0 (clip c: seed + c); choice seed.")
@@ -585,7 +594,7 @@ def main(argv):
               checkpoint=FLAGS.checkpoint, cfg_scale=FLAGS.cfg_scale, ode_steps=FLAGS.ode_steps,
               times=times, seed=FLAGS.seed, first_seed=FLAGS.first_seed,
               num_chunks=FLAGS.num_chunks, num_resamples=FLAGS.num_resamples,
-              num_reference=FLAGS.num_reference)
+              num_reference=FLAGS.num_reference, uncond=FLAGS.uncond)
   with open(paths[0]) as f:
     print(format_summary(json.load(f)))
   for p in paths:

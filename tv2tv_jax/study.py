@@ -77,13 +77,21 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   ev = study.eval
   if ev.num_clips < 1 or ev.batch < 1 or ev.ode_steps < 1:
     raise StudyError("study.eval: num_clips, batch and ode_steps must be >= 1")
+  uncond = ev.get("uncond", "mask")
+  if uncond not in ("mask", "plan_free"):
+    raise StudyError(f"study.eval.uncond: 'mask' or 'plan_free', got {uncond!r}")
+  if uncond == "plan_free" and not float(cfg.data.get("plan_drop_rate", 0.0)) > 0:
+    raise StudyError("study.eval.uncond: 'plan_free' conditions CFG's second branch on an "
+                     "empty plan, which a model trained with data.plan_drop_rate = 0 has "
+                     "never seen; set data.plan_drop_rate > 0")
 
 
 def _eval_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   ev = cfg.study.eval
   return dict(num_clips=int(ev.num_clips), batch=int(ev.batch), cfg_scale=float(ev.cfg_scale),
               ode_steps=int(ev.ode_steps), times=[float(t) for t in ev.times],
-              seed=int(ev.seed), num_resamples=int(cfg.study.bootstrap_resamples))
+              seed=int(ev.seed), num_resamples=int(cfg.study.bootstrap_resamples),
+              uncond=str(ev.get("uncond", "mask")))
 
 
 def _evaluated(out_dir: str, settings: dict[str, Any], step: int) -> bool:
@@ -93,16 +101,21 @@ def _evaluated(out_dir: str, settings: dict[str, Any], step: int) -> bool:
     return False
   with open(path) as f:
     doc = json.load(f)
-  got = doc.get("settings", {})
+  # Evaluations written before `uncond` existed sampled with its default, the mask branch.
+  got = {"uncond": "mask", **doc.get("settings", {})}
   same = all(got.get(k) == v for k, v in settings.items() if k != "batch")
   return same and doc.get("checkpoint_step") == step
 
 
 def run_arm(cfg: ml_collections.ConfigDict, workdir: str, arm: str, seed: int,
-            results_dir: str | None, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Stages 2-4 for one arm and seed; returns its run record (`study_report.run_record`)."""
+            results_dir: str | None, log: Callable[[str], None] = print,
+            data_dir: str | None = None) -> dict[str, Any]:
+  """Stages 2-4 for one arm and seed; returns its run record (`study_report.run_record`).
+
+  data_dir: the prepared data stages (default <workdir>/data).
+  """
   from tv2tv_jax import generation_eval, trainer
-  data_dir = os.path.join(workdir, "data")
+  data_dir = data_dir or os.path.join(workdir, "data")
   run_dir = os.path.join(workdir, "runs", run_name(arm, seed))
   acfg = arm_config(cfg, arm, seed, data_dir)
   t0 = time.time()
@@ -145,7 +158,8 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
   for arm in arms:
     assets = generate.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
     gen = generation_eval.ModelGenerator(assets, cfg.data.prompt, cfg_scale=ev.cfg_scale,
-                                         ode_steps=ev.ode_steps, batch=1)
+                                         ode_steps=ev.ode_steps, batch=1,
+                                         uncond=_eval_settings(cfg)["uncond"])
     forced = {} if gen.layout == "t2v" else {chunk: text}
     g = gen.generate([generation_eval.ClipRequest(clip.seed, clip.frames[0], k, forced,
                                                   int(ev.seed))])[0]
@@ -159,8 +173,13 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
               arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-              results_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
-  """The whole study (module docstring). Returns the report's summary."""
+              results_dir: str | None = None, data_dir: str | None = None,
+              log: Callable[[str], None] = print) -> dict:
+  """The whole study (module docstring). Returns the report's summary.
+
+  data_dir: where the data stages are cached (default <workdir>/data); an ablation that
+  changes no data stage setting can share another study's.
+  """
   from data_pipelines import main_job
   check_config(cfg)
   arms = list(arms or cfg.study.arms)
@@ -169,14 +188,14 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
     if arm not in LAYOUTS:
       raise StudyError(f"--arms: unknown arm {arm!r}; one of {list(LAYOUTS)}")
   results_dir = results_dir or os.path.join(workdir, "results")
-  data_dir = os.path.join(workdir, "data")
+  data_dir = data_dir or os.path.join(workdir, "data")
   t0 = time.time()
   # The data stages depend only on data and model settings, identical across arms.
   main_job.prepare_toy_world(data_dir, arm_config(cfg, arms[0], seeds[0], data_dir), log=log)
   log(f"data stages: {time.time() - t0:.0f}s")
   for seed in seeds:  # seed-major: a partial study has every arm of its first seeds
     for arm in arms:
-      run_arm(cfg, workdir, arm, seed, results_dir, log)
+      run_arm(cfg, workdir, arm, seed, results_dir, log, data_dir=data_dir)
     if seed == seeds[0]:
       path = comparison_sheet(cfg, workdir, arms, seed, os.path.join(results_dir,
                                                                      "arms_sheet.png"))
@@ -195,7 +214,7 @@ def main(argv):
   arms = FLAGS.arms or None
   seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
   summary = run_study(FLAGS.config, FLAGS.workdir, arms=arms, seeds=seeds,
-                      results_dir=FLAGS.results)
+                      results_dir=FLAGS.results, data_dir=FLAGS.data_dir)
   print(study_report.format_table(summary))
 
 
@@ -210,5 +229,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("results", None, "Where run records and the report go "
                       "(default <workdir>/results; the committed study uses "
                       "docs/results/toy_study).")
+  flags.DEFINE_string("data_dir", None, "Cached data stages (default <workdir>/data): share "
+                      "another study's when only training or evaluation settings change.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

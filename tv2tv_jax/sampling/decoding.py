@@ -19,6 +19,7 @@ from tv2tv_jax.config import ModelConfig, SequenceConfig
 
 SOLVERS = ("euler", "heun")
 SAMPLE_LAYOUTS = ("tv2tv", "t2v", "think2v")
+UNCOND_BRANCHES = ("mask", "plan_free")  # SamplerConfig.uncond
 
 
 class RequestError(ValueError):
@@ -66,6 +67,11 @@ class SamplerConfig:
   chunks).
   `text_vocab`: ids at or above it are never sampled (a model vocabulary padded
   beyond its tokenizer's; None: the whole model vocabulary).
+  `uncond`: what CFG's second branch is (with cfg_scale != 1): 'mask' (default) the same
+  cache queried with the chunk's plan and BOF hidden (`masks.visible`; exactly
+  unconditional on that plan in TV2TV, leaky in Think2V), or 'plan_free' a second cache
+  in which no plan text was written (`plan_free`; exactly unconditional on the whole plan
+  in every layout; wants a model trained with `data.plan_drop_rate` > 0).
   """
   steps: int = 16
   shift: float = 1.0
@@ -80,6 +86,7 @@ class SamplerConfig:
   sliding_window: bool = False
   layout: str = "tv2tv"
   text_vocab: int | None = None
+  uncond: str = "mask"
 
 
 def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
@@ -99,6 +106,11 @@ def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
        f"must be one of {SAMPLE_LAYOUTS}, got {sc.layout!r}"),
       (sc.text_vocab is None or 0 < sc.text_vocab <= model.vocab_size, "text_vocab",
        f"must be in (0, {model.vocab_size}], got {sc.text_vocab}"),
+      (sc.uncond in UNCOND_BRANCHES, "uncond",
+       f"must be one of {UNCOND_BRANCHES}, got {sc.uncond!r}"),
+      (not (sc.uncond == "plan_free" and sc.sliding_window), "uncond",
+       "'plan_free' keeps a second cache that the sliding window does not rebuild: use "
+       "sliding_window=False"),
   ]
   for ok, field, msg in checks:
     if not ok:

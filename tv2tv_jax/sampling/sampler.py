@@ -57,7 +57,7 @@ import numpy as np
 
 from tv2tv_jax import flow, masks, sequence
 from tv2tv_jax.config import Experiment
-from tv2tv_jax.sampling import kv_cache
+from tv2tv_jax.sampling import kv_cache, plan_free
 from tv2tv_jax.sampling.decoding import (Request, RequestError, SamplerConfig, check_config,
                                          check_request, chunk_noise, next_token, text_key)
 
@@ -539,6 +539,8 @@ def sample(model, params, exp: Experiment, request: Request | Sequence[Request],
 
   request: one Request (returns a Generation) or a list of them, generated together
   as the rows of one batch (returns a list; the sliding window needs a single request).
+  With `sc.uncond == 'plan_free'` (and cfg_scale != 1) the CFG branch comes from a second,
+  plan-free cache (`plan_free.PlanFreeBackend`).
   """
   check_config(sc, exp.model)
   one = isinstance(request, Request)
@@ -548,8 +550,11 @@ def sample(model, params, exp: Experiment, request: Request | Sequence[Request],
   if sc.sliding_window and len(requests) > 1:
     raise RequestError("SamplerConfig.sliding_window rebuilds one request's cache: generate "
                        f"the {len(requests)} requests one at a time")
-  backend = CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window,
-                          batch=len(requests))
+  make = lambda: CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window,
+                               batch=len(requests))
+  backend = make()
+  if sc.uncond == "plan_free" and sc.cfg_scale != 1.0:
+    backend = plan_free.PlanFreeBackend(backend, make(), exp.seq.bof_id)
   gens = generate_batch(backend, requests, exp, sc)
   return gens[0] if one else gens
 
