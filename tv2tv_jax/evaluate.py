@@ -3,8 +3,9 @@ r"""Evaluates a checkpoint on whatever devices this process has.
     python -m tv2tv_jax.evaluate --workdir=<train dir> [--checkpoint=<step>]
     python -m tv2tv_jax.evaluate --workdir=<train dir> --params=<params-only export dir>
 
-The experiment config is read from the checkpoint (or `<workdir>/config.json` for
-a params-only export); `--config.mesh.*` style overrides are not needed: the mesh
+The experiment config is read from the restored checkpoint itself (or
+`<workdir>/config.json` for a params-only export), never from a later start's
+`config.json`; `--config.mesh.*` style overrides are not needed: the mesh
 is rebuilt from the devices present. Prints the evaluation losses as JSON. --workdir,
 --params and --export_params may be local paths or gs:// URIs (`tv2tv_jax.workdirs`).
 """
@@ -40,18 +41,37 @@ def load_params(workdir: str | os.PathLike, step: int | None = None,
   """
   wd = workdirs.as_path(workdir, "--workdir")
   workdirs.check_reachable(wd, "--workdir")
-  cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
-  cfg.mesh = ml_collections.ConfigDict({"data": -1})  # whatever devices are here
-  run = trainer.Run(cfg, devices)
   if params_dir:
+    run = _run_from(json.loads((wd / "config.json").read_text()), devices)
     target = checkpoints.abstract_target(run.abstract_state().params, run.shardings.params)
     return run, checkpoints.restore_params(params_dir, target), None
   ckpt = checkpoints.Checkpointer(wd / "checkpoints")
-  restored = ckpt.restore(run.restore_target(), step=step)
-  if restored is None:
+  # Newest first; a step whose state is bad (unreadable, non-finite) falls back to the
+  # previous one, whose own config is read again. Read-only: nothing is moved aside.
+  steps = [step] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+  if not steps:
     raise checkpoints.CheckpointError(f"no checkpoint in {ckpt.directory}")
-  step, tree, _, _ = restored
-  return run, tree["params"], step
+  failures = []
+  for s in steps:
+    saved = ckpt.saved_config(s)
+    if saved is None:
+      failures.append(f"step {s}: its config cannot be read")
+      continue
+    run = _run_from(saved[1], devices)
+    try:
+      restored = ckpt.restore(run.restore_target(), step=s)
+    except checkpoints.CheckpointError as e:
+      failures.append(str(e).split("\n", 1)[-1].strip())
+      continue
+    return run, restored[1]["params"], restored[0]
+  raise checkpoints.CheckpointError(f"no checkpoint in {ckpt.directory} could be restored:"
+                                    f"\n  " + "\n  ".join(failures))
+
+
+def _run_from(cfg_dict: dict, devices) -> trainer.Run:
+  cfg = ml_collections.ConfigDict(cfg_dict)
+  cfg.mesh = ml_collections.ConfigDict({"data": -1})  # whatever devices are here
+  return trainer.Run(cfg, devices)
 
 
 def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,

@@ -24,6 +24,7 @@ model is trained with a given first frame).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -142,7 +143,13 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise GenerateError(f"--checkpoint: cannot restore step {checkpoint} of {workdir} "
                         f"onto its config ({type(e).__name__}: {e})") from e
-  text, video = load_tokenizers(data_dir_of(workdir, run.cfg), run.exp)
+  # The model comes from the checkpoint's own config; where the data lives may have moved
+  # since (data.data_dir is safe to change on resume), so that is read from config.json.
+  try:
+    latest = json.loads((wd / "config.json").read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise GenerateError(f"--workdir: {wd / 'config.json'} is not valid JSON ({e})") from e
+  text, video = load_tokenizers(data_dir_of(workdir, latest), run.exp)
   return Assets(run, params, step, text, video)
 
 

@@ -1,7 +1,11 @@
 r"""Trains TV2TV from an experiment config (resuming from the work directory if it can).
 
     python -m tv2tv_jax.main --config=experiments/toy_world.py:quick --workdir=/tmp/run \
-        [--config.train.num_steps=100 ...] [--distributed | --coordinator_address=...]
+        [--config.train.num_steps=100 ...] [--distributed | --coordinator_address=...] \
+        [--allow_config_change=optim.learning_rate]
+
+Resuming refuses a config that changes what the checkpoints mean (`resume_check`), naming
+the fields; --allow_config_change names the ones changed on purpose.
 
 --workdir may be a gs:// URI (docs/launch.md, "A work directory every worker sees").
 """
@@ -16,6 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints: a "
                                 "local path or gs://bucket/path.")
+_ALLOW = flags.DEFINE_list("allow_config_change", [], "Config fields (dotted, or a section "
+                           "prefix) that a resume may change on purpose, beyond the ones "
+                           "that are always safe (tv2tv_jax/resume_check.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +32,7 @@ def main(argv):
   distributed.setup_process()
   cfg = _CONFIG.value
   sample = cfg.get("sample") or {}
-  records = trainer.train(cfg, _WORKDIR.value)
+  records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
     from tv2tv_jax import generate  # local: the sampler is only needed here

@@ -101,7 +101,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
     sample: fixed flow noise instead of a fresh draw (evaluation-style debugging).
   Returns:
     (new state, metrics: loss, text_ce, video_mse, grad_norm, learning_rate, counts,
-    skipped: 1 when the update was skipped for a non-finite loss or gradient).
+    skipped: 1 when the update was skipped: a non-finite loss, gradient, updated
+    parameter or optimizer state).
   """
   rng = jax.random.fold_in(base_rng, state.step)
   if sample is None:
@@ -112,14 +113,24 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # A non-finite loss or gradient skips the update (params and optimizer state stay
-  # as they were); the step still advances so data and randomness stay aligned.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite loss or gradient, or an update that overflows the parameters or the
+  # optimizer state (a finite gradient times a huge learning rate), skips the update
+  # (params and optimizer state stay as they were); the step still advances so data and
+  # randomness stay aligned.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+            & _all_finite(opt_state))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32),
                  learning_rate=learning_rate_schedule(exp.optim)(state.step))
   return state.replace(step=state.step + 1, params=keep(params, state.params),
                        opt_state=keep(opt_state, state.opt_state)), metrics
+
+
+def _all_finite(tree) -> jax.Array:
+  """bool[]: every floating-point leaf of `tree` is finite."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def make_train_step(model: TV2TV, exp: Experiment, **jit_kwargs) -> Callable:

@@ -6,9 +6,12 @@
   tensorboard/       TensorBoard event files of the same scalars
   checkpoints/<step> Orbax checkpoints (state, input-iterator state, config)
 
-A run resumes from the newest readable checkpoint in `workdir/checkpoints`; the
+A run resumes from the newest good checkpoint in `workdir/checkpoints`; the
 input stream and the per-step randomness (fold_in(seed, step)) resume with it, so a
-resumed run logs exactly the losses an uninterrupted one would.
+resumed run logs exactly the losses an uninterrupted one would. Before anything is
+restored or written, the requested config is compared with the one the newest
+checkpoint was trained with (`resume_check`): a change that alters what the
+checkpoint means is refused, naming each field; `config.json` is written only after.
 
 `workdir` is a local path or a gs:// URI (`tv2tv_jax.workdirs`); what cannot use a
 bucket (the toy-world data directory) is refused before anything is built.
@@ -27,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from tv2tv_jax import (checkpoints, evaluation, flops, inputs, llama_init, metric_logging,
-                       sharding, train_step, workdirs)
+                       resume_check, sharding, train_step, workdirs)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
 
@@ -87,14 +90,18 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print, devices=None) -> list[dict[str, float]]:
+          log: Callable[[str], None] = print, devices=None,
+          allow_config_change: tuple[str, ...] = ()) -> list[dict[str, float]]:
   """Trains (or resumes) the configured model; returns the records logged by this call.
 
   `workdir`: a local path or gs:// URI (str or path). `devices` (default: all) are the
-  devices the mesh is built on.
+  devices the mesh is built on. `allow_config_change`: dotted config fields (or section
+  prefixes) a resume may change beyond `resume_check.SAFE_TO_CHANGE`.
 
   Raises:
     config.ConfigError: a config field that cannot work (before any compile).
+    resume_check.ResumeError: the config changes what the existing checkpoints mean
+      (before anything is restored or written).
     workdirs.WorkdirError: a work or data directory that cannot be used (before any
       compile; see `check_workdir`).
     NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
@@ -104,15 +111,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
   exp, mesh = run.exp, run.mesh
   tc = exp.train
   wd.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  logger = metric_logging.MetricLogger(wd, tc.num_steps, log)
-
   ckpt = checkpoints.Checkpointer(wd / "checkpoints",
                                   max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
                                   async_save=tc.async_checkpoints)
+  saved = ckpt.saved_config()
+  changes = (resume_check.check_resume(saved[1], _config_dict(cfg), saved[0],
+                                       allow_config_change) if saved else [])
+  if jax.process_index() == 0:
+    (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  logger = metric_logging.MetricLogger(wd, tc.num_steps, log)
+  for line in changes:
+    logger.message(f"config changed on resume (allowed): {line}")
+
   data = inputs.make_train_input(exp, cfg, workdir=wd)
-  restored = ckpt.restore(run.restore_target(), logger.message)
+  restored = ckpt.restore(run.restore_target(), logger.message, set_aside=True)
   if restored is not None:
     start, tree, data_state, _ = restored
     state = run.state_from_tree(tree)
@@ -160,11 +172,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
       steps_in_window += 1
       if consecutive_bad >= tc.max_nonfinite_steps:
         ckpt.wait()
+        first_bad = done - consecutive_bad + 1
+        # Every skipped step ran from the parameters after step first_bad - 1, on
+        # different batches: those parameters are poisoned, and so is a checkpoint of
+        # them (or of anything after). Moved aside, a resume starts before the trouble.
+        poisoned = [s for s in ckpt.all_steps() if s >= first_bad - 1]
+        if poisoned:
+          ckpt.set_aside(poisoned, logger.message, kind="poisoned")
         kept = ckpt.all_steps()
         raise NonFiniteLossError(
-            f"{consecutive_bad} consecutive non-finite losses (steps {done - consecutive_bad + 1}"
-            f"..{done}); stopping. Last good checkpoint: "
-            f"{kept[-1] if kept else 'none'} in {ckpt.directory}")
+            f"{consecutive_bad} consecutive non-finite losses (steps {first_bad}..{done}); "
+            f"stopping. Last good checkpoint: {kept[-1] if kept else 'none'} in "
+            f"{ckpt.directory}"
+            + (f" (steps {poisoned} held the parameters that went non-finite: moved to "
+               f"{ckpt.directory.name}.poisoned/)" if poisoned else ""))
       if done == start + 1 or done % tc.log_every == 0 or done == tc.num_steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
