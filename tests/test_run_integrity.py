@@ -73,6 +73,7 @@ def test_evaluation_reads_the_checkpoint_config_not_config_json(finished_run, tm
   assert run.exp.seq.layout == "tv2tv"
 
 
+@pytest.mark.slow  # several trainings: the slow tier (CI runs it)
 def test_safe_and_allowed_changes_resume_and_are_logged(tmp_path):
   trainer.train(_cfg(), str(tmp_path), log=lambda _: None)
   lines = []
@@ -125,6 +126,7 @@ def test_nonfinite_leaves_names_them():
   assert checkpoints.nonfinite_leaves(tree) == ["['b']['c']"]
 
 
+@pytest.mark.slow  # several trainings: the slow tier (CI runs it)
 def test_a_nonfinite_checkpoint_falls_back_and_training_sets_it_aside(tmp_path):
   """A checkpoint that reads but holds NaN (a corruption that still parses) is bad like an
   unreadable one: read-only commands fall back past it without moving it; training falls
@@ -151,11 +153,14 @@ def test_a_nonfinite_checkpoint_falls_back_and_training_sets_it_aside(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
 
 
+@pytest.mark.slow  # several trainings: the slow tier (CI runs it)
 def test_a_poisoned_checkpoint_is_not_called_good(tmp_path):
   """A learning rate that blows the parameters up to finite but useless values: the
-  checkpoint saved right after is the one every later step fails from. The stop names
-  the checkpoint before it as the last good one and moves the poisoned ones aside, so a
-  resume does not loop on them."""
+  checkpoint saved right after is the one every later step fails from. The stop finds the
+  parameters non-finite on held-out batches, names the checkpoint before them as the last
+  good one and moves the poisoned ones aside, so a resume does not loop on them. (Bad
+  inputs with good parameters keep every checkpoint: test_scale.py::
+  test_nonfinite_losses_are_skipped_then_stop.)"""
   cfg = _cfg(num_steps=12, save_every=1, max_nonfinite_steps=3)
   cfg.optim.update(learning_rate=1e30, warmup_steps=0)
   with pytest.raises(trainer.NonFiniteLossError) as e:
@@ -165,5 +170,6 @@ def test_a_poisoned_checkpoint_is_not_called_good(tmp_path):
   kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
   assert all(s < first_bad - 1 for s in kept)
   assert f"Last good checkpoint: {kept[-1] if kept else 'none'}" in msg
+  assert "non-finite held-out losses" in msg
   aside = os.listdir(tmp_path / "checkpoints.poisoned")
   assert any(a.startswith(f"{first_bad - 1}-") for a in aside)

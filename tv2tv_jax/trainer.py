@@ -173,19 +173,28 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
       if consecutive_bad >= tc.max_nonfinite_steps:
         ckpt.wait()
         first_bad = done - consecutive_bad + 1
-        # Every skipped step ran from the parameters after step first_bad - 1, on
-        # different batches: those parameters are poisoned, and so is a checkpoint of
-        # them (or of anything after). Moved aside, a resume starts before the trouble.
-        poisoned = [s for s in ckpt.all_steps() if s >= first_bad - 1]
+        # Every skipped step ran from the parameters after step first_bad - 1. Whether they
+        # or the inputs are to blame, the held-out batches tell: if those parameters give
+        # non-finite held-out losses, a checkpoint of them (or later) is poisoned and is
+        # moved aside, so a resume starts before the trouble; else the inputs went bad.
+        held_out = evaluation.evaluate(eval_fn, state.params, eval_batches, tc.eval_times,
+                                       mesh)
+        params_bad = not all(np.isfinite(float(v)) for v in held_out.values())
+        poisoned = [s for s in ckpt.all_steps() if s >= first_bad - 1] if params_bad else []
         if poisoned:
           ckpt.set_aside(poisoned, logger.message, kind="poisoned")
         kept = ckpt.all_steps()
+        if params_bad:
+          cause = (" (the parameters give non-finite held-out losses"
+                   + (f"; checkpoints {poisoned} held them: moved to "
+                      f"{ckpt.directory.name}.poisoned/)" if poisoned else ")"))
+        else:
+          cause = (" (the parameters still give finite held-out losses: the training inputs "
+                   "went non-finite)")
         raise NonFiniteLossError(
             f"{consecutive_bad} consecutive non-finite losses (steps {first_bad}..{done}); "
             f"stopping. Last good checkpoint: {kept[-1] if kept else 'none'} in "
-            f"{ckpt.directory}"
-            + (f" (steps {poisoned} held the parameters that went non-finite: moved to "
-               f"{ckpt.directory.name}.poisoned/)" if poisoned else ""))
+            f"{ckpt.directory}" + cause)
       if done == start + 1 or done % tc.log_every == 0 or done == tc.num_steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
