@@ -8,14 +8,13 @@ item empty, and guidance combines it with the main cache's conditional velocity.
 import dataclasses
 import re
 
-import jax
 import numpy as np
 import pytest
 
-from tv2tv_jax import train_step
 from tv2tv_jax.model import TV2TV
 from tv2tv_jax.sampling import plan_free, sampler
 from tv2tv_jax.sampling.decoding import Request, RequestError, SamplerConfig
+from test_sampler import _live_params  # initial params plus noise on every leaf
 
 PROMPT = [5, 6, 7]
 # Two plans that differ in every item and in every item's length, so that a leak through
@@ -28,13 +27,7 @@ EMPTY = {0: [], 1: [], 2: []}
 @pytest.fixture(scope="module")
 def setup(tiny_exp):
   model = TV2TV(tiny_exp.model)
-  params = train_step.create_train_state(model, tiny_exp, jax.random.key(0)).params
-  # Noise on every leaf: zero-initialised output layers would make every velocity 0.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys)])
-  return tiny_exp, model, params
+  return tiny_exp, model, _live_params(model, tiny_exp)
 
 
 def _request(exp, plan, num_chunks=3):
