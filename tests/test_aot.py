@@ -290,10 +290,13 @@ def test_tiny_flops_match_analytic_when_unrolled(tiny_reports):
 def test_scanned_flops_count_the_body_once(tiny_reports):
   scanned, unrolled = tiny_reports
   # XLA's count of the scanned program is below the unrolled one (the while body is
-  # counted once) and close to the executed count of what it sees (data parallel: the
-  # replicated optimizer update counts once per device, hence the looser bound).
+  # counted once) and at least the matmuls it sees. The excess is elementwise work the
+  # analytic count leaves out; with one layer counted it weighs more than when unrolled:
+  # data parallel replicates the state update (AdamW, the non-finite guard over the new
+  # parameters and optimizer state, the select that keeps or drops it) on every device.
+  # Measured 1.135 without the guard and 1.231 with it (libtpu of jax 0.10.2).
   assert scanned["flops"]["xla_total"] < unrolled["flops"]["xla_total"]
-  assert scanned["flops"]["ratio_xla_to_executed_as_counted"] == pytest.approx(1.0, rel=0.2)
+  assert 1.0 <= scanned["flops"]["ratio_xla_to_executed_as_counted"] < 1.35
 
 
 @pytest.fixture(scope="module")
