@@ -16,7 +16,11 @@ Build (from the repo root; see docs/data.md)::
        "split": "train"}                   # optional, "train" (default) or "validation"
     ]}
 
-`time` is in seconds from the video's first decoded frame.
+`time` is in seconds from the video's first decoded frame. `file` must stay inside
+manual_dir (no absolute path, no "../" leaving it) and name a video at most once
+(compared after normalising "a/./b.mp4" to "a/b.mp4"): `read_captions` raises
+`CaptionsError` naming the entry index and path otherwise, since a second entry for one
+video would store its clips twice under the same names with conflicting captions.
 
 Decoding (PyAV, ffmpeg inside its wheel): the first video stream is decoded and resampled
 to `fps` (16) by sample-and-hold: output frame j shows the source frame on screen at
@@ -57,6 +61,7 @@ import dataclasses
 import json
 import logging
 import math
+import posixpath
 from typing import Any, Iterator
 
 import numpy as np
@@ -87,6 +92,11 @@ class CaptionedVideoBuilderConfig(tfds.core.BuilderConfig):
   @property
   def clip_frames(self) -> int:
     return 1 + FRAMES_PER_CHUNK * self.num_chunks
+
+
+class CaptionsError(ValueError):
+  """The captions JSON is unusable as a whole: unreadable, of the wrong schema, a video
+  path leaving the input folder, or one video listed twice."""
 
 
 class DecodeError(RuntimeError):
@@ -183,6 +193,39 @@ def _check_entry(entry: Any, index: int) -> tuple[str, str, str] | None:
   return None
 
 
+def _normalized_file(file: str) -> str | None:
+  """`file` as a normalised path relative to the input folder, or None if it leaves it
+  (absolute, or "../" above the folder after normalising)."""
+  if posixpath.isabs(file) or epath.Path(file).is_absolute():
+    return None
+  norm = posixpath.normpath(file)
+  return None if norm == ".." or norm.startswith("../") else norm
+
+
+def check_files(entries: list, path: epath.PathLike) -> None:
+  """Raises CaptionsError naming the entry index and path of a video path that leaves the
+  input folder, or of the second entry naming an already listed video.
+
+  Entries without a string "file" are left to `_check_entry` (a per-video bad record).
+  """
+  first: dict[str, int] = {}
+  for index, entry in enumerate(entries):
+    file = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(file, str):
+      continue
+    norm = _normalized_file(file)
+    if norm is None:
+      raise CaptionsError(f"{path}: videos[{index}] file {file!r} leaves the input folder; "
+                          "paths must be relative to it, without '../' above it")
+    if norm in first:
+      j = first[norm]
+      raise CaptionsError(f"{path}: videos[{j}] and videos[{index}] both list the video "
+                          f"{norm!r} (as {entries[j]['file']!r} and {file!r}); each video "
+                          "must be listed once, else its clips are stored twice under the "
+                          "same names")
+    first[norm] = index
+
+
 def video_examples(entry: dict, root: epath.PathLike, cfg: CaptionedVideoBuilderConfig,
                    bad: BadRecords, split: str, stats: dict | None = None
                    ) -> Iterator[tuple[str, dict]]:
@@ -191,6 +234,8 @@ def video_examples(entry: dict, root: epath.PathLike, cfg: CaptionedVideoBuilder
   `stats`, if given, accumulates "captions_in_dropped_tail".
   """
   name = entry["file"]
+  if _normalized_file(name) is None:  # read_captions refuses these; direct callers too
+    raise CaptionsError(f"{name!r}: the video path leaves the input folder {root}")
   try:
     frames, duration = decode_video(epath.Path(root) / name, cfg.fps, cfg.height, cfg.width,
                                     cfg.interpolation)
@@ -227,14 +272,20 @@ def video_examples(entry: dict, root: epath.PathLike, cfg: CaptionedVideoBuilder
 
 
 def read_captions(root: epath.PathLike, cfg: CaptionedVideoBuilderConfig) -> list:
-  """The "videos" list of the captions JSON; a missing or malformed file is an error."""
+  """The "videos" list of the captions JSON.
+
+  Raises:
+    CaptionsError: naming the file: missing, not JSON, not {"videos": [...]}, a video path
+      leaving `root`, or a video listed twice (`check_files`).
+  """
   path = epath.Path(root) / cfg.captions_file
   try:
     spec = json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: cannot read the captions JSON: {e}") from e
+    raise CaptionsError(f"{path}: cannot read the captions JSON: {e}") from e
   if not isinstance(spec, dict) or not isinstance(spec.get("videos"), list):
-    raise ValueError(f"{path}: expected {{\"videos\": [...]}} (see captioned_video_tfds)")
+    raise CaptionsError(f"{path}: expected {{\"videos\": [...]}} (see captioned_video_tfds)")
+  check_files(spec["videos"], path)
   return spec["videos"]
 
 

@@ -48,9 +48,16 @@ n - 1) is validation, the rest train. Clips of one file never span splits.
 
 Bad records (`BadRecords`): an unreadable file, a file without frame keys, a file too
 short for one clip, a clip with a missing frame_{i}_x / frame_{i}_y key, a frame of the
-wrong shape or dtype, or an action vector of the wrong length is logged with its name
-and reason, skipped, and counted into the dataset's metadata (`metadata.json` beside the
-data: bad_records[split] = {count, by_kind, records}). Nothing is dropped silently.
+wrong shape or dtype, an action vector of the wrong length, or an action vector with bad
+values (kind bad_entry, `action_problem`) is logged with its name and reason, skipped, and
+counted into the dataset's metadata (`metadata.json` beside the data: bad_records[split] =
+{count, by_kind, records}). Nothing is dropped silently.
+
+A valid action vector is what `chunk_text` can read without guessing: every value finite
+and 0 or 1 (within ACTION_ATOL), and at most one hot bin in each mouse group (no hot bin
+is "no movement", which `_mouse_total` counts as 0). Through the 0.5 thresholds and the
+argmax, a NaN vector would otherwise read as "idle" and a 1e30 one as every key held plus
+"aim-left-fast aim-up-fast": plausible texts for values that mean nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ Y_SLICE = slice(X_SLICE.stop, X_SLICE.stop + len(MOUSE_Y_BINS))
 ACTION_DIM = Y_SLICE.stop  # 51
 SOURCE_SHAPE = (150, 280, 3)
 FRAMES_PER_CHUNK = 4
+# How far a stored action value may be from 0 or 1 (the source writes exact 0.0 / 1.0).
+ACTION_ATOL = 1e-3
 # Template words for held keys, in KEY_NAMES order, and the order words appear in a text.
 KEY_WORDS = dict(zip(KEY_NAMES, ("forward", "left", "back", "right", "jump", "crouch", "walk",
                                  "weapon1", "weapon2", "weapon3", "reload")))
@@ -174,6 +183,34 @@ def chunk_text(actions: np.ndarray, cfg: CsgoBuilderConfig) -> str:
   return " ".join(words) or "idle"
 
 
+def _format_value(v: float) -> str:
+  return "NaN" if np.isnan(v) else f"{v:.6g}"
+
+
+def action_problem(y: np.ndarray) -> str | None:
+  """What makes one float[51] action vector unreadable for `chunk_text`, or None.
+
+  Checks exactly what the text template assumes (module doc): finite values, each 0 or 1
+  within ACTION_ATOL (keys and clicks are thresholded at 0.5, so 0.7 or 1e30 would be
+  read as "held"), and at most one hot bin per mouse group (`_mouse_total` takes the
+  argmax, so two hot bins would silently pick one).
+  """
+  y = np.asarray(y, np.float64)
+  bad = np.flatnonzero(~np.isfinite(y))
+  if bad.size:
+    return (f"holds {bad.size} NaN/inf value(s), first at index {bad[0]}: "
+            f"{_format_value(y[bad[0]])}")
+  off = np.flatnonzero(np.minimum(np.abs(y), np.abs(y - 1.0)) > ACTION_ATOL)
+  if off.size:
+    return (f"is not 0/1-valued: {off.size} value(s) outside {{0, 1}}, first at index "
+            f"{off[0]}: {_format_value(y[off[0]])}")
+  for group, sl in (("mouse dx", X_SLICE), ("mouse dy", Y_SLICE)):
+    hot = int(np.sum(y[sl] > 0.5))
+    if hot > 1:
+      return f"is not one-hot in its {group} bins [{sl.start}:{sl.stop}]: {hot} bins are 1"
+  return None
+
+
 def clip_texts(actions: np.ndarray, cfg: CsgoBuilderConfig) -> list[str]:
   """float[1+4k, 51] -> k texts; chunk i reads the actions of frames 4(i-1) .. 4i-1."""
   f = FRAMES_PER_CHUNK
@@ -252,6 +289,11 @@ def _read_clip(h5, keys: set, start: int, t: int, cfg: CsgoBuilderConfig, name: 
     if np.shape(y) != (ACTION_DIM,):
       bad.add(split, name, "wrong_shape", f"frame_{i}_y has shape {np.shape(y)}, "
               f"expected ({ACTION_DIM},)")
+      return None
+    problem = action_problem(y)
+    if problem is not None:
+      # A bad action would still make a plausible text; skip the clip instead.
+      bad.add(split, name, "bad_entry", f"frame_{i}_y (actions[{j}] of the clip) {problem}")
       return None
     frames[j] = x[..., ::-1] if cfg.bgr else x
     actions[j] = y

@@ -110,8 +110,11 @@ def _action(keys=(), left=False, right=False, dx=0.0, dy=0.0):
   return y
 
 
-def _write_h5(path, num_frames, seed, shape=SRC_SHAPE, drop=(), reshape=None):
-  """An HDF5 file in the dataset's layout: frame_{i}_x (BGR uint8), frame_{i}_y (51), aux."""
+def _write_h5(path, num_frames, seed, shape=SRC_SHAPE, drop=(), reshape=None, set_y=None):
+  """An HDF5 file in the dataset's layout: frame_{i}_x (BGR uint8), frame_{i}_y (51), aux.
+
+  set_y: {frame index: float[51]} action vectors written instead of the random ones.
+  """
   rng = np.random.default_rng(seed)
   keys = list(cs_lib.KEY_NAMES)
   with h5py.File(path, "w") as h5:
@@ -123,6 +126,7 @@ def _write_h5(path, num_frames, seed, shape=SRC_SHAPE, drop=(), reshape=None):
                   left=bool(rng.random() < 0.3),
                   dx=cs_lib.MOUSE_X_BINS[rng.integers(23)],
                   dy=cs_lib.MOUSE_Y_BINS[rng.integers(15)])
+      y = (set_y or {}).get(i, y)
       for suffix, value in (("x", x), ("y", y), ("xaux", np.zeros(54, np.float32)),
                             ("helperarr", np.zeros(2, np.float32))):
         if (i, suffix) not in drop:
@@ -159,6 +163,60 @@ def test_resize_frames():
   small = cs_lib.resize_frames(np.repeat(checker, 3, -1), 16, 16)
   # Antialiased: a 1-px checkerboard halves to flat grey away from the borders.
   np.testing.assert_array_equal(small[0, 1:-1, 1:-1], 128)
+
+
+def _two_hot_dx():
+  y = _action(dx=-30.0)
+  y[cs_lib.X_SLICE.start] = 1  # a second hot dx bin (-1000 px)
+  return y
+
+
+_CLIPS = ("f.hdf5/frames_000000-000008", "f.hdf5/frames_000008-000016",
+          "f.hdf5/frames_000016-000024")
+
+
+@pytest.mark.parametrize("frame,y,want", [
+    (12, np.full(cs_lib.ACTION_DIM, np.nan, np.float32), {
+        _CLIPS[1]: "frame_12_y (actions[4] of the clip) holds 51 NaN/inf value(s), first at "
+                   "index 0: NaN"}),
+    (9, np.full(cs_lib.ACTION_DIM, 1e30, np.float32), {
+        _CLIPS[1]: "frame_9_y (actions[1] of the clip) is not 0/1-valued: 51 value(s) outside "
+                   "{0, 1}, first at index 0: 1e+30"}),
+    (16, _action(["w"]) * 0.7, {  # frame 16 ends one clip and starts the next
+        _CLIPS[1]: "frame_16_y (actions[8] of the clip) is not 0/1-valued: 3 value(s) outside "
+                   "{0, 1}, first at index 0: 0.7",
+        _CLIPS[2]: "frame_16_y (actions[0] of the clip) is not 0/1-valued"}),
+    (2, _two_hot_dx(), {
+        _CLIPS[0]: "frame_2_y (actions[2] of the clip) is not one-hot in its mouse dx bins "
+                   "[13:36]: 2 bins are 1"}),
+])
+def test_csgo_bad_action_values_skip_the_clip_by_name(tmp_path, frame, y, want):
+  """A NaN, 1e30, fractional or two-hot action vector is a named, counted skip of every clip
+  holding it (not a plausible text); the file's other clips are kept."""
+  _write_h5(tmp_path / "f.hdf5", 25, seed=6, set_y={frame: y})  # 3 clips of 9 frames
+  cfg = cs_lib.CsgoBuilderConfig(name="t", height=24, width=40, num_chunks=2,
+                                 source_shape=SRC_SHAPE)
+  bad = cs_lib.BadRecords("t")
+  kept = [name for name, _ in cs_lib.file_examples(tmp_path / "f.hdf5", cfg, bad)]
+  assert kept == [c for c in _CLIPS if c not in want]
+  assert [(r.name, r.kind) for r in bad.reports] == [(c, "bad_entry") for c in want]
+  for report in bad.reports:
+    assert report.reason.startswith(want[report.name]), report.reason
+
+
+def test_csgo_action_problem_accepts_what_chunk_text_reads():
+  assert cs_lib.action_problem(_action(["w", "r"], left=True, dx=1000.0, dy=-200.0)) is None
+  assert cs_lib.action_problem(np.zeros(cs_lib.ACTION_DIM)) is None  # no hot mouse bin
+  assert cs_lib.action_problem(_action(["w"]) + 1e-4) is None  # float slack
+  y = _action(dy=2.0)
+  y[cs_lib.Y_SLICE.stop - 1] = 1
+  assert "mouse dy" in cs_lib.action_problem(y)
+  y = _action()
+  y[5] = -np.inf
+  assert cs_lib.action_problem(y) == "holds 1 NaN/inf value(s), first at index 5: -inf"
+  y = _action(["w"])
+  y[0] = 2.0  # chunk_text would read it as "held"
+  assert cs_lib.action_problem(y).startswith("is not 0/1-valued")
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +403,44 @@ def test_split_of_only_bad_records_is_a_clear_error(tmp_path):
   with pytest.raises(Exception, match="every record was bad.*gone.mkv"):
     cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path / "dd").download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "src"))
+
+
+def _prepare_captioned(tmp_path, entries):
+  """Builds a captioned-video dataset from `entries` in tmp_path/src (videos written there)."""
+  (tmp_path / "src" / "captions.json").write_text(json.dumps({"videos": entries}))
+  cfg = cv_lib.CaptionedVideoBuilderConfig(name="t", height=8, width=8, num_chunks=1)
+  return cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path / "dd").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "src"))
+
+
+def test_captioned_video_listed_twice_is_a_named_error(tmp_path):
+  """Two entries for one video (also spelt "./a.mkv") would store its clips twice under the
+  same names with conflicting captions: the build refuses, naming both entries."""
+  (tmp_path / "src").mkdir()
+  _write_video(tmp_path / "src" / "a.mkv", 8, 16)
+  _write_video(tmp_path / "src" / "b.mkv", 8, 16)
+  entries = [{"file": "a.mkv", "captions": [{"time": 0.1, "text": "one"}]},
+             {"file": "b.mkv", "captions": []},
+             {"file": "./a.mkv", "captions": [{"time": 0.1, "text": "other"}]}]
+  with pytest.raises(cv_lib.CaptionsError,
+                     match=r"captions\.json: videos\[0\] and videos\[2\] both list the video "
+                           r"'a\.mkv' \(as 'a\.mkv' and '\./a\.mkv'\)"):
+    _prepare_captioned(tmp_path, entries)
+  assert not list((tmp_path / "dd").rglob("*array_record*"))  # no example was written
+
+
+@pytest.mark.parametrize("file", ["../outside.mkv", "sub/../../outside.mkv", "ABS"])
+def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file):
+  """A "../" or absolute path would read a video outside manual_dir: refused by index/path."""
+  (tmp_path / "src" / "sub").mkdir(parents=True)
+  _write_video(tmp_path / "outside.mkv", 20, 16)  # a readable video the entry points to
+  _write_video(tmp_path / "src" / "in.mkv", 20, 16)
+  file = str(tmp_path / "outside.mkv") if file == "ABS" else file
+  entries = [{"file": "in.mkv", "captions": []}, {"file": file, "captions": []}]
+  with pytest.raises(cv_lib.CaptionsError) as err:
+    _prepare_captioned(tmp_path, entries)
+  assert f"videos[1] file {file!r} leaves the input folder" in str(err.value)
+  cfg = cv_lib.CaptionedVideoBuilderConfig(name="t", height=8, width=8, num_chunks=1)
+  with pytest.raises(cv_lib.CaptionsError, match="leaves the input folder"):
+    next(cv_lib.video_examples(entries[1], tmp_path / "src", cfg, cv_lib.BadRecords("t"),
+                               "train"))
