@@ -77,6 +77,32 @@ class SpecialTokenError(ValueError):
   """A tokenizer lacks one of the special tokens a role map names."""
 
 
+class TokenizerFileError(ValueError):
+  """A tokenizer.json is not JSON, or JSON that `tokenizers` cannot read; names the file."""
+
+
+def _read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+  """The `Tokenizer` in a tokenizer.json; TokenizerFileError naming the file if unreadable.
+
+  `tokenizers` raises a bare Exception quoting serde ("expected `,` or `}` at line 1 column
+  5") without the file name, and reports a JSON syntax error as a schema error; parsing the
+  JSON first tells the two apart.
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:  # a missing file: FileNotFoundError names it
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+    json.loads(text)
+  except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError
+    raise TokenizerFileError(f"{path}: not valid UTF-8 JSON: {e}") from e
+  try:
+    return Tokenizer.from_str(text)
+  except Exception as e:
+    raise TokenizerFileError(f"{path}: JSON, but not a Hugging Face tokenizer.json: "
+                             f"{e}") from e
+
+
 def _is_byte_level(tok: Tokenizer) -> bool:
   """Whether every string is encodable: a ByteLevel pre-tokenizer/decoder or byte fallback."""
   spec = json.loads(tok.to_str())
@@ -252,9 +278,10 @@ def load_tokenizer(path: str | os.PathLike,
     specials: role -> token string; default: the first of KNOWN_SPECIALS (ours, then
       LLAMA3_SPECIALS) whose four tokens are all in the vocabulary.
   Raises:
+    TokenizerFileError: the file is not JSON or not a tokenizer.json, naming it.
     SpecialTokenError: no role map fits, naming the tokens that are missing.
   """
-  tok = Tokenizer.from_file(os.fspath(path))
+  tok = _read_tokenizer_file(path)
   if specials is not None:
     return TextTokenizer(tok, specials)
   missing = {}

@@ -229,3 +229,21 @@ def test_encoded_toy_texts_lay_out_in_the_sequence(char_tok, tiny_exp):
   assert text.count(char_tok.bof_id) == clip.num_chunks and text[-1] == char_tok.eos_id
   words = char_tok.decode(laid.text_tokens)  # specials skipped, chunk texts concatenated
   assert words == "stop" + "".join(clip.texts)
+
+
+@pytest.mark.parametrize("content,what", [
+    (b'{"version": "1.0", "model": {"type": "BPE", "vocab"', "not valid UTF-8 JSON"),
+    (b"\xff\xfe binary", "not valid UTF-8 JSON"),
+    (b"", "not valid UTF-8 JSON"),
+    (b'{"a": 1}', "JSON, but not a Hugging Face tokenizer.json"),
+    (b"[1, 2]", "JSON, but not a Hugging Face tokenizer.json"),
+])
+def test_corrupt_tokenizer_json_names_the_file(tmp_path, content, what):
+  """A truncated, binary or wrong-schema tokenizer.json is an error naming the file (the
+  `tokenizers` message alone names neither file nor problem kind); the cause is kept."""
+  path = tmp_path / "tokenizer.json"
+  path.write_bytes(content)
+  with pytest.raises(tok_lib.TokenizerFileError) as err:
+    tok_lib.load_tokenizer(path)
+  assert str(err.value).startswith(f"{path}: {what}")
+  assert err.value.__cause__ is not None
