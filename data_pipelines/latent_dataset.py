@@ -24,6 +24,10 @@ for Llama-3's) without re-encoding video, which is the expensive part.
 
 Bad records (a wrong frame count, non-finite latents, missing texts) are reported by name
 and skipped; the count is in meta.json and in the returned summary.
+
+Reading (`data_source`): a truncated or non-ArrayRecord file fails on opening, a damaged
+record when it is read; both raise LatentRecordError naming the file (and the record
+index), since a broken dataset must stop a run rather than feed it.
 """
 
 from __future__ import annotations
@@ -89,13 +93,53 @@ def split_path(out_dir: str, split: str) -> str:
   return os.path.join(out_dir, f"{split}.array_record")
 
 
-def data_source(out_dir: str, split: str):
+class LatentRecordError(RuntimeError):
+  """A latent ArrayRecord file cannot be opened (truncated, not ArrayRecord) or one of its
+  records cannot be read (corrupt chunk); the message names the file and record index."""
+
+
+class LatentRecordSource:
+  """Random-access source of one split's raw records (bytes) whose errors name the file.
+
+  Wraps `grain.sources.ArrayRecordDataSource`, whose reader raises a bare RuntimeError
+  ("Failed to read RiegeliPostscript", sometimes an empty message) that names neither the
+  file nor the record. Picklable (the path and Grain's source), so Grain workers reopen it.
+  """
+
+  def __init__(self, path: str):
+    import grain  # local: keeps this module importable without grain for the writer tests
+    self.path = path
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such latent ArrayRecord file")
+    try:  # opening reads the footer and index: a truncated file fails here
+      self._source = grain.sources.ArrayRecordDataSource([path])
+    except Exception as e:
+      raise LatentRecordError(f"{path}: cannot open as an ArrayRecord file (truncated or not "
+                              f"one?): {type(e).__name__}: {e}") from e
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index) -> bytes:
+    try:
+      return self._source[index]
+    except IndexError:
+      raise
+    except Exception as e:  # a corrupt chunk fails its checksum only when read
+      raise LatentRecordError(f"{self.path}: record {int(index)} of {len(self)} cannot be "
+                              f"read: {type(e).__name__}: {e}") from e
+
+  def __repr__(self) -> str:
+    return f"LatentRecordSource({self.path!r})"
+
+
+def data_source(out_dir: str, split: str) -> LatentRecordSource:
   """Random-access source of raw records (bytes); `parse_record` decodes one.
 
-  A `grain.sources.ArrayRecordDataSource`: picklable, so Grain workers reopen it.
+  Raises:
+    FileNotFoundError, LatentRecordError: naming the file (module doc: <split>.array_record).
   """
-  import grain  # local: keeps this module importable without grain for the writer tests
-  return grain.sources.ArrayRecordDataSource([split_path(out_dir, split)])
+  return LatentRecordSource(split_path(out_dir, split))
 
 
 def load_meta(out_dir: str) -> dict[str, Any]:

@@ -316,3 +316,50 @@ def test_bad_examples_are_named_skipped_and_counted(pcfg, caplog):
   logged = {r.args[0] for r in caplog.records if tag in r.getMessage()}
   assert logged == too_long
   assert it.get_state()["skipped"] == len(too_long)
+
+
+def _damaged_copy(pcfg, tmp_path, damage):
+  """pcfg over a copy of its latent dataset whose train.array_record bytes went through
+  `damage`."""
+  import dataclasses
+  import shutil
+  latent_dir = str(tmp_path / "latents")
+  shutil.copytree(pcfg.latent_dir, latent_dir)
+  path = latent_dataset.split_path(latent_dir, "train")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(damage(data))
+  return dataclasses.replace(pcfg, latent_dir=latent_dir), path
+
+
+def test_truncated_latent_file_fails_the_pipeline_naming_it(pcfg, tmp_path):
+  """The trainer's input (make_dataset) refuses a truncated train.array_record by name."""
+  bad, path = _damaged_copy(pcfg, tmp_path, lambda d: d[:len(d) // 2])
+  exp = grain_fixture.experiment()
+  with pytest.raises(latent_dataset.LatentRecordError, match=rf"^{path}: cannot open"):
+    grain_pipeline.make_dataset(bad, "train", exp.seq, exp.model, B)
+
+
+def test_corrupt_latent_record_fails_the_pipeline_naming_file_and_index(pcfg, tmp_path):
+  """A damaged record is read only when the stream reaches it; the error then names the
+  file and the record index (it is a broken dataset, not a bad example to skip)."""
+  from array_record.python import array_record_module as ar
+  first = str(tmp_path / "first.array_record")  # record 0 alone, written as the dataset is
+  writer = ar.ArrayRecordWriter(first, "group_size:1")
+  writer.write(latent_dataset.data_source(pcfg.latent_dir, "train")[0])
+  writer.close()
+  with open(first, "rb") as f:
+    only_first = f.read()
+
+  def damage(data):
+    # Record 1's chunk starts where the file of record 0 alone stops agreeing with this one.
+    start = next(i for i, (a, b) in enumerate(zip(only_first, data)) if a != b)
+    return data[:start + 48] + b"\x00" * 8 + data[start + 56:]  # past its 40-byte header
+  bad, path = _damaged_copy(pcfg, tmp_path, damage)
+  exp = grain_fixture.experiment()
+  it = iter(grain_pipeline.make_dataset(bad, "train", exp.seq, exp.model, B, shuffle=False,
+                                        num_epochs=1))
+  with pytest.raises(latent_dataset.LatentRecordError, match=rf"^{path}: record 1 of 24 "):
+    for _ in it:
+      pass

@@ -63,3 +63,48 @@ def test_bad_records_are_reported_by_name_and_skipped(tmp_path):
   src = latent_dataset.data_source(str(tmp_path), "train")
   assert [latent_dataset.parse_record(src[i])["name"] for i in range(len(src))] == [
       good[0]["name"], good[1]["name"]]
+
+
+def _write_records(path, n=3):
+  """An ArrayRecord file of `n` small latent records (group_size 1: one chunk each)."""
+  from array_record.python import array_record_module as ar
+  writer = ar.ArrayRecordWriter(str(path), "group_size:1")
+  for i in range(n):
+    writer.write(latent_dataset.record_bytes(f"train/seed_{i}", i,
+                                             np.full((3, 8, 8, 4), i, np.float32), ["a", "b"]))
+  writer.close()
+  return path.read_bytes()
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5, -10])
+def test_truncated_latent_file_is_an_error_naming_it(tmp_path, keep):
+  """A truncated <split>.array_record fails on opening with an error naming the file (the
+  reader's own RuntimeError names nothing, sometimes with an empty message)."""
+  data = _write_records(tmp_path / "train.array_record")
+  cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+  (tmp_path / "train.array_record").write_bytes(data[:cut])
+  with pytest.raises(latent_dataset.LatentRecordError) as err:
+    latent_dataset.data_source(str(tmp_path), "train")
+  path = latent_dataset.split_path(str(tmp_path), "train")
+  assert str(err.value).startswith(f"{path}: cannot open as an ArrayRecord file")
+  assert isinstance(err.value.__cause__, RuntimeError)  # the reader's error is kept
+
+
+def test_corrupt_latent_record_is_an_error_naming_file_and_index(tmp_path):
+  """A damaged chunk opens fine and fails its checksum when read: the error names the file
+  and the record index; the other records still read."""
+  data = bytearray(_write_records(tmp_path / "train.array_record"))
+  src = latent_dataset.data_source(str(tmp_path), "train")
+  want = [src[i] for i in range(3)]
+  # Record 1's chunk starts where a file holding only record 0 stops agreeing with this one.
+  only_first = _write_records(tmp_path / "one.array_record", n=1)
+  start = next(i for i, (a, b) in enumerate(zip(only_first, data)) if a != b)
+  data[start + 48:start + 56] = b"\x00" * 8  # past the 40-byte chunk header: its data
+  (tmp_path / "train.array_record").write_bytes(bytes(data))
+  src = latent_dataset.data_source(str(tmp_path), "train")
+  assert src[0] == want[0] and src[2] == want[2]
+  path = latent_dataset.split_path(str(tmp_path), "train")
+  with pytest.raises(latent_dataset.LatentRecordError, match=rf"^{path}: record 1 of 3 "):
+    src[1]
+  with pytest.raises(FileNotFoundError, match="validation.array_record"):
+    latent_dataset.data_source(str(tmp_path), "validation")
