@@ -9,6 +9,8 @@ declares Llama-3.1's RoPE scaling (rope_type "llama3") at sizes where every band
 scaling acts within the row.
 
 Needs the test-only packages torch and transformers (skipped cleanly without them).
+Damaged checkpoint files (truncated, not JSON, NaN/inf tensors) are tested without them
+in test_llama_init_files.py.
 """
 
 import functools

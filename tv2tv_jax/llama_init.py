@@ -41,6 +41,12 @@ is implemented (`layers.rope_inv_freq`); the model config must declare the check
 (`model.rope_type`, `rope_factor`, `rope_low_freq_factor`, `rope_high_freq_factor`,
 `rope_original_max_position_embeddings`), which `check_config` compares like rope_theta.
 Other rope types ("linear", "dynamic", "yarn", ...) raise `RopeScalingError`.
+
+Damaged checkpoints. A config.json or index that is not JSON, and a safetensors file that
+cannot be opened (truncated: its header promises more bytes than the file holds), raise
+`CheckpointFileError` naming the file; a tensor holding NaN or inf raises
+`NonFiniteTensorError` naming the file and the tensor, since such weights would load
+without complaint and poison every step after.
 """
 
 from __future__ import annotations
@@ -81,6 +87,14 @@ class UnexpectedTensorError(LlamaInitError):
   """The checkpoint holds a learned tensor the model has no place for (e.g. a bias)."""
 
 
+class CheckpointFileError(LlamaInitError):
+  """A checkpoint file (config.json, the index, a safetensors file) cannot be read."""
+
+
+class NonFiniteTensorError(LlamaInitError):
+  """A checkpoint tensor holds NaN or inf values."""
+
+
 class RopeScalingError(LlamaInitError):
   """The checkpoint's RoPE scaling type is not one `layers.rope_inv_freq` implements, or
   its parameters are incomplete."""
@@ -114,14 +128,45 @@ class LlamaSpec:
   mlp_bias: bool = False
 
 
+def _read_json(path: str) -> dict:
+  """The JSON object in `path`; CheckpointFileError naming the file if it is not one."""
+  try:
+    with open(path, "rb") as f:
+      raw = json.loads(f.read())
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise CheckpointFileError(f"{path}: not valid JSON: {e}") from e
+  if not isinstance(raw, dict):
+    raise CheckpointFileError(f"{path}: expected a JSON object, found a "
+                              f"{type(raw).__name__}")
+  return raw
+
+
 def read_llama_config(llama_dir: str | os.PathLike) -> LlamaSpec:
   """Parses `llama_dir/config.json`, old style (`rope_theta`, `rope_scaling`, e.g. the Hub's
-  Llama-3.x files) or transformers>=5 style (`rope_parameters`)."""
+  Llama-3.x files) or transformers>=5 style (`rope_parameters`).
+
+  Raises:
+    CheckpointFileError: config.json is not a JSON object, naming it.
+    LlamaInitError: naming the file: missing, not a llama model, or a field missing or
+      of the wrong type.
+  """
   path = os.path.join(os.fspath(llama_dir), "config.json")
   if not os.path.exists(path):
     raise LlamaInitError(f"{path}: no config.json in the Llama checkpoint directory")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = _read_json(path)
+  try:
+    return _spec_from_config(raw, path)
+  except LlamaInitError:
+    raise
+  except KeyError as e:
+    raise LlamaInitError(f"{path}: lacks the field {e}") from e
+  except (TypeError, ValueError, AttributeError) as e:  # e.g. "hidden_size": "big"
+    raise LlamaInitError(f"{path}: a field has the wrong type: {type(e).__name__}: {e}") from e
+
+
+def _spec_from_config(raw: dict, path: str) -> LlamaSpec:
+  """The LlamaSpec of a parsed config.json (`path` for messages); KeyError for a missing
+  required field."""
   if raw.get("model_type", "llama") != "llama":
     raise LlamaInitError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'llama'")
   rope = dict(raw.get("rope_parameters") or {})
@@ -216,8 +261,9 @@ class LlamaCheckpoint:
     self.dir = os.fspath(llama_dir)
     index = os.path.join(self.dir, INDEX_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise CheckpointFileError(f"{index}: no 'weight_map' object")
       self._files = sorted(set(weight_map.values()))
       self._where = dict(weight_map)
     else:
@@ -234,7 +280,11 @@ class LlamaCheckpoint:
       path = os.path.join(self.dir, name)
       if not os.path.exists(path):
         raise LlamaInitError(f"{path}: listed in {INDEX_FILE} but missing")
-      self._handles[name] = safe_open(path, framework="np")
+      try:
+        self._handles[name] = safe_open(path, framework="np")
+      except Exception as e:  # SafetensorError: "incomplete metadata, file not fully covered"
+        raise CheckpointFileError(f"{path}: cannot open as safetensors (truncated or not a "
+                                  f"safetensors file?): {type(e).__name__}: {e}") from e
     if self._where is None:
       self._where = {}
       for name, handle in self._handles.items():
@@ -258,12 +308,34 @@ class LlamaCheckpoint:
       raise MissingTensorError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
     return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+  def path(self, name: str) -> str:
+    """The safetensors file holding tensor `name`."""
+    return os.path.join(self.dir, self._where[name])
+
   def get(self, name: str, expect: tuple[int, ...]) -> np.ndarray:
-    """The tensor `name`, after checking it has shape `expect` (HF layout)."""
+    """The tensor `name` (HF layout), after checking it has shape `expect` and only finite
+    values (NonFiniteTensorError naming file and tensor otherwise)."""
     found = self.shape(name)
     if found != tuple(expect):
       raise TensorShapeError(f"tensor {name!r}: expected shape {tuple(expect)}, found {found}")
-    return self._handles[self._where[name]].get_tensor(name)
+    try:
+      tensor = self._handles[self._where[name]].get_tensor(name)
+    except Exception as e:
+      raise CheckpointFileError(f"{self.path(name)}: cannot read tensor {name}: "
+                                f"{type(e).__name__}: {e}") from e
+    bad = _count_nonfinite(tensor)
+    if bad:
+      raise NonFiniteTensorError(f"{self.path(name)}: {name} holds {bad} NaN/inf values "
+                                 f"(of {tensor.size})")
+    return tensor
+
+
+def _count_nonfinite(x: np.ndarray, block: int = 1 << 24) -> int:
+  """Number of NaN/inf entries of any-dtype `x` (bfloat16 included), checked in blocks of
+  `block` elements so that a 128k x 4k embedding needs no full-size mask."""
+  flat = x.reshape(-1)
+  return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + block])))
+             for i in range(0, flat.size, block))
 
 
 # HF name pattern (per layer) -> (our path inside a tower layer, HF shape, converter).
