@@ -11,7 +11,7 @@ Two ways to get one::
                                         #  "model": {"vocab_size": ...}}
     check_compatible(tok, exp)          # ConfigError naming the field if they disagree
 
-Special tokens. The interleaved sequence (DESIGN.md section 2, `tv2tv_jax.sequence`) needs
+Special tokens. The interleaved sequence (`tv2tv_jax.sequence`, its module doc) needs
 four ids that are real vocabulary entries: pad, BOF (begin of frame chunk), EOF (end of
 chunk) and EOS (end of example). `train_bpe` registers PAD, BOF, EOF, EOS (the constants
 below) first, so they get ids 0, 1, 2, 3, the defaults of `SequenceConfig`. A Llama-3
