@@ -9,6 +9,8 @@ otherwise surface as a shape error deep inside a compile, and raises
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import numbers
 from typing import Any, Mapping
 
 LAYOUTS = ("tv2tv", "t2v", "think2v")
@@ -16,6 +18,8 @@ ATTENTION_IMPLS = ("xla", "pallas")
 # RoPE frequency schemes `layers.rope_inv_freq` implements ("default": plain theta^(-2i/dh)).
 ROPE_TYPES = ("default", "llama3")
 DTYPES = ("float32", "bfloat16")
+# `data.source` values `inputs.make_train_input` reads.
+DATA_SOURCES = ("synthetic", "toy_world")
 
 
 class ConfigError(ValueError):
@@ -24,6 +28,35 @@ class ConfigError(ValueError):
   def __init__(self, field: str, message: str):
     super().__init__(f"config field '{field}': {message}")
     self.field = field
+    self.message = message  # without the field, for re-raising under another name
+
+
+def did_you_mean(name: str, options) -> str:
+  """' (did you mean 'x'?)' for the closest of `options`, '' when none is close."""
+  close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_key_path(cfg: Any, path: str) -> None:
+  """Raises ConfigError naming the first part of dotted `path` that `cfg` lacks.
+
+  For command-line overrides (`--config.train.num_stepz=5`): ml_collections refuses an
+  unknown key with a bare KeyError deep in flag parsing; this names the dotted key, the
+  closest existing one and the keys the section has.
+  """
+  node, done = cfg, []
+  for part in path.split("."):
+    where = ".".join(done) or "the config"
+    if not (hasattr(node, "keys") and hasattr(node, "__getitem__")):
+      raise ConfigError(".".join(done), f"is a value ({node!r}), not a section: it has "
+                        f"no key {part!r}")
+    keys = sorted(node.keys())
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=1)
+      hint = f"did you mean {'.'.join(done + close)!r}? " if close else ""
+      raise ConfigError(".".join(done + [part]), f"unknown key; {hint}{where} has "
+                        f"{', '.join(keys)}")
+    node, done = node[part], done + [part]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +221,8 @@ def _build(cls, section: str, values: Mapping[str, Any] | None):
   names = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(names))
   if unknown:
-    raise ConfigError(f"{section}.{unknown[0]}", f"unknown field; {cls.__name__} has "
+    raise ConfigError(f"{section}.{unknown[0]}", f"unknown field"
+                      f"{did_you_mean(unknown[0], names)}; {cls.__name__} has "
                       f"{sorted(names)}")
   for key, value in values.items():
     if isinstance(value, list):
@@ -199,6 +233,14 @@ def _build(cls, section: str, values: Mapping[str, Any] | None):
 def _require(cond: bool, field: str, message: str):
   if not cond:
     raise ConfigError(field, message)
+
+
+def _require_count(value: Any, field: str, minimum: int, meaning: str = "") -> None:
+  """An integer >= minimum; a float or bool count would fail later inside range() or
+  numpy, far from the field that holds it."""
+  _require(isinstance(value, numbers.Integral) and not isinstance(value, bool)
+           and value >= minimum, field,
+           f"must be an integer >= {minimum}{meaning}, got {value!r}")
 
 
 def _validate_rope(m: ModelConfig) -> None:
@@ -234,6 +276,7 @@ def validate(exp: Experiment) -> Experiment:
                "head_dim", "mlp_dim", "patch_size", "unet_channels", "unet_groups",
                "time_embed_dim"):
     _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+  _require_count(m.unet_blocks, "model.unet_blocks", 0)
   _require(m.d_model % m.num_heads == 0, "model.num_heads",
            f"num_heads={m.num_heads} does not divide d_model={m.d_model}")
   _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -275,14 +318,20 @@ def validate(exp: Experiment) -> Experiment:
 
   o, t = exp.optim, exp.train
   _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-  _require(0 <= o.warmup_steps < max(o.total_steps, 1), "optim.warmup_steps",
-           f"must lie in [0, total_steps={o.total_steps})")
-  _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+  _require_count(o.total_steps, "optim.total_steps", 1)
+  _require_count(o.warmup_steps, "optim.warmup_steps", 0)
+  _require(o.warmup_steps < o.total_steps, "optim.warmup_steps",
+           f"must lie in [0, total_steps={o.total_steps}), got {o.warmup_steps}")
+  _require_count(t.batch_size, "train.batch_size", 1)
+  # The trainer runs steps [start, num_steps): 0 compiles the step and trains none.
+  _require_count(t.num_steps, "train.num_steps", 0, " (0: compile only, no step)")
+  # A negative seed fails numpy's generators (the synthetic input stream).
+  _require_count(t.seed, "train.seed", 0)
   for name in ("save_every", "keep_every", "eval_every"):
-    _require(getattr(t, name) >= 0, f"train.{name}", "must be >= 0")
-  _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-  _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
-  _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    _require_count(getattr(t, name), f"train.{name}", 0, " (0: off)")
+  # The held-out batches are averaged (the final evaluation always runs): none is no mean.
+  for name in ("log_every", "keep_last", "eval_batches", "max_nonfinite_steps"):
+    _require_count(getattr(t, name), f"train.{name}", 1)
   _require(len(t.eval_times) >= 1 and all(0.0 <= x <= 1.0 for x in t.eval_times),
            "train.eval_times", f"need at least one time in [0, 1], got {t.eval_times}")
   _require(exp.loss.lambda_txt >= 0 and exp.loss.lambda_vid >= 0, "loss.lambda_txt",
@@ -293,8 +342,9 @@ def validate(exp: Experiment) -> Experiment:
 def experiment_from_config_dict(cfg: Mapping[str, Any]) -> Experiment:
   """Builds and validates the frozen Experiment from a ConfigDict (or plain dict).
 
-  Sections `model`, `seq`, `flow`, `loss`, `optim`, `train`; other top-level keys
-  (mesh, data, workdir settings) belong to the trainer and are ignored here.
+  Sections `model`, `seq`, `flow`, `loss`, `optim`, `train`; the trainer's `data`
+  section is checked too (`validate_data`); other top-level keys (mesh, sharding rules,
+  sampling) belong to the trainer and are ignored here.
   """
   get = (lambda k: cfg.get(k)) if hasattr(cfg, "get") else (lambda k: None)
   def section(name):
@@ -308,4 +358,79 @@ def experiment_from_config_dict(cfg: Mapping[str, Any]) -> Experiment:
       optim=_build(OptimConfig, "optim", section("optim")),
       train=_build(TrainConfig, "train", section("train")),
   )
-  return validate(exp)
+  validate(exp)
+  validate_data(section("data"))
+  return exp
+
+
+# `data` fields read as counts (minimum, meaning) and as rates, with their readers'
+# defaults: absent fields are fine.
+_DATA_COUNTS = {
+    "synthetic_batches": (0, " (0: a fresh batch every step)"),
+    "max_examples_per_row": (1, ""),
+    "max_text_len": (0, ""),
+    "shuffle_seed": (0, ""),
+    "num_workers": (0, " (0: in this process)"),
+    "caption_every": (1, ""),
+    "max_open": (1, ""),
+    "window": (1, ""),
+}
+_DATA_RATES = ("wrong_caption_rate", "plan_drop_rate")
+
+
+def validate_data(data: Mapping[str, Any] | None) -> None:
+  """Checks the trainer's `data` section before any input is built or stage is run.
+
+  The input streams read these fields only when they start (the toy-world ones after
+  its data stages ran, which can take minutes), and a bad count fails there in numpy.
+  `vae_overrides` is checked for its sections and keys here; its values only combine
+  with the VAE variant's config where the VAE stage resolves it.
+  """
+  if not data:
+    return
+  source = data.get("source", "synthetic")
+  _require(source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}, got {source!r}")
+  for name, (minimum, meaning) in _DATA_COUNTS.items():
+    if name in data:
+      _require_count(data[name], f"data.{name}", minimum, meaning)
+  for name in _DATA_RATES:
+    if name in data:
+      value = data[name]
+      _require(isinstance(value, numbers.Real) and 0.0 <= value <= 1.0, f"data.{name}",
+               f"must be a rate in [0, 1], got {value!r}")
+  overrides = data.get("vae_overrides")
+  if overrides:
+    _check_vae_override_keys(overrides)
+
+
+def _check_vae_override_keys(overrides: Mapping[str, Any]) -> None:
+  # Local: the VAE modules import this one (ConfigError).
+  from tv2tv_jax.vae import model as vae_model, train as vae_train
+  sections = {"vae": vae_model.VAEConfig, "train": vae_train.TrainConfig}
+  for section, values in overrides.items():
+    field = f"data.vae_overrides.{section}"
+    _require(section in sections, field, f"unknown section"
+             f"{did_you_mean(section, sections)}; the VAE config has {sorted(sections)}")
+    _require(hasattr(values, "keys"), field,
+             f"must map {sections[section].__name__} fields to values, got {values!r}")
+    names = sorted(f.name for f in dataclasses.fields(sections[section]))
+    for key in values.keys():
+      _require(key in names, f"{field}.{key}", f"unknown field{did_you_mean(key, names)}; "
+               f"the VAE's {sections[section].__name__} has {names}")
+
+
+def vae_override_error(err: ConfigError, data: Mapping[str, Any]) -> ConfigError:
+  """`err`, raised by the VAE config that `data.vae_variant` and `data.vae_overrides`
+  resolve to, renamed into this config's namespace.
+
+  The VAE's own configs name their fields `vae.*` / `train.*` (right for a VAE run of
+  its own); inside a flow experiment `train.warmup_steps` would read as the flow
+  trainer's field. The message names the overrides, the likely cause when the field at
+  fault is the variant's own.
+  """
+  overrides = data.get("vae_overrides") or {}
+  set_here = [f"{s}.{k}={v!r}" for s, values in overrides.items() for k, v in values.items()]
+  variant = data.get("vae_variant", "quick")
+  return ConfigError(f"data.vae_overrides.{err.field}",
+                     f"{err.message} (in the VAE config of data.vae_variant={variant!r} "
+                     f"with data.vae_overrides {', '.join(set_here) or 'none'})")

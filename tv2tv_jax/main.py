@@ -10,11 +10,13 @@ the fields; --allow_config_change names the ones changed on purpose.
 --workdir may be a gs:// URI (docs/launch.md, "A work directory every worker sees").
 """
 
+import re
+
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import distributed, trainer
+from tv2tv_jax import config as config_lib, distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
@@ -26,13 +28,74 @@ _ALLOW = flags.DEFINE_list("allow_config_change", [], "Config fields (dotted, or
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _override_error(argv: list[str]) -> config_lib.ConfigError | None:
+  """The ConfigError naming the first `--config.<key>=...` override whose key the config
+  file lacks; None when every override names an existing key."""
+  config_arg = None
+  for i, arg in enumerate(argv):
+    match = re.match(r"^--?config(=|$)", arg)
+    if match:
+      config_arg = arg.split("=", 1)[1] if match.group(1) else (argv[i + 1:] or [None])[0]
+  if config_arg is None:
+    return None
+  cfg = flags.FLAGS[_CONFIG.name].parser.parse(config_arg)  # the file, no overrides
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if match:
+      try:
+        config_lib.check_key_path(cfg, match.group(1))
+      except config_lib.ConfigError as e:
+        return e
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.<key>` override reported in one line.
+
+  ml_collections refuses such an override (the config is locked) with a KeyError deep in
+  flag parsing, which absl would show as a long traceback.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    err = _override_error(argv)
+    if err is None:
+      raise  # not an unknown override: the library's own error, unchanged
+    raise SystemExit(f"error: {err}") from e
+
+
+def check_config(cfg) -> None:
+  """Checks the config before any process setup, data stage or compile.
+
+  Besides the experiment's fields (`config.experiment_from_config_dict`, which the
+  trainer repeats), the VAE config that the toy-world data stages would train is
+  resolved now: a bad `data.vae_overrides` value would otherwise surface only after
+  the dataset is built, named as the VAE's own field (`train.warmup_steps`).
+  """
+  config_lib.experiment_from_config_dict(cfg)
+  data = cfg.get("data") or {}
+  if data.get("source") == "toy_world":
+    from data_pipelines import main_job  # local: only this source needs it
+    from tv2tv_jax.vae import train as vae_train
+    try:
+      vae_train.configs_from_config_dict(main_job.stage_settings(cfg)["vae"]["config"])
+    except config_lib.ConfigError as e:
+      raise config_lib.vae_override_error(e, data) from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.setup_process()
   cfg = _CONFIG.value
+  try:
+    check_config(cfg)  # first: fails before a multi-host start waits for its peers
+    distributed.setup_process()
+    records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
+  except config_lib.ConfigError as e:
+    # One line naming the field (mesh errors come from train: they need the device
+    # count); a traceback would only bury it.
+    raise SystemExit(f"error: {e}") from e
   sample = cfg.get("sample") or {}
-  records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
     from tv2tv_jax import generate  # local: the sampler is only needed here
@@ -44,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

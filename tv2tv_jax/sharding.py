@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tv2tv_jax import axes, train_step
+from tv2tv_jax import config as config_lib
 from tv2tv_jax.config import ConfigError, Experiment
 from tv2tv_jax.model import TV2TV
 
@@ -46,29 +48,53 @@ def mesh_config(cfg: Mapping[str, Any] | None) -> MeshConfig:
   values = dict(cfg or {})
   unknown = sorted(set(values) - set(MESH_AXES))
   if unknown:
-    raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis; axes are {MESH_AXES}")
+    raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis"
+                      f"{config_lib.did_you_mean(unknown[0], MESH_AXES)}; the axes are "
+                      f"{', '.join(MESH_AXES)}")
   return MeshConfig(**values)
 
 
 def resolve_mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, ...]:
-  """Mesh axis sizes with one -1 filled in; raises ConfigError naming the field."""
-  sizes = [getattr(mc, a) for a in MESH_AXES]
-  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  """Mesh axis sizes with one -1 filled in; raises ConfigError naming the field.
+
+  The field named is an axis set above 1 (those ask for devices), never the -1 axis
+  that only takes what they leave; the message gives every axis and the device count.
+  """
+  sizes = {a: getattr(mc, a) for a in MESH_AXES}
+  for a, s in sizes.items():
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s == 0 or s < -1:
+      raise ConfigError(f"mesh.{a}", f"must be a positive integer or -1 (the devices the "
+                        f"other axes leave), got {s!r}")
+  fill = [a for a in MESH_AXES if sizes[a] == -1]
   if len(fill) > 1:
-    raise ConfigError(f"mesh.{fill[1]}", "only one mesh axis may be -1")
-  for a, s in zip(MESH_AXES, sizes):
-    if s == 0 or s < -1:
-      raise ConfigError(f"mesh.{a}", f"must be positive or -1, got {s}")
-  known = math.prod(s for s in sizes if s != -1)
+    raise ConfigError(f"mesh.{fill[1]}", f"only one mesh axis may be -1; "
+                      f"{' and '.join(f'mesh.{a}' for a in fill)} are")
+  shape = ", ".join(f"{a}={s}" + (" (the rest)" if s == -1 else "") for a, s in sizes.items())
+  big = {a: s for a, s in sizes.items() if s > 1}
+  known = math.prod(big.values())
+  devices = f"{num_devices} available device{'s' if num_devices != 1 else ''}"
   if fill:
     if num_devices % known:
-      raise ConfigError(f"mesh.{fill[0]}", f"the other axes ({known}) do not divide "
-                        f"{num_devices} devices")
-    sizes[MESH_AXES.index(fill[0])] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ConfigError("mesh.data", f"mesh {dict(zip(MESH_AXES, sizes))} needs "
-                      f"{math.prod(sizes)} devices, have {num_devices}")
-  return tuple(sizes)
+      # Blame the first axis that cannot fit on its own, else the one whose factor
+      # tips the product over.
+      field = next((a for a, s in big.items() if num_devices % s), list(big)[-1])
+      product = " x ".join(f"{a}={s}" for a, s in big.items())
+      product += f" = {known}" if len(big) > 1 else ""
+      raise ConfigError(f"mesh.{field}", f"{product} does not divide the {devices}, so "
+                        f"mesh.{fill[0]}=-1 has no whole size (mesh: {shape})")
+    sizes[fill[0]] = num_devices // known
+  elif known != num_devices:
+    if known > num_devices:
+      field = next((a for a, s in big.items() if num_devices % s), list(big)[-1])
+      problem = f"needs {known} devices, more than the {devices}"
+    else:
+      # Too few devices asked for: none of the axes is wrong on its own; the fix is
+      # an axis that takes the rest.
+      field = "data"
+      problem = (f"uses {known} of the {devices}; set one axis to -1 to take the rest "
+                 f"(mesh.data=-1 is the default)")
+    raise ConfigError(f"mesh.{field}", f"the mesh {problem} (mesh: {shape})")
+  return tuple(sizes[a] for a in MESH_AXES)
 
 
 def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
@@ -88,13 +114,17 @@ def rules_from_config(cfg: Any) -> Rules:
   rules = []
   for i, entry in enumerate(raw):
     name, target = entry
-    if name not in axes.PARAM_AXES + axes.ACTIVATION_AXES:
-      raise ConfigError(f"sharding_rules[{i}]", f"unknown logical axis {name!r}")
+    logical = axes.PARAM_AXES + axes.ACTIVATION_AXES
+    if name not in logical:
+      raise ConfigError(f"sharding_rules[{i}]", f"unknown logical axis {name!r}"
+                        f"{config_lib.did_you_mean(name, logical)} (tv2tv_jax/axes.py)")
     if isinstance(target, (list, tuple)):
       target = tuple(target)
     for t in (target if isinstance(target, tuple) else (target,)):
       if t is not None and t not in MESH_AXES:
-        raise ConfigError(f"sharding_rules[{i}]", f"unknown mesh axis {t!r}")
+        raise ConfigError(f"sharding_rules[{i}]", f"{name!r} -> unknown mesh axis {t!r}"
+                          f"{config_lib.did_you_mean(t, MESH_AXES)}; the mesh axes are "
+                          f"{', '.join(MESH_AXES)} (or None: replicated)")
     rules.append((name, target))
   return tuple(rules)
 
