@@ -1,6 +1,6 @@
 """The toy-world oracle: reads the agent's state back from frames by colour segmentation.
 
-Scores videos, ground truth or generated, against their texts (DESIGN.md section 5):
+Scores videos, ground truth or generated, against their texts (docs/design.md, section 5):
 did the agent do what the text said, and is each frame a valid toy-world frame.
 
 Colours. Every pixel is quantised to the nearest toy_world.PALETTE colour, or to UNKNOWN

@@ -1,4 +1,4 @@
-"""The toy world: a procedural 2D arena game, the project's CS:GO stand-in (DESIGN.md section 5).
+"""The toy world: a procedural 2D arena game, the project's CS:GO stand-in (docs/design.md, section 5).
 
 Pure NumPy, deterministic in its seed (`np.random.default_rng(seed)`). One clip::
 

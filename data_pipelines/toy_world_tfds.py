@@ -1,4 +1,4 @@
-"""TFDS builder for the toy world (DESIGN.md section 5), written as ArrayRecord, read without TF.
+"""TFDS builder for the toy world (docs/design.md, section 5), written as ArrayRecord, read without TF.
 
 Build (from the repo root; see docs/data.md)::
 

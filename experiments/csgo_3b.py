@@ -10,7 +10,7 @@ Llama-3.2-3B's config.json declares RoPE scaling rope_type "llama3" (factor 32);
 carry the same (`model.rope_*`, from llama3_common), which `llama_init` checks.
 Without `init.llama_dir` the model trains from scratch.
 
-Towers (each; DESIGN.md section 7): 28 layers, d 3072, 24 heads / 8 KV heads, head_dim 128,
+Towers (each; docs/design.md, section 7): 28 layers, d 3072, 24 heads / 8 KV heads, head_dim 128,
 FFN 8192, vocab 128256, RoPE theta 5e5, RMSNorm eps 1e-5. Parameter count of the `6s`
 variant (tests/test_paper_configs.py: jax.eval_shape equals the analytic count):
 6,438,423,568 = 2 towers x 2,818,744,320 + embedding and untied lm_head 2 x 394,002,432

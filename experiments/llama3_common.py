@@ -72,7 +72,7 @@ def base(tower: dict) -> ml_collections.ConfigDict:
   c.seq = ml_collections.ConfigDict(dict(
       layout="tv2tv", text_len=512, max_chunks=25,
       **{f"{role}_id": tid for role, (_, tid) in LLAMA3_1_SPECIAL_IDS.items()}))
-  # DESIGN.md section 3 defaults: `FlowConfig` / `LossConfig` are their one source.
+  # Defaults of docs/design.md, section 3: `FlowConfig` / `LossConfig` are their one source.
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(config_lib.FlowConfig()))
   c.loss = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LossConfig()))
   # **default**: a fine-tuning-sized peak LR, since the text tower starts pretrained.

@@ -9,7 +9,7 @@ holding config.json, *.safetensors and tokenizer.json):
 Llama-3.1-8B's config.json declares RoPE scaling rope_type "llama3" (factor 8); the towers
 carry the same (`model.rope_*`, from llama3_common), which `llama_init` checks.
 
-Towers (each; DESIGN.md section 7): 32 layers, d 4096, 32 heads / 8 KV heads, head_dim 128,
+Towers (each; docs/design.md, section 7): 32 layers, d 4096, 32 heads / 8 KV heads, head_dim 128,
 FFN 14336, vocab 128256, RoPE theta 5e5, RMSNorm eps 1e-5. Paper recipe: 8K hours, a caption
 every 1.9 s on average, 250K steps at batch 512 (the defaults here). Parameter count of the
 `default` variant (tests/test_paper_configs.py: jax.eval_shape equals the analytic count):

@@ -13,7 +13,7 @@ Variants (the part after the colon):
   default a larger toy-world model for a workstation or one accelerator.
 
 Layout variants compose with a comma: `quick,t2v` or `quick,think2v` train the
-baselines of DESIGN.md section 4 with the same model and code.
+baselines of docs/design.md, section 4 with the same model and code.
 
 `data.source = 'toy_world'` (quick) reads VAE latents of toy-world clips through the
 Grain pipeline (data_pipelines/grain_pipeline.py, docs/pipeline.md); 'synthetic' (the
@@ -44,7 +44,7 @@ def _base() -> ml_collections.ConfigDict:
   c.seq = ml_collections.ConfigDict(dict(
       layout="tv2tv", text_len=64, max_chunks=16, noisy_chunks=15, pad_id=0, bof_id=1,
       eof_id=2, eos_id=3))
-  # DESIGN.md section 3 defaults: `FlowConfig` / `LossConfig` are their one source.
+  # Defaults of docs/design.md, section 3: `FlowConfig` / `LossConfig` are their one source.
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(config_lib.FlowConfig()))
   c.loss = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LossConfig()))
   c.optim = ml_collections.ConfigDict(dict(

@@ -1,4 +1,4 @@
-"""The mask follows DESIGN.md's rule for every pair, over hypothesis-drawn layouts.
+"""The mask follows docs/design.md's rule (section 2) for every pair, over hypothesis-drawn layouts.
 
 The expectation here is written per query kind, from the logical sequence, and
 does not call `masks.visible`.

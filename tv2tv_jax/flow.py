@@ -9,7 +9,7 @@ Time sampling: per noisy chunk, t = sigmoid(μ + σ·z), z ~ N(0, 1) (logit-norm
 then an optional shift s towards noise applied to the noise level u = 1 − t:
 u' = s·u / (1 + (s − 1)·u) (s = 1: unchanged; s > 1: noisier).
 
-Regularisers (DESIGN.md section 3): with `cfg_drop_prob` per chunk the noisy copy
+Regularisers (docs/design.md, section 3): with `cfg_drop_prob` per chunk the noisy copy
 may not see its plan (a mask flag, see `masks`); with `clean_flip_prob` per
 chunk the clean copy becomes x_t with t ~ U(clean_flip_min_t, 1), and its time
 input says so (clean copies otherwise carry t = 1).

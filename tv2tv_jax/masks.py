@@ -1,6 +1,6 @@
 """The TV2TV attention mask: the rule (one function) and the dense oracle built from it.
 
-Rule (DESIGN.md section 2). Query q may attend key k iff they are in the same
+Rule (docs/design.md, section 2). Query q may attend key k iff they are in the same
 packed example (segment id, non-zero) and either
 
   (a) k comes at or before q in logical order and k is not a noisy-copy token, or

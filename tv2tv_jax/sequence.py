@@ -1,7 +1,7 @@
 """The interleaved sequence: how one clip becomes token slots, and how clips pack into rows.
 
 This module is the contract shared by the data pipeline, the model, the attention
-kernel and the sampler (DESIGN.md section 2). Nothing else decides a layout.
+kernel and the sampler (docs/design.md, section 2). Nothing else decides a layout.
 
 Logical order (TV2TV layout), per example::
 
@@ -21,7 +21,7 @@ BOF_i carries the plan id of the chunk it opens (i + 1, like text_i), so that a
 noisy copy whose plan is dropped for classifier-free guidance sees neither its
 plan nor the BOF that closes it (BOF has attended to the plan; `masks`).
 
-The EOF after a given first frame (not in DESIGN.md's sketch) closes it as EOF
+The EOF after a given first frame (not in the paper; docs/design.md, section 2) closes it as EOF
 closes every generated chunk. Without it no trained text slot would predict the
 first token of text_0 while seeing the frame: the prompt's last token is followed
 by the frame, so it has no text target, and a clean chunk has no LM head. With it,

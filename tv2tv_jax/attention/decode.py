@@ -1,6 +1,6 @@
 """Decode-time attention: the queries of one chunk (or a few text slots) against a KV cache.
 
-In the sampler (DESIGN.md section 6) each ODE step computes only the n tokens of
+In the sampler (docs/design.md, section 6) each ODE step computes only the n tokens of
 the chunk being generated; they attend to the KV cache of everything before (and,
 bidirectionally, to their own keys, which the caller writes into the cache first).
 The mask is `masks.cross_mask(q_meta, k_meta, q_slot, k_slot)`: the same rule,

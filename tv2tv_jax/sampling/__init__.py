@@ -1,4 +1,4 @@
-"""KV-cached TV2TV sampling (DESIGN.md section 6; docs/sampling.md).
+"""KV-cached TV2TV sampling (docs/design.md, section 6; docs/sampling.md).
 
   kv_cache    the cache and the cached forward of a few tokens against it
   decoding    Request / SamplerConfig, their validation, the next-token rule, noise

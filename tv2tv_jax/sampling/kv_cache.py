@@ -4,7 +4,7 @@ One cache serves both towers: per layer, keys and values of every *cached* slot
 (text tokens and clean chunk tokens, whichever tower produced them), plus the
 per-slot metadata the mask rule reads (`masks.SeqMeta` of [B, C]) and a length
 per row. Noisy chunk tokens are never written: they are queries only, and each
-flow step recomputes them (DESIGN.md section 6).
+flow step recomputes them (docs/design.md, section 6).
 
 Shapes (B rows, C capacity, Lyr layers, Hkv kv heads, dh head dim):
 

@@ -1,6 +1,6 @@
 """The TV2TV generation loop (batched over requests) and its KV-cached backend.
 
-Loop (DESIGN.md section 6), per chunk i, for every request still running:
+Loop (docs/design.md, section 6), per chunk i, for every request still running:
   text_i: forced (intervention) or sampled token by token from the logits of the
           last text slot until BOF, EOS (that request stops) or `max_text_tokens`
           (BOF forced);
