@@ -18,10 +18,17 @@ whose upstream stage was redone) is run again:
   vae/            trained VAE (tv2tv_jax.vae.train layout)     marker: stage_vae.json (+ eval PSNR)
   latents/        latent dataset (data_pipelines.latent_dataset) marker: stage_latents.json
   tokenizer.json  character-level BPE on the dataset's texts   marker: stage_tokenizer.json
+  superseded/<time>/  what a rebuild replaced (stage outputs and markers), never deleted:
+                  checkpoints trained on it may still need it
+
+`data_identity(data_dir)` gives short hashes of what a trained run depends on; the
+trainer stores them in every checkpoint and refuses to resume, evaluate or sample on
+data whose hashes differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +87,19 @@ def _vae_config(cfg: Any):
   return vcfg
 
 
+def check_vae_config(cfg: Any) -> None:
+  """Raises config.ConfigError, named `data.vae_overrides.<field>`, when the VAE config
+  that `data.vae_variant` and `data.vae_overrides` resolve to cannot train (checked before
+  any stage runs: it would otherwise surface after the dataset is built, named as the
+  VAE's own field)."""
+  from tv2tv_jax import config as config_lib
+  from tv2tv_jax.vae import train as vae_train
+  try:
+    vae_train.configs_from_config_dict(stage_settings(cfg)["vae"]["config"])
+  except config_lib.ConfigError as e:
+    raise config_lib.vae_override_error(e, _section(cfg, "data")) from e
+
+
 def _done(data_dir: str, stage: str, settings: dict[str, Any]) -> dict[str, Any] | None:
   path = os.path.join(data_dir, f"stage_{stage}.json")
   if not os.path.exists(path):
@@ -96,6 +116,64 @@ def _mark(data_dir: str, stage: str, settings: dict[str, Any], **info) -> dict[s
     json.dump(marker, f, indent=2)
   os.replace(tmp, os.path.join(data_dir, f"stage_{stage}.json"))  # atomic: no half markers
   return marker
+
+
+# Each stage's output inside the data directory.
+_OUTPUTS = {"tfds": "tfds", "vae": "vae", "latents": "latents", "tokenizer": "tokenizer.json"}
+
+
+def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]) -> None:
+  """Moves a finished stage's output and marker to superseded/<stamp>/ before a rebuild:
+  checkpoints trained on them may still need them (never deleted here)."""
+  dst = os.path.join(data_dir, "superseded", stamp)
+  os.makedirs(dst, exist_ok=True)
+  for name in (_OUTPUTS[stage], f"stage_{stage}.json"):
+    src = os.path.join(data_dir, name)
+    if os.path.exists(src):
+      os.replace(src, os.path.join(dst, name))
+  log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
+
+
+def _hash_files(paths: list[str], root: str, content: bool) -> str:
+  h = hashlib.sha256()
+  for path in sorted(paths):
+    h.update(os.path.relpath(path, root).encode() + b"\0")
+    if content:
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+    else:
+      h.update(str(os.path.getsize(path)).encode())
+    h.update(b"\0")
+  return h.hexdigest()[:16]
+
+
+def data_identity(data_dir: str) -> dict[str, str]:
+  """{part: 16-hex hash} of the prepared data a trained run depends on.
+
+  tokenizer: tokenizer.json's bytes (token ids); vae: vae/vae_config.json and
+  vae/params.msgpack (what a latent means); latents: latents/*.json (metadata and
+  normalisation statistics) by content and the record files by name and size (the
+  records are not read: cheap on large datasets). A part whose files are absent is left
+  out.
+  """
+  parts = {
+      "tokenizer": ([os.path.join(data_dir, "tokenizer.json")], True),
+      "vae": ([os.path.join(data_dir, "vae", n) for n in ("vae_config.json",
+                                                          "params.msgpack")], True),
+  }
+  latent_dir = os.path.join(data_dir, "latents")
+  names = sorted(os.listdir(latent_dir)) if os.path.isdir(latent_dir) else []
+  out = {k: _hash_files(p, data_dir, content) for k, (p, content) in parts.items()
+         if all(os.path.exists(x) for x in p)}
+  if names:
+    paths = [os.path.join(latent_dir, n) for n in names]
+    meta = [p for p in paths if p.endswith(".json")]
+    records = [p for p in paths if not p.endswith(".json")]
+    out["latents"] = hashlib.sha256((_hash_files(meta, data_dir, True)
+                                     + _hash_files(records, data_dir, False)).encode()
+                                    ).hexdigest()[:16]
+  return out
 
 
 def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
@@ -122,12 +200,14 @@ def prepare_toy_world(data_dir: str, cfg: Any,
   from data_pipelines import latent_dataset, toy_world_tfds
   from tv2tv_jax.vae import train as vae_train
 
+  check_vae_config(cfg)
   os.makedirs(data_dir, exist_ok=True)
   data = _section(cfg, "data")
   settings = stage_settings(cfg)
   tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, "vae")
   latent_dir, tok_path = os.path.join(data_dir, "latents"), os.path.join(data_dir,
                                                                          "tokenizer.json")
+  stamp = time.strftime("%Y%m%d-%H%M%S")
   for stage in STAGES:
     # Settings nest their upstream stages' settings, so a changed stage invalidates
     # exactly the stages downstream of it.
@@ -137,8 +217,10 @@ def prepare_toy_world(data_dir: str, cfg: Any,
       continue
     t0 = time.time()
     info: dict[str, Any] = {}
-    if stage in ("tfds", "latents"):
-      # A stale directory must go: TFDS would otherwise reuse a prepared dataset of the
+    if os.path.exists(os.path.join(data_dir, f"stage_{stage}.json")):
+      _supersede(data_dir, stage, stamp, log)  # finished with other settings: keep it
+    elif stage in ("tfds", "latents"):
+      # An unfinished build must go: TFDS would otherwise reuse a prepared dataset of the
       # same name and version with the old sizes.
       shutil.rmtree(tfds_dir if stage == "tfds" else latent_dir, ignore_errors=True)
     if stage == "tfds":

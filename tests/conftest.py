@@ -35,4 +35,9 @@ def fake_gcs(monkeypatch):
   # Orbax asks the bucket (google-cloud-storage) whether it has a hierarchical namespace.
   monkeypatch.setattr(gcs_utils, "get_bucket", lambda name: types.SimpleNamespace())
   monkeypatch.setattr(workdirs, "missing_cloud_packages", lambda path: [])
+  # The work directory's lock (google-cloud-storage generation preconditions).
+  from tv2tv_jax import run_lock
+  import fake_gcs_storage
+  client = fake_gcs_storage.Client(fs)
+  monkeypatch.setattr(run_lock, "gcs_client", lambda: client)
   return fs

@@ -155,3 +155,15 @@ def test_bad_vae_override_is_named_under_data(tmp_path):
   assert last.startswith("error: config field 'data.vae_overrides.train.warmup_steps'")
   assert "train.num_steps=50" in last
   assert not (tmp_path / "run").exists()  # refused before any data stage
+
+
+def test_bad_vae_override_is_named_under_data_when_preparing_data(tmp_path):
+  """Through `trainer.train` (no `main`): the data stages check the VAE config before the
+  first stage runs, and name the field under data.vae_overrides."""
+  from data_pipelines import main_job
+  cfg = toy_world.get_config("quick")
+  cfg.data.vae_overrides = {"train": {"num_steps": 50}}
+  with pytest.raises(config_lib.ConfigError) as err:
+    main_job.prepare_toy_world(str(tmp_path / "data"), cfg, log=lambda _: None)
+  assert err.value.field == "data.vae_overrides.train.warmup_steps"
+  assert not (tmp_path / "data").exists()

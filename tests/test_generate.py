@@ -257,3 +257,53 @@ def test_cache_capacity_counts_think2v_plan_eofs():
           for l in ("tv2tv", "think2v")}
   cap = {l: generate.cache_capacity(e, 3, 5, 4, {}) for l, e in exps.items()}
   assert cap["think2v"] - cap["tv2tv"] == 5
+
+
+def test_two_interventions_on_one_chunk_are_refused():
+  assert generate.parse_interventions(["1:up", "3:left fire"]) == {1: "up", 3: "left fire"}
+  # "0.3125s" is chunk 1 as well: the clash is found after the times are resolved.
+  with pytest.raises(generate.GenerateError, match=r"'1:up'.*'0\.3125s:down'.*chunk 1"):
+    generate.parse_interventions(["1:up", "0.3125s:down"])
+
+
+def test_generation_refuses_data_the_checkpoint_was_not_trained_on(workdir, monkeypatch):
+  """A checkpoint records the identity of its tokenizer and VAE; generation from a data
+  directory whose tokenizer.json was rebuilt is refused, naming it."""
+  from data_pipelines import main_job
+  from tv2tv_jax import evaluate
+  data_dir = os.path.join(workdir, "toy_world_data")
+  identity = main_job.data_identity(data_dir)
+  assert set(identity) == {"tokenizer", "vae", "latents"}
+  load = evaluate.load_params
+
+  def trained_on(ident):
+    monkeypatch.setattr(evaluate, "load_params",
+                        lambda *a, **k: (*load(*a, **k)[:3], ident))
+  trained_on(identity)
+  assert generate.load_assets(workdir).step == 2  # the same data: accepted
+  trained_on(dict(identity, tokenizer="0" * 16))
+  with pytest.raises(generate.GenerateError, match=r"tokenizer: 0{16} in the checkpoint, "
+                     + identity["tokenizer"]):
+    generate.load_assets(workdir)
+
+
+def test_unreadable_first_frames_name_the_file(assets, tmp_path):
+  np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  for name, what in [("obj.npy", ".npy array"), ("bad.png", "image")]:
+    with pytest.raises(generate.GenerateError,
+                       match=rf"--first_frame: .*{name} cannot be read as an? {what}"):
+      generate.first_frame_latent(assets, str(tmp_path / name), 0)
+  nan = np.full(tuple(assets.run.exp.model.latent_shape), np.nan, np.float32)
+  with pytest.raises(generate.GenerateError, match="NaN or inf"):
+    generate.first_frame_latent(assets, nan, 0)
+
+
+def test_a_torn_config_json_is_named_not_the_checkpoint(workdir, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  text = (run / "config.json").read_text()
+  (run / "config.json").write_text(text[:len(text) // 2])
+  with pytest.raises(generate.GenerateError, match=r"^--workdir: .*config\.json is not "
+                     r"valid JSON \(truncated or torn"):
+    generate.load_assets(str(run))

@@ -41,7 +41,7 @@ def test_resume_with_another_layout_is_refused_and_changes_nothing(finished_run,
                      r"checkpoint, 't2v' now"):
     trainer.train(_cfg("tiny,t2v", num_steps=6), str(finished_run), log=lambda _: None)
   assert (finished_run / "config.json").read_text() == before
-  run, _, step = evaluate.load_params(str(finished_run))
+  run, _, step, _ = evaluate.load_params(str(finished_run))
   assert run.exp.seq.layout == "tv2tv" and step == 4
 
 
@@ -69,7 +69,7 @@ def test_evaluation_reads_the_checkpoint_config_not_config_json(finished_run, tm
   cfg = json.loads((wd / "config.json").read_text())
   cfg["seq"]["layout"] = "t2v"
   (wd / "config.json").write_text(json.dumps(cfg))
-  run, _, _ = evaluate.load_params(str(wd))
+  run, _, _, _ = evaluate.load_params(str(wd))
   assert run.exp.seq.layout == "tv2tv"
 
 
@@ -135,14 +135,14 @@ def test_a_nonfinite_checkpoint_falls_back_and_training_sets_it_aside(tmp_path):
   trainer.train(_cfg(), str(tmp_path), log=lambda _: None)
   run = trainer.Run(_cfg())
   ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints", async_save=False)
-  step, tree, data_state, config = ckpt.restore(run.restore_target())
+  step, tree, data_state, config, _ = ckpt.restore(run.restore_target())
   leaves, treedef = jax.tree.flatten(tree["params"])
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)
   poisoned = run.state_from_tree({**tree, "params": jax.tree.unflatten(treedef, leaves),
                                   "step": tree["step"] + 2})
   ckpt.save(6, poisoned, data_state, config)
   ckpt.close()
-  run, params, step = evaluate.load_params(str(tmp_path))
+  run, params, step, _ = evaluate.load_params(str(tmp_path))
   assert step == 4 and not checkpoints.nonfinite_leaves(params)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
   lines = []

@@ -46,7 +46,7 @@ def test_eight_devices_match_one(tiny_exp):
 @pytest.mark.parametrize("mesh,field", [
     (dict(data=3), "mesh.data"),
     (dict(data=-1, fsdp=-1), "mesh.fsdp"),
-    (dict(data=-1, fsdp=3), "mesh.data"),
+    (dict(data=-1, fsdp=3), "mesh.fsdp"),
     (dict(tensor=0), "mesh.tensor"),
     (dict(pipeline=2), "mesh.pipeline"),
 ])
@@ -82,7 +82,7 @@ def test_restore_onto_other_meshes_gives_identical_eval(tmp_path):
   assert results[0]["eval/video_mse"] == results[1]["eval/video_mse"]
   assert results[0]["eval/text_ce"] == results[1]["eval/text_ce"]
   # A params-only export evaluates to the same numbers.
-  run, params, _ = evaluate.load_params(str(tmp_path), devices=jax.devices()[:1])
+  run, params, _, _ = evaluate.load_params(str(tmp_path), devices=jax.devices()[:1])
   from tv2tv_jax import checkpoints
   checkpoints.export_params(params, str(tmp_path / "export"))
   exported = evaluate.evaluate_checkpoint(str(tmp_path), params_dir=str(tmp_path / "export"),
@@ -146,7 +146,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
   assert [r["skipped"] for r in logged] == [0, 0, 0, 0, 1, 1]
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 4]
   # The skipped steps left the parameters as they were after step 4.
-  run, params4, _ = evaluate.load_params(str(tmp_path), step=4, devices=jax.devices()[:1])
+  run, params4, _, _ = evaluate.load_params(str(tmp_path), step=4, devices=jax.devices()[:1])
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params4))
 
 
@@ -189,7 +189,7 @@ def test_trainer_initialises_text_tower_from_llama(tmp_path, tiny_exp):
                                             video_tower_from_llama=False))
   lines = []
   trainer.train(cfg, str(tmp_path / "run"), log=lines.append, devices=jax.devices()[:1])
-  _, params, _ = evaluate.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])
+  _, params, _, _ = evaluate.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])
   np.testing.assert_allclose(np.asarray(params["embed"]["embedding"]),
                              tensors["model.embed_tokens.weight"], atol=1e-4)
   wq = np.asarray(params["stack"]["layers"]["text"]["qkv"]["wq"][1])  # layer 1, [D, H, dh]

@@ -92,7 +92,7 @@ def test_checkpointer_local_str_or_epath(tmp_path, as_epath):
   again = checkpoints.Checkpointer(str(d) if as_epath else epath.Path(d))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                         checkpoints.state_tree(state))
-  step, tree, data, config = again.restore(target, log=lambda _: None)
+  step, tree, data, config, _ = again.restore(target, log=lambda _: None)
   assert (step, data, config) == (3, {"index": 7}, {"model": {"d_model": 8}})
   np.testing.assert_array_equal(tree["params"]["w"], state.params["w"])
   again.close()
@@ -144,7 +144,8 @@ def test_trainer_and_evaluate_reach_gs_through_epath(fake_gcs, monkeypatch):
 
   def stop(*args, **kwargs):
     raise Stop
-  monkeypatch.setattr(trainer.inputs, "make_train_input", stop)  # right after the Checkpointer
+  # Right after config.json is written (once the config and data are checked).
+  monkeypatch.setattr(trainer.sharding, "init_sharded_state", stop)
   cfg = toy_world.get_config("tiny")
   with pytest.raises(Stop):
     trainer.train(cfg, "gs://bucket/run", log=lambda _: None, devices=jax.devices()[:1])

@@ -19,7 +19,8 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from tv2tv_jax import checkpoints, distributed, evaluation, inputs, trainer, workdirs
+from tv2tv_jax import (checkpoints, distributed, evaluation, inputs, resume_check, trainer,
+                       workdirs)
 
 FLAGS = flags.FLAGS
 
@@ -35,16 +36,18 @@ def define_flags() -> None:
 
 def load_params(workdir: str | os.PathLike, step: int | None = None,
                 params_dir: str | os.PathLike | None = None, devices=None):
-  """(Run on the present devices, params restored onto its mesh, step or None).
+  """(Run on the present devices, params restored onto its mesh, step or None, the
+  identity of the data the checkpoint was trained on: {} for a params-only export or a
+  checkpoint that predates it).
 
   `workdir` (and `params_dir`): local paths or gs:// URIs.
   """
   wd = workdirs.as_path(workdir, "--workdir")
   workdirs.check_reachable(wd, "--workdir")
   if params_dir:
-    run = _run_from(json.loads((wd / "config.json").read_text()), devices)
+    run = _run_from(workdirs.read_json(wd / "config.json", "--workdir"), devices)
     target = checkpoints.abstract_target(run.abstract_state().params, run.shardings.params)
-    return run, checkpoints.restore_params(params_dir, target), None
+    return run, checkpoints.restore_params(params_dir, target), None, {}
   ckpt = checkpoints.Checkpointer(wd / "checkpoints")
   # Newest first; a step whose state is bad (unreadable, non-finite) falls back to the
   # previous one, whose own config is read again. Read-only: nothing is moved aside.
@@ -63,7 +66,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None,
     except checkpoints.CheckpointError as e:
       failures.append(str(e).split("\n", 1)[-1].strip())
       continue
-    return run, restored[1]["params"], restored[0]
+    return run, restored.state["params"], restored.step, restored.data_identity
   raise checkpoints.CheckpointError(f"no checkpoint in {ckpt.directory} could be restored:"
                                     f"\n  " + "\n  ".join(failures))
 
@@ -77,8 +80,10 @@ def _run_from(cfg_dict: dict, devices) -> trainer.Run:
 def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,
                         params_dir: str | os.PathLike | None = None, devices=None) -> dict:
   """The evaluation losses of a checkpoint (see `evaluation`), plus its step."""
-  run, params, step = load_params(workdir, step, params_dir, devices)
+  run, params, step, trained_on = load_params(workdir, step, params_dir, devices)
   batches = inputs.make_eval_batches(run.exp, run.cfg, workdir=workdir)
+  identity, data_dir = inputs.data_identity(run.exp, run.cfg, workdir=workdir)
+  resume_check.check_data_identity(trained_on, identity, step, data_dir)
   metrics = evaluation.evaluate(run.eval_fn(), params, batches, run.exp.train.eval_times,
                                 run.mesh)
   return {"step": step, "devices": run.mesh.size, **metrics}
@@ -90,7 +95,7 @@ def main(argv):
   distributed.setup_process()
   result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.params)
   if FLAGS.export_params:
-    run, params, _ = load_params(FLAGS.workdir, FLAGS.checkpoint, FLAGS.params)
+    run, params, _, _ = load_params(FLAGS.workdir, FLAGS.checkpoint, FLAGS.params)
     checkpoints.export_params(params, FLAGS.export_params)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, sort_keys=True))

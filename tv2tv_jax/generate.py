@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags
 import numpy as np
 
-from tv2tv_jax import evaluate, workdirs
+from tv2tv_jax import evaluate, resume_check, workdirs
 from tv2tv_jax.sampling import outputs
 
 FLAGS = flags.FLAGS
@@ -137,7 +137,7 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   if not (wd / "config.json").exists():
     raise GenerateError(f"--workdir: {workdir} has no config.json (not a training run?)")
   try:
-    run, params, step = evaluate.load_params(workdir, checkpoint, devices=devices)
+    run, params, step, trained_on = evaluate.load_params(workdir, checkpoint, devices=devices)
   except checkpoints.CheckpointError as e:
     raise GenerateError(f"--checkpoint: {e}") from e
   except (ValueError, KeyError, FileNotFoundError) as e:
@@ -146,10 +146,17 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   # The model comes from the checkpoint's own config; where the data lives may have moved
   # since (data.data_dir is safe to change on resume), so that is read from config.json.
   try:
-    latest = json.loads((wd / "config.json").read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise GenerateError(f"--workdir: {wd / 'config.json'} is not valid JSON ({e})") from e
-  text, video = load_tokenizers(data_dir_of(workdir, latest), run.exp)
+    latest = workdirs.read_json(wd / "config.json", "--workdir")
+  except workdirs.WorkdirError as e:
+    raise GenerateError(str(e)) from e
+  data_dir = data_dir_of(workdir, latest)
+  from data_pipelines import main_job  # local: heavy imports
+  try:
+    resume_check.check_data_identity(trained_on, main_job.data_identity(data_dir), step,
+                                     data_dir)
+  except resume_check.ResumeError as e:
+    raise GenerateError(f"--workdir: {e}") from e
+  text, video = load_tokenizers(data_dir, run.exp)
   return Assets(run, params, step, text, video)
 
 
@@ -213,13 +220,20 @@ def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.
     path, source = os.fspath(first_frame), os.fspath(first_frame)
     if not os.path.exists(path):
       raise GenerateError(f"--first_frame: {path} does not exist")
-    if path.endswith(".npy"):
-      first_frame = np.load(path)
-    else:
-      from PIL import Image
-      first_frame = np.asarray(Image.open(path).convert("RGB"))
+    try:
+      if path.endswith(".npy"):
+        first_frame = np.load(path)  # no pickles: an object array is refused here
+      else:
+        from PIL import Image
+        first_frame = np.asarray(Image.open(path).convert("RGB"))
+    except (ValueError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+      raise GenerateError(f"--first_frame: {path} cannot be read as a "
+                          f"{'.npy array' if path.endswith('.npy') else 'image'} "
+                          f"({type(e).__name__}: {e})") from e
   arr = np.asarray(first_frame)
   if arr.shape == latent_shape and np.issubdtype(arr.dtype, np.floating):
+    if not np.isfinite(arr).all():
+      raise GenerateError(f"--first_frame ({source}): the latent holds NaN or inf")
     return arr.astype(np.float32), source
   if arr.shape != (size, size, 3):
     raise GenerateError(f"--first_frame ({source}): shape {arr.shape}; expected a frame "
@@ -330,12 +344,26 @@ def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping
   return paths
 
 
+def parse_interventions(specs: Sequence[str], fps: int = outputs.FPS,
+                        frames_per_chunk: int = outputs.FRAMES_PER_CHUNK) -> dict[int, str]:
+  """Every --intervene (`parse_intervention`) as {chunk: text}. Raises GenerateError
+  naming both when two land on one chunk (silently keeping one would ignore the other)."""
+  out, given = {}, {}
+  for spec in specs:
+    chunk, text = parse_intervention(spec, fps, frames_per_chunk)
+    if chunk in out:
+      raise GenerateError(f"--intervene {given[chunk]!r} and --intervene {spec!r} both set "
+                          f"chunk {chunk}; give one text per chunk")
+    out[chunk], given[chunk] = text, spec
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.prompt:
     raise app.UsageError("--workdir and --prompt are required")
-  interventions = dict(parse_intervention(spec) for spec in FLAGS.intervene)
+  interventions = parse_interventions(FLAGS.intervene)
   paths = generate_to_dir(FLAGS.workdir, FLAGS.prompt, interventions, FLAGS.num_chunks,
                           FLAGS.cfg_scale, FLAGS.ode_steps, FLAGS.seed, FLAGS.out,
                           checkpoint=FLAGS.checkpoint, first_frame=FLAGS.first_frame,

@@ -79,6 +79,18 @@ class SyntheticBatches:
     self.index = int(state["index"])
 
 
+def skipped_examples(state: Any) -> int:
+  """Bad examples a stream has skipped so far, from its `get_state()`: the sum of every
+  "skipped" count in the (nested) state, one per packing iterator (several with
+  multiprocess prefetch workers); 0 for streams that skip nothing."""
+  if isinstance(state, dict):
+    return sum(int(v) if k == "skipped" and not isinstance(v, (dict, list)) else
+               skipped_examples(v) for k, v in state.items())
+  if isinstance(state, list):
+    return sum(skipped_examples(v) for v in state)
+  return 0
+
+
 def toy_world_data_dir(cfg: Any, workdir: str | os.PathLike | None) -> str:
   """The toy-world data directory: `data.data_dir`, else <workdir>/toy_world_data, else
   <system temp dir>/tv2tv_toy_world_data; always a local path.
@@ -152,6 +164,22 @@ def make_train_input(exp: Experiment, cfg: Any, workdir: str | os.PathLike | Non
   if source == "toy_world":
     return _toy_world_stream(exp, cfg, workdir, "train", train=True)
   raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic, toy_world")
+
+
+def data_identity(exp: Experiment, cfg: Any,
+                  workdir: str | os.PathLike | None = None) -> tuple[dict[str, str], str]:
+  """(identity, where) of the prepared data the configured source reads.
+
+  'toy_world': `main_job.data_identity` of its data directory (prepared first, as
+  `make_train_input` does); 'synthetic': ({}, '') -- its batches follow from the config
+  alone, which `resume_check` compares.
+  """
+  if (cfg.get("data") or {}).get("source") != "toy_world":
+    return {}, ""
+  from data_pipelines import main_job  # local: heavy imports
+  _toy_world_pipeline(exp, cfg, workdir)
+  data_dir = toy_world_data_dir(cfg, workdir)
+  return main_job.data_identity(data_dir), data_dir
 
 
 def make_eval_batches(exp: Experiment, cfg: Any,

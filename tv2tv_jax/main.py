@@ -16,7 +16,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import config as config_lib, distributed, trainer
+from tv2tv_jax import (config as config_lib, distributed, resume_check, run_lock, trainer,
+                       workdirs)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
@@ -76,11 +77,7 @@ def check_config(cfg) -> None:
   data = cfg.get("data") or {}
   if data.get("source") == "toy_world":
     from data_pipelines import main_job  # local: only this source needs it
-    from tv2tv_jax.vae import train as vae_train
-    try:
-      vae_train.configs_from_config_dict(main_job.stage_settings(cfg)["vae"]["config"])
-    except config_lib.ConfigError as e:
-      raise config_lib.vae_override_error(e, data) from e
+    main_job.check_vae_config(cfg)
 
 
 def main(argv):
@@ -91,15 +88,17 @@ def main(argv):
     check_config(cfg)  # first: fails before a multi-host start waits for its peers
     distributed.setup_process()
     records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
-  except config_lib.ConfigError as e:
-    # One line naming the field (mesh errors come from train: they need the device
-    # count); a traceback would only bury it.
+  except (config_lib.ConfigError, resume_check.ResumeError, run_lock.WorkdirLockedError,
+          workdirs.WorkdirError) as e:
+    # The message names the field, the differing settings or the work directory's
+    # holder (mesh errors come from train: they need the device count); a traceback
+    # would only bury it.
     raise SystemExit(f"error: {e}") from e
   sample = cfg.get("sample") or {}
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
     from tv2tv_jax import generate  # local: the sampler is only needed here
-    interventions = dict(generate.parse_intervention(s) for s in sample.interventions)
+    interventions = generate.parse_interventions(sample.interventions)
     paths = generate.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
                                      sample.num_chunks, sample.cfg_scale, sample.ode_steps,
                                      sample.seed)

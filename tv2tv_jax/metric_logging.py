@@ -30,9 +30,12 @@ class _JsonLines:
   file that grows by one line per logged step.
   """
 
-  def __init__(self, path: epath.Path):
+  def __init__(self, path: epath.Path, keep_through: int | None = None):
     self.path = path
     self._file, self._text = None, None
+    self.superseded = 0
+    if keep_through is not None and path.exists():
+      self.superseded = _supersede_after(path, keep_through)
     if workdirs.is_local(path):
       # Appended, not truncated: a resumed run continues the same file.
       self._file = open(os.fspath(path), "a")
@@ -52,14 +55,41 @@ class _JsonLines:
       self._file.close()
 
 
+def _supersede_after(path: epath.Path, step: int) -> int:
+  """Moves the records of steps after `step` from `path` to `<stem>.superseded.jsonl`
+  (appended there, never lost); returns how many moved.
+
+  A run resumed from an older checkpoint logs those steps again: without this the file
+  would hold two values per step and a plot of it would zigzag.
+  """
+  kept, later = [], []
+  for line in path.read_text().splitlines():
+    try:
+      later_step = int(json.loads(line)["step"]) > step
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+      later_step = True
+    (later if later_step else kept).append(line)
+  if later:
+    aside = path.parent / f"{path.stem}.superseded.jsonl"
+    old = aside.read_text() if aside.exists() else ""
+    aside.write_text(old + "".join(x + "\n" for x in later))
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text("".join(x + "\n" for x in kept))
+    tmp.replace(path)
+  return len(later)
+
+
 class MetricLogger:
   """Appends to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tensorboard`.
 
-  `workdir`: a local path or gs:// URI (str or path), created if missing.
+  `workdir`: a local path or gs:// URI (str or path), created if missing. `start_step`:
+  the step this process starts from (the restored checkpoint's, 0 for a new run); records
+  of later steps, from before a resume that went back, move to metrics.superseded.jsonl.
   """
 
   def __init__(self, workdir: str | os.PathLike, total_steps: int,
-               log: Callable[[str], None] = print, tensorboard: bool = True):
+               log: Callable[[str], None] = print, tensorboard: bool = True,
+               start_step: int | None = None):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self._log = log
@@ -71,7 +101,10 @@ class MetricLogger:
     wd = workdirs.as_path(workdir)
     workdirs.check_reachable(wd)
     wd.mkdir(parents=True, exist_ok=True)
-    self._jsonl = _JsonLines(wd / "metrics.jsonl")
+    self._jsonl = _JsonLines(wd / "metrics.jsonl", keep_through=start_step)
+    if self._jsonl.superseded:
+      log(f"metrics.jsonl: {self._jsonl.superseded} records of steps after {start_step} "
+          f"(logged before this resume) moved to metrics.superseded.jsonl")
     if tensorboard:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
       # A string: tensorboardX picks its gs:// writer (or the local one) from the prefix.

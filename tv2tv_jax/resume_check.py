@@ -100,3 +100,34 @@ def check_resume(saved: Mapping[str, Any], requested: Mapping[str, Any], step: i
         f"{','.join(f for f, _, _ in refused)}. Safe to change on resume: "
         f"{', '.join(SAFE_TO_CHANGE)}.")
   return [f"{f}: {old!r} -> {new!r}" for f, old, new in changes]
+
+
+def check_data_identity(saved: Mapping[str, str], current: Mapping[str, str], step: int,
+                        data_dir: str, allow: Iterable[str] = ()) -> list[str]:
+  """Raises ResumeError if the prepared data differs from what the checkpoint trained on.
+
+  Args:
+    saved: `data_identity` stored in the checkpoint of step `step` ({} for a checkpoint
+      that predates it: nothing to compare).
+    current: the identity of the data this command would use (`inputs.data_identity`:
+      short hashes of the tokenizer, the VAE, the latent dataset).
+    data_dir: where that data lives (for the message).
+    allow: as in `check_resume`; 'data_identity' or 'data_identity.<part>' accepts a
+      change (resuming only: evaluation and sampling pass nothing).
+  Returns:
+    One line per accepted change, for the log.
+  """
+  changed = [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current))
+             if saved[k] != current[k]]
+  refused = [c for c in changed if not _covered(f"data_identity.{c[0]}", tuple(allow))]
+  if refused:
+    lines = "\n  ".join(f"{k}: {old} in the checkpoint, {new} in {data_dir}"
+                        for k, old, new in refused)
+    raise ResumeError(
+        f"the prepared data differs from the data the checkpoint at step {step} was "
+        f"trained on:\n  {lines}\nA different tokenizer gives the same text other ids and a "
+        f"different VAE gives latents another meaning. Point data.data_dir at the data the "
+        f"run was trained on (a rebuild keeps the previous version under "
+        f"{data_dir}/superseded/), or start a new --workdir; a training run that is meant "
+        f"to go on with new data takes --allow_config_change=data_identity.")
+  return [f"data_identity.{k}: {old} -> {new}" for k, old, new in changed]

@@ -2,7 +2,9 @@
 
 `main.py` only parses flags. Writes into the work directory (process 0):
   config.json        the experiment config
-  metrics.jsonl      one JSON object per logged step (appended across resumes)
+  metrics.jsonl      one JSON object per logged step (appended across resumes; steps a
+                     resume from an older checkpoint runs again replace the earlier
+                     records, which move to metrics.superseded.jsonl)
   tensorboard/       TensorBoard event files of the same scalars
   checkpoints/<step> Orbax checkpoints (state, input-iterator state, config)
 
@@ -12,6 +14,9 @@ resumed run logs exactly the losses an uninterrupted one would. Before anything 
 restored or written, the requested config is compared with the one the newest
 checkpoint was trained with (`resume_check`): a change that alters what the
 checkpoint means is refused, naming each field; `config.json` is written only after.
+
+One process writes a work directory at a time: the run holds `<workdir>/LOCK`
+(`run_lock`) and a second start is refused, naming the holder.
 
 `workdir` is a local path or a gs:// URI (`tv2tv_jax.workdirs`); what cannot use a
 bucket (the toy-world data directory) is refused before anything is built.
@@ -30,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from tv2tv_jax import (checkpoints, evaluation, flops, inputs, llama_init, metric_logging,
-                       resume_check, sharding, train_step, workdirs)
+                       resume_check, run_lock, sharding, train_step, workdirs)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
 
@@ -104,31 +109,72 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
       (before anything is restored or written).
     workdirs.WorkdirError: a work or data directory that cannot be used (before any
       compile; see `check_workdir`).
+    run_lock.WorkdirLockedError: another live process writes `workdir` (its lock,
+      `run_lock`, is taken before anything is read or written).
     NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
   """
   wd = check_workdir(cfg, workdir)
   run = Run(cfg, devices)
+  wd.mkdir(parents=True, exist_ok=True)
+  lock = _lock_workdir(wd, log)
+  try:
+    return _train(run, cfg, wd, log, allow_config_change, lock)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(wd, log: Callable[[str], None]) -> run_lock.WorkdirLock | None:
+  """Process 0 takes the work directory's lock (returned; None elsewhere); every process
+  raises WorkdirLockedError if it could not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = run_lock.WorkdirLock(wd, log).acquire()
+    except run_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if failed and error is None:
+      raise run_lock.WorkdirLockedError(f"--workdir {wd}: process 0 could not take its "
+                                        f"lock (its log says why)")
+  if error is not None:
+    raise error
+  return lock
+
+
+def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], None],
+           allow_config_change: tuple[str, ...], lock: run_lock.WorkdirLock | None
+           ) -> list[dict[str, float]]:
+  """`train` once the work directory is locked."""
   exp, mesh = run.exp, run.mesh
   tc = exp.train
-  wd.mkdir(parents=True, exist_ok=True)
   ckpt = checkpoints.Checkpointer(wd / "checkpoints",
                                   max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
                                   async_save=tc.async_checkpoints)
   saved = ckpt.saved_config()
   changes = (resume_check.check_resume(saved[1], _config_dict(cfg), saved[0],
                                        allow_config_change) if saved else [])
+  data = inputs.make_train_input(exp, cfg, workdir=wd)
+  identity, data_dir = inputs.data_identity(exp, cfg, workdir=wd)
+  restored = ckpt.restore(run.restore_target(),
+                          log if jax.process_index() == 0 else lambda _: None, set_aside=True)
+  if restored is not None:
+    changes += resume_check.check_data_identity(restored.data_identity, identity,
+                                                restored.step, data_dir, allow_config_change)
+  # Only now, with the config and the data checked against the checkpoint, is anything
+  # of this start written.
   if jax.process_index() == 0:
     (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  logger = metric_logging.MetricLogger(wd, tc.num_steps, log)
+  logger = metric_logging.MetricLogger(wd, tc.num_steps, log,
+                                       start_step=restored.step if restored else 0)
   for line in changes:
     logger.message(f"config changed on resume (allowed): {line}")
-
-  data = inputs.make_train_input(exp, cfg, workdir=wd)
-  restored = ckpt.restore(run.restore_target(), logger.message, set_aside=True)
   if restored is not None:
-    start, tree, data_state, _ = restored
-    state = run.state_from_tree(tree)
-    data.set_state(data_state)
+    start = restored.step
+    state = run.state_from_tree(restored.state)
+    data.set_state(restored.data)
     logger.message(f"resumed from checkpoint step {start} in {ckpt.directory}")
   else:
     start = 0
@@ -166,6 +212,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
     for step in range(start, tc.num_steps):
       state, metrics = compiled(state, batch, run.step_rng)
       done = step + 1
+      if lock is not None:
+        lock.heartbeat()  # raises if another process took the directory meanwhile
       skipped = int(metrics["skipped"])
       skipped_total += skipped
       consecutive_bad = consecutive_bad + 1 if skipped else 0
@@ -200,9 +248,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
         now = time.perf_counter()
         dt = (now - t_window) / steps_in_window
         t_window, steps_in_window = now, 0
+        bad_examples = inputs.skipped_examples(data.get_state())
         m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
                  mfu=step_flops / dt / peak, skipped_total=skipped_total,
-                 eta_s=dt * (tc.num_steps - done))
+                 bad_examples_skipped=bad_examples, eta_s=dt * (tc.num_steps - done))
         logger.write(done, m)
         records.append({"step": done, **m})
         logger.console(
@@ -210,7 +259,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
             f"  video_mse {m['video_mse']:.4f}  |g| {m['grad_norm']:.3f}  lr "
             f"{m['learning_rate']:.2e}  {m['tokens_per_s']:.0f} tok/s  mfu {m['mfu']:.1%}  "
             f"eta {metric_logging.format_eta(m['eta_s'])}"
-            + (f"  skipped {skipped_total}" if skipped_total else ""),
+            + (f"  skipped {skipped_total}" if skipped_total else "")
+            + (f"  bad examples {bad_examples}" if bad_examples else ""),
             final=done == tc.num_steps)
       if (tc.eval_every and done % tc.eval_every == 0) or done == tc.num_steps:
         ev = evaluation.evaluate(eval_fn, state.params, eval_batches, tc.eval_times, mesh)
@@ -223,7 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
           logger.message(f"not saving a checkpoint at step {done}: its update was skipped "
                          f"(non-finite loss)")
         else:
-          ckpt.save(done, state, data.get_state(), _config_dict(cfg))
+          ckpt.save(done, state, data.get_state(), _config_dict(cfg), identity)
       if done < tc.num_steps:
         batch = sharding.put_batch(next(data), mesh)
   ckpt.wait()

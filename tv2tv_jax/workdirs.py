@@ -23,8 +23,10 @@ directory (TFDS ArrayRecord build, VAE, tokenizer; see `inputs.toy_world_data_di
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+from typing import Any
 
 from etils import epath
 
@@ -108,3 +110,15 @@ def check_reachable(path: str | os.PathLike, field: str = "--workdir") -> None:
     raise WorkdirError(field, f"{os.fspath(path)} needs {', '.join(missing)} (install the "
                        f"`gcs` extra: pip install -e '.[gcs]')")
 
+
+
+def read_json(path: str | os.PathLike, field: str) -> Any:
+  """The JSON document at `path` (local or gs://). Raises WorkdirError naming `field` and
+  the file when it is missing or is not valid UTF-8 JSON (truncated, torn)."""
+  p = as_path(path, field)
+  try:
+    return json.loads(p.read_text())
+  except FileNotFoundError as e:
+    raise WorkdirError(field, f"{os.fspath(p)} does not exist") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WorkdirError(field, f"{os.fspath(p)} is not valid JSON (truncated or torn? {e})") from e
