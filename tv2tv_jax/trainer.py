@@ -6,7 +6,10 @@
                      resume from an older checkpoint runs again replace the earlier
                      records, which move to metrics.superseded.jsonl)
   tensorboard/       TensorBoard event files of the same scalars
-  checkpoints/<step> Orbax checkpoints (state, input-iterator state, config)
+  checkpoints/<step> Orbax checkpoints (state, input-iterator state, config, fingerprints
+                     and data identity)
+  LOCK               held while a run writes (`run_lock`; LOCK.guard, local only, stays:
+                     removing it could let two processes lock different files)
 
 A run resumes from the newest good checkpoint in `workdir/checkpoints`; the
 input stream and the per-step randomness (fold_in(seed, step)) resume with it, so a
