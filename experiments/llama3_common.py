@@ -80,7 +80,7 @@ def base(tower: dict) -> ml_collections.ConfigDict:
       learning_rate=1e-4, warmup_steps=2000, total_steps=250_000, end_lr_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=512, num_steps=250_000, log_every=50, seed=0,
+      batch_size=512, grad_accum_steps=1, num_steps=250_000, log_every=50, seed=0,
       save_every=1000, keep_last=3, keep_every=25_000, async_checkpoints=True,
       eval_every=5000, eval_batches=4, eval_times=(0.25, 0.5, 0.75), max_nonfinite_steps=5))
   # **default**: FSDP over every device (params, grads and Adam state sharded over the

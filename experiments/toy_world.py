@@ -51,7 +51,7 @@ def _base() -> ml_collections.ConfigDict:
       learning_rate=1e-3, warmup_steps=50, total_steps=2000, end_lr_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=2000, log_every=20, seed=0,
+      batch_size=8, grad_accum_steps=1, num_steps=2000, log_every=20, seed=0,
       save_every=500, keep_last=3, keep_every=0, async_checkpoints=True,
       eval_every=500, eval_batches=2, eval_times=(0.25, 0.5, 0.75), max_nonfinite_steps=5))
   # Sampling after training (`python -m tv2tv_jax.generate` with these settings): needs the

@@ -183,6 +183,9 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   batch_size: int = 8
+  # Microbatches per step (gradient accumulation, `train_step.loss_and_grads`): the same
+  # update as one pass over `batch_size` rows, with the activations of batch_size / n.
+  grad_accum_steps: int = 1
   num_steps: int = 1000
   log_every: int = 10
   seed: int = 0
@@ -323,6 +326,10 @@ def validate(exp: Experiment) -> Experiment:
   _require(o.warmup_steps < o.total_steps, "optim.warmup_steps",
            f"must lie in [0, total_steps={o.total_steps}), got {o.warmup_steps}")
   _require_count(t.batch_size, "train.batch_size", 1)
+  _require_count(t.grad_accum_steps, "train.grad_accum_steps", 1, " (1: no accumulation)")
+  _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"must divide train.batch_size={t.batch_size} into equal microbatches, "
+           f"got {t.grad_accum_steps}")
   # The trainer runs steps [start, num_steps): 0 compiles the step and trains none.
   _require_count(t.num_steps, "train.num_steps", 0, " (0: compile only, no step)")
   # A negative seed fails numpy's generators (the synthetic input stream).

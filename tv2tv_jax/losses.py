@@ -4,6 +4,11 @@
 
 each a mean over its own targets (text slots with a target; every latent element
 of every valid noisy copy). Both parts are reported separately.
+
+A microbatch of a larger batch (gradient accumulation, `train_step`) is normalised by
+the larger batch's target counts (`target_counts`, `compute_loss(normalizers=...)`):
+its loss is then its additive share of the larger batch's loss, so the shares' sum and
+its gradient are the larger batch's.
 """
 
 from __future__ import annotations
@@ -54,33 +59,56 @@ def copy_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
                   axis=-1)
 
 
-def text_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+def text_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                       normalizer: jax.Array | None = None):
   """Mean CE over weighted slots. logits f32[B, T, V], targets i32[B, T], weights [B, T].
 
-  Returns (mean CE, number of targets)."""
+  normalizer: f32[], divides the summed NLL instead of this batch's number of targets.
+  Returns (mean CE, number of targets in this batch)."""
   nll = token_nll(logits, targets)
   w = weights.astype(jnp.float32)
   count = jnp.sum(w)
-  return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
+  denom = count if normalizer is None else normalizer
+  return jnp.sum(nll * w) / jnp.maximum(denom, 1.0), count
 
 
-def velocity_mse(pred: jax.Array, target: jax.Array, valid: jax.Array):
+def velocity_mse(pred: jax.Array, target: jax.Array, valid: jax.Array,
+                 normalizer: jax.Array | None = None):
   """Mean squared error over valid copies. pred/target f32[B, K, ...], valid bool[B, K].
 
-  Returns (mean over all elements of valid copies, number of valid copies)."""
+  normalizer: f32[], divides the summed per-copy MSE instead of this batch's number of
+  valid copies.
+  Returns (mean over all elements of valid copies, number of valid copies in this batch)."""
   per_copy = copy_mse(pred, target)
   w = valid.astype(jnp.float32)
   count = jnp.sum(w)
-  return jnp.sum(per_copy * w) / jnp.maximum(count, 1.0), count
+  denom = count if normalizer is None else normalizer
+  return jnp.sum(per_copy * w) / jnp.maximum(denom, 1.0), count
+
+
+def target_counts(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(text targets, valid noisy copies) of a packed batch: f32[] each, the denominators
+  of its CE and MSE (integers below 2^24, so exact in float32 in any summation order)."""
+  return (jnp.sum(batch["text_target_mask"].astype(jnp.float32)),
+          jnp.sum(batch["noisy_valid"].astype(jnp.float32)))
 
 
 def compute_loss(params: Any, model: nn.Module, batch: Mapping[str, jax.Array],
-                 sample: flow.FlowSample, exp: Experiment):
-  """Returns (scalar loss, metrics dict) for one packed batch."""
+                 sample: flow.FlowSample, exp: Experiment,
+                 normalizers: tuple[jax.Array, jax.Array] | None = None):
+  """Returns (scalar loss, metrics dict) for one packed batch.
+
+  normalizers: `target_counts` of a larger batch this one is a microbatch of: CE and
+  MSE divide their sums by those instead of this batch's own counts, so loss, text_ce
+  and video_mse are additive shares of the larger batch's (the counts reported stay this
+  batch's own, additive too). None: this batch's own means.
+  """
   kwargs, v_target = model_inputs(batch, sample, exp.model.tokens_per_chunk)
   logits, velocity = model.apply({"params": params}, **kwargs)
-  ce, n_txt = text_cross_entropy(logits, batch["text_targets"], batch["text_target_mask"])
-  mse, n_vid = velocity_mse(velocity, v_target, batch["noisy_valid"])
+  n_txt_total, n_vid_total = normalizers if normalizers is not None else (None, None)
+  ce, n_txt = text_cross_entropy(logits, batch["text_targets"], batch["text_target_mask"],
+                                 n_txt_total)
+  mse, n_vid = velocity_mse(velocity, v_target, batch["noisy_valid"], n_vid_total)
   loss = exp.loss.lambda_txt * ce + exp.loss.lambda_vid * mse
   return loss, {"loss": loss, "text_ce": ce, "video_mse": mse,
                 "text_targets": n_txt, "noisy_chunks": n_vid}

@@ -29,6 +29,9 @@ SAFE_TO_CHANGE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.eval_times", "train.save_every", "train.keep_last", "train.keep_every",
     "train.async_checkpoints", "train.max_nonfinite_steps",
+    # The same update over the same global batch, in fewer or more microbatches (equal
+    # up to float rounding; the data stream still yields whole batches).
+    "train.grad_accum_steps",
     "mesh", "sharding_rules",
     "model.attention_impl", "model.remat",  # same function, another kernel / memory plan
     "data.num_workers", "data.data_dir",  # where and how fast, not what (see the dataset
@@ -39,6 +42,7 @@ SAFE_TO_CHANGE = (
 # field -> the value that behaves as checkpoints written before the field existed.
 ADDED_FIELDS: dict[str, Any] = {
     "data.plan_drop_rate": 0.0,
+    "train.grad_accum_steps": 1,
 }
 
 

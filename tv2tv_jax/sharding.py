@@ -135,6 +135,14 @@ def check_divisibility(exp: Experiment, mesh: Mesh) -> None:
   if exp.train.batch_size % batch_shards:
     raise ConfigError("train.batch_size", f"{exp.train.batch_size} rows do not split over "
                       f"data x fsdp = {batch_shards} devices")
+  # Each microbatch is sharded like the batch (`train_step.microbatches`): its rows too
+  # must split over the data axes, or the split would move rows between devices.
+  n = exp.train.grad_accum_steps
+  if (exp.train.batch_size // n) % batch_shards:
+    raise ConfigError("train.grad_accum_steps", f"{n} microbatches of "
+                      f"{exp.train.batch_size // n} rows (train.batch_size="
+                      f"{exp.train.batch_size}) do not split over data x fsdp = "
+                      f"{batch_shards} devices")
   t = mesh.shape["tensor"]
   for field in ("num_heads", "num_kv_heads", "mlp_dim", "vocab_size"):
     if getattr(exp.model, field) % t:

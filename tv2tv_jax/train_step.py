@@ -3,6 +3,12 @@
 The step is a pure function `(state, batch, base_rng) -> (state, metrics)`; its
 randomness is `fold_in(base_rng, state.step)`, so a run is reproducible from the
 base seed and resumable from any step.
+
+Gradient accumulation (`train.grad_accum_steps` = n > 1): the step splits its global
+batch into n microbatches and runs forward and backward over them one at a time in a
+`lax.scan`, summing gradients and metrics in float32, then makes one optimizer update.
+Only one microbatch's activations are alive at a time; the update equals the
+unaccumulated step's up to float rounding (`loss_and_grads`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tv2tv_jax import flow, losses
+from tv2tv_jax import axes, flow, losses
 from tv2tv_jax.config import Experiment, OptimConfig
 from tv2tv_jax.model import TV2TV
 
@@ -90,9 +96,69 @@ def create_train_state(model: TV2TV, exp: Experiment, rng: jax.Array) -> TrainSt
   return _init_unboxed(model, exp, rng)
 
 
+def microbatches(x: jax.Array, n: int) -> jax.Array:
+  """Splits a batch axis into n microbatches: x [B, ...] -> [n, B/n, ...].
+
+  Microbatch m holds rows m, m + n, m + 2n, ... (a strided split, not contiguous
+  blocks). The batch is sharded over the data axes in contiguous blocks of rows; when
+  B/n is a multiple of the number of blocks (`sharding.check_divisibility`), every
+  block holds B/(n·blocks) rows of every microbatch, so the split is a reshape and
+  transpose local to each device (no collective) and each microbatch is sharded over
+  the data axes like the batch. A contiguous split would put microbatch m on only
+  1/n of the devices and need a reshuffle. The constraints state that layout under the
+  logical-axis rules (`axes.BATCH`); without rules or a mesh they do nothing.
+  """
+  b = x.shape[0]
+  x = x.reshape(b // n, n, *x.shape[1:])
+  x = nn.with_logical_constraint(x, (axes.BATCH,) + (None,) * (x.ndim - 1))
+  x = jnp.swapaxes(x, 0, 1)
+  return nn.with_logical_constraint(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
+
+
+def loss_and_grads(params: Any, model: TV2TV, batch: Mapping[str, jax.Array],
+                   sample: flow.FlowSample, exp: Experiment):
+  """((loss, metrics), grads) of the whole batch, over `exp.train.grad_accum_steps`
+  microbatches.
+
+  n = 1: one `value_and_grad` of `losses.compute_loss` over the batch.
+  n > 1: the batch and its flow sample (drawn for the whole batch, so every row gets
+  the randomness it gets without accumulation) are split by `microbatches`, and a
+  `lax.scan` computes each microbatch's gradient one after the other. The loss is a
+  ratio of sums over the whole batch (CE over its text targets, MSE over its valid
+  noisy copies), and microbatches hold different numbers of targets, so a mean of
+  microbatch means would weight their targets unequally. Each microbatch's loss is
+  therefore normalised by the whole batch's target counts (`losses.target_counts`,
+  integers, exact in float32): it is that microbatch's additive share of the whole
+  loss, and the sum of the shares' gradients is the whole batch's gradient; only the
+  order of the float32 additions differs. Gradients and metrics (loss, text_ce,
+  video_mse: shares; text_targets, noisy_chunks: counts) are summed in float32; the
+  gradients are cast back to the parameters' dtype, as an unaccumulated step returns.
+  """
+  grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
+  n = exp.train.grad_accum_steps
+  if n == 1:
+    return grad_fn(params, model, batch, sample, exp)
+  normalizers = losses.target_counts(batch)
+  xs = jax.tree.map(functools.partial(microbatches, n=n), (dict(batch), sample))
+
+  def grads_and_metrics(mb):
+    (_, metrics), grads = grad_fn(params, model, *mb, exp, normalizers)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), (grads, metrics))
+
+  def body(acc, mb):
+    return jax.tree.map(jnp.add, acc, grads_and_metrics(mb)), None
+
+  first = jax.tree.map(lambda x: x[0], xs)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grads_and_metrics, first))
+  (grads, metrics), _ = jax.lax.scan(body, zeros, xs)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return (metrics["loss"], metrics), grads
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.Array, *,
                model: TV2TV, exp: Experiment, sample: flow.FlowSample | None = None):
-  """One optimizer step.
+  """One optimizer step (over `train.grad_accum_steps` microbatches: `loss_and_grads`).
 
   Args:
     state: the TrainState (donated by `make_train_step`).
@@ -108,8 +174,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], base_rng: jax.
   if sample is None:
     sample = flow.sample_flow(rng, batch["latents"].shape, exp.flow,
                               batch["noisy_src"].shape[1])
-  grad_fn = jax.value_and_grad(losses.compute_loss, has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, model, batch, sample, exp)
+  (loss, metrics), grads = loss_and_grads(state.params, model, batch, sample, exp)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
