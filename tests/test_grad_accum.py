@@ -131,7 +131,8 @@ def test_microbatches_are_strided():
   np.testing.assert_array_equal(mb[1], x[1::4])
 
 
-@pytest.mark.parametrize("n", [2, 4])
+# n = 4 compiles once more for the same property: the slow tier (CI runs it).
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_accumulated_step_equals_full_batch_step(exp, batch, reference, n):
   e = _with_accum(exp, n)
   model = TV2TV(e.model)
