@@ -15,9 +15,9 @@ Actions, per chunk i (frames 4(i-1)+1 .. 4i, see toy_world):
   sign give left/right/up/down. A frame without an agent gives UNKNOWN.
 - fire: projectile pixels (>= `min_projectile_pixels`) within `fire_radius` px
   (Chebyshev, from the agent's centroid) in the chunk's first frame. A new projectile
-  sits config.spawn_distance (4 px) from the agent there; projectiles outrun the agent,
-  so an older one is at least spawn_distance + (projectile_speed - speed) * 4 = 12 px
-  away at any chunk start. The default radius is the midpoint, 8 px.
+  sits config.spawn_distance (6 px, centre to centre) from the agent there; projectiles
+  outrun the agent, so an older one is at least spawn_distance + (projectile_speed -
+  speed) * 4 = 14 px away at any chunk start. The default radius is the midpoint, 10 px.
 
 Validity, per frame (`frame_validity`): no UNKNOWN pixels; walls and objects equal the
 reference layout (frame 0's, or a given reference frame) and the border wall is whole;

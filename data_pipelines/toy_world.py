@@ -94,9 +94,11 @@ class ToyWorldConfig:
   frames_per_chunk: int = 4  # the VAE's temporal factor: one latent frame per chunk
   agent_size: int = 4
   speed: int = 2
-  projectile_size: int = 2
+  # 4x4 projectiles 2 px from the agent: a 2x2 one 1 px away is smeared into the agent by
+  # a spatial-factor-4 VAE, which then reads fire back from only ~0.93 of chunks (docs/vae.md).
+  projectile_size: int = 4
   projectile_speed: int = 4
-  projectile_gap: int = 1   # px between the agent and a newly spawned projectile
+  projectile_gap: int = 2   # px between the agent and a newly spawned projectile
   persistence: float = 0.7  # probability of repeating the previous chunk's action
   fire_prob: float = 0.3    # probability of fire in a newly drawn action
   num_walls: int = 3

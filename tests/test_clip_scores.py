@@ -25,10 +25,12 @@ def _layout_ids(clip):
 # --------------------------------------------------------------------------- toy_world additions
 
 def test_unforced_clips_are_bit_identical_to_before():
-  # Digest of these clips as generated before `forced` existed (frames, states, texts).
+  # Digest of these clips as generated before `forced` existed (frames, states, texts), in
+  # the world of that time (2x2 projectiles 1 px from the agent; the defaults since are 4x4, 2 px).
   h = hashlib.sha256()
+  then = tw.ToyWorldConfig(projectile_size=2, projectile_gap=1)
   for s in (0, 1, 7, 123, 5_000_000):
-    c = tw.generate_clip(s, 16)
+    c = tw.generate_clip(s, 16, then)
     h.update(c.frames.tobytes())
     h.update(c.states.tobytes())
     h.update(" ".join(c.texts).encode())

@@ -103,8 +103,9 @@ def test_validity_catches_layout_and_background_changes():
   assert len(objs)
   oy, ox = objs[0]
   frames[3, oy, ox] = tw.OBJECT_COLOURS[1]                      # an object changes colour
-  x, y = _free_spot(clip, 4, 5)
-  frames[5, y:y + 3, x:x + 3] = tw.PROJECTILE                   # an oversized projectile
+  big = tw.ToyWorldConfig().projectile_size + 1
+  x, y = _free_spot(clip, big, 5)
+  frames[5, y:y + big, x:x + big] = tw.PROJECTILE               # an oversized projectile
   bg = np.all(frames[7] == tw.BACKGROUND, -1)
   frames[7][bg] = (44, 44, 52)                                  # background drifts
   frames[9, y:y + 2, x:x + 2] = tw.WALL                         # a new wall appears
