@@ -60,10 +60,10 @@ class LatentEncoder:
 
 
 def vae_encoder(vae_dir: str) -> LatentEncoder:
-  """The trained VAE in `vae_dir` (`tv2tv_jax.vae.train.save` layout), normalising latents
+  """The trained VAE in `vae_dir` (`tv2tv_jax.vae.video_tokenizer.save` layout), normalising latents
   with its latent_stats.json."""
-  from tv2tv_jax.vae import train as vae_train
-  tok = vae_train.load_tokenizer(vae_dir)
+  from tv2tv_jax.vae import video_tokenizer
+  tok = video_tokenizer.load_tokenizer(vae_dir)
   if tok.stats is None:
     raise ValueError(f"{vae_dir} has no latent_stats.json; normalised latents need it")
   return LatentEncoder(lambda frames: tok.encode(frames, normalized=True), tok.stats.to_json(),

@@ -15,7 +15,7 @@ stage's settings, so a finished stage is skipped and a stage whose settings chan
 whose upstream stage was redone) is run again:
 
   tfds/           toy_world TFDS dataset (ArrayRecord)       marker: stage_tfds.json
-  vae/            trained VAE (tv2tv_jax.vae.train layout)     marker: stage_vae.json (+ eval PSNR)
+  vae/            trained VAE (tv2tv_jax.vae.video_tokenizer layout)     marker: stage_vae.json (+ eval PSNR)
   latents/        latent dataset (data_pipelines.latent_dataset) marker: stage_latents.json
   tokenizer.json  character-level BPE on the dataset's texts   marker: stage_tokenizer.json
   superseded/<time>/  what a rebuild replaced (stage outputs and markers), never deleted:
@@ -228,7 +228,7 @@ def prepare_toy_world(data_dir: str, cfg: Any,
       builder.download_and_prepare()
       info["splits"] = {k: v.num_examples for k, v in builder.info.splits.items()}
     elif stage == "vae":
-      summary = vae_train.train(_vae_config(cfg), vae_dir, log=log)
+      summary = vae_train.train_vae(_vae_config(cfg), vae_dir, log=log)
       info["eval"] = summary["eval"]
     elif stage == "latents":
       meta = latent_dataset.build_latent_dataset(tfds_dir, _builder_config(data), vae_dir,

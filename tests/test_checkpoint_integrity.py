@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import toy_world
-from tv2tv_jax import checkpoints, evaluate, inputs, metric_logging, resume_check, trainer
+from tv2tv_jax import checkpoints, inputs, metric_logging, resume_check, run_state, trainer
 
 import grain_fixture
 
@@ -136,7 +136,7 @@ def test_resume_on_other_data_is_refused_before_anything_is_written(tmp_path, mo
   assert (tmp_path / "config.json").read_text() == before
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   with pytest.raises(resume_check.ResumeError, match="tokenizer: "):  # evaluation too
-    evaluate.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:1])
+    run_state.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:1])
   # Deliberately going on with the new data: allowed by name, logged, recorded.
   lines = []
   trainer.train(_tiny_cfg(4), str(tmp_path), log=lines.append,

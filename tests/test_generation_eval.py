@@ -190,7 +190,7 @@ def workdir(tmp_path_factory):
   from data_pipelines import tokenizer as tokenizer_lib
   from experiments import toy_world as toy_cfg
   from tv2tv_jax import trainer
-  from tv2tv_jax.vae import model as vae_model, train as vae_train
+  from tv2tv_jax.vae import model as vae_model, video_tokenizer
   wd = str(tmp_path_factory.mktemp("eval_run"))
   cfg = toy_cfg.get_config("tiny")
   cfg.train.num_steps = 1  # a checkpoint is all the command needs
@@ -203,7 +203,7 @@ def workdir(tmp_path_factory):
   tok.save(os.path.join(data_dir, "tokenizer.json"))
   vcfg = vae_model.VAEConfig(frame_size=64, latent_channels=4, patch_size=8, widths=(8, 16),
                              norm_groups=4, kernel_t=2)
-  vae_train.save(os.path.join(data_dir, "vae"), vcfg, vae_model.init_params(vcfg,
+  video_tokenizer.save(os.path.join(data_dir, "vae"), vcfg, vae_model.init_params(vcfg,
                                                                             jax.random.key(0)))
   with open(os.path.join(data_dir, "latents", "latent_stats.json"), "w") as f:
     json.dump({"mean": [0.1, -0.1, 0.0, 0.2], "std": [1.0, 0.5, 2.0, 1.0]}, f)

@@ -413,7 +413,7 @@ def validate_data(data: Mapping[str, Any] | None) -> None:
 def _check_vae_override_keys(overrides: Mapping[str, Any]) -> None:
   # Local: the VAE modules import this one (ConfigError).
   from tv2tv_jax.vae import model as vae_model, train as vae_train
-  sections = {"vae": vae_model.VAEConfig, "train": vae_train.TrainConfig}
+  sections = {"vae": vae_model.VAEConfig, "train": vae_train.VAETrainConfig}
   for section, values in overrides.items():
     field = f"data.vae_overrides.{section}"
     _require(section in sections, field, f"unknown section"

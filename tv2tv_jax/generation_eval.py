@@ -78,12 +78,12 @@ class Generator(Protocol):
 
 def vae_reconstruct(assets: Any, clips: Sequence[np.ndarray], batch: int = 8) -> list[np.ndarray]:
   """uint8[1 + 4k, H, W, 3] clips -> their VAE reconstructions (encode, then decode the means)."""
-  from tv2tv_jax.vae import train as vae_train
+  from tv2tv_jax.vae import video_tokenizer
   out = []
   for s in range(0, len(clips), batch):
-    x = vae_train.to_float(np.stack(clips[s:s + batch]))
+    x = video_tokenizer.to_float(np.stack(clips[s:s + batch]))
     rec = assets.video.decode(assets.video.encode(x))
-    out += list(vae_train.to_uint8(rec))
+    out += list(video_tokenizer.to_uint8(rec))
   return out
 
 
@@ -114,7 +114,7 @@ class ToyWorldGenerator:
 
 
 class ModelGenerator:
-  """A trained run (`generate.load_assets`) as a Generator: the KV-cached sampler in batches
+  """A trained run (`run_state.load_assets`) as a Generator: the KV-cached sampler in batches
   of `batch` rows, chunks decoded with the run's VAE.
 
   The t2v layout samples with cfg_scale 1: its CFG branch drops the chunk text, which t2v
@@ -125,41 +125,42 @@ class ModelGenerator:
   def __init__(self, assets: Any, prompt: str, *, cfg_scale: float, ode_steps: int,
                batch: int, solver: str = "euler", temperature: float = 1.0,
                max_text_tokens: int = 16, uncond: str = "mask"):
-    from tv2tv_jax import generate
+    from tv2tv_jax import video_samples
     self.assets, self.batch = assets, batch
     self.layout = assets.run.exp.seq.layout
-    self.prompt_ids = generate.encode_text(assets, prompt, "data.prompt")
+    self.prompt_ids = video_samples.encode_text(assets, prompt, "data.prompt")
     self.cfg_scale = 1.0 if self.layout == "t2v" else float(cfg_scale)
     self.settings = dict(steps=ode_steps, solver=solver, cfg_scale=self.cfg_scale,
                          temperature=temperature, max_text_tokens=max_text_tokens,
                          layout=self.layout, uncond=uncond)
 
   def generate(self, requests: Sequence[ClipRequest]) -> list[Generated]:
-    from tv2tv_jax import generate
+    from tv2tv_jax import video_samples
     from tv2tv_jax.sampling import Request, SamplerConfig, sample
     a, exp = self.assets, self.assets.run.exp
     out = []
     for s in range(0, len(requests), self.batch):
       part = requests[s:s + self.batch]
-      forced = [{i: generate.encode_text(a, t, f"interventions[{i}]")
+      forced = [{i: video_samples.encode_text(a, t, f"interventions[{i}]")
                  for i, t in r.interventions.items()} for r in part]
       longest: dict[int, np.ndarray] = {}
       for f in forced:
         for i, ids in f.items():
           longest[i] = ids if len(ids) > len(longest.get(i, ())) else longest[i]
       k = max(r.num_chunks for r in part)
-      capacity = generate.cache_capacity(exp, len(self.prompt_ids), k,
-                                         self.settings["max_text_tokens"], longest)
+      capacity = video_samples.cache_capacity(exp, len(self.prompt_ids), k,
+                                              self.settings["max_text_tokens"], longest)
       sc = SamplerConfig(**self.settings, capacity=capacity,
                          text_vocab=min(a.text.vocab_size, exp.model.vocab_size))
-      latents = [generate.first_frame_latent(a, r.first_frame, r.sample_seed)[0] for r in part]
+      latents = [video_samples.first_frame_latent(a, r.first_frame, r.sample_seed)[0]
+                 for r in part]
       gens = sample(a.run.model, a.params, exp,
                     [Request(prompt=self.prompt_ids, num_chunks=r.num_chunks, first_frame=z,
                              interventions=f, seed=r.sample_seed)
                      for r, z, f in zip(part, latents, forced)], sc)
       for r, z, g in zip(part, latents, gens):
-        frames = generate.decode_frames(a, z, g.chunks)
-        texts = [generate.decode_text(a, t) for t in g.texts]
+        frames = video_samples.decode_frames(a, z, g.chunks)
+        texts = [video_samples.decode_text(a, t) for t in g.texts]
         n = len(texts)
         # A generation that ended early (EOS) is padded with black frames (not a palette
         # colour: the oracle reads no agent) and empty texts, so it scores as failing.
@@ -505,16 +506,16 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
         num_resamples: int = 2000, num_reference: int = 128, uncond: str = "mask",
         assets: Any = None) -> list[str]:
   """The command: restores the run, evaluates model and ceiling, writes --out. Returns paths."""
-  from tv2tv_jax import generate
+  from tv2tv_jax import run_state
   if batch < 1 or num_clips < 1:
     raise EvalError(f"--batch and --num_clips must be >= 1, got {batch}, {num_clips}")
-  assets = assets or generate.load_assets(workdir, checkpoint)
+  assets = assets or run_state.load_assets(workdir, checkpoint)
   cfg = assets.run.cfg
   k = num_chunks or trained_num_chunks(cfg)
   if not k:
     raise EvalError("--num_chunks: the run's config has no data.toy_world.num_chunks; "
                     "give the clip length")
-  data_dir = generate.data_dir_of(workdir, cfg)
+  data_dir = run_state.data_dir_of(workdir, cfg)
   num_reference = max(num_reference, 0)
   seeds = held_out_seeds(first_seed, num_clips + num_reference, cfg, data_dir)
   clips = [tw.generate_clip(s, k) for s in seeds[:num_clips]]

@@ -97,11 +97,11 @@ def main(argv):
   sample = cfg.get("sample") or {}
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
-    from tv2tv_jax import generate  # local: the sampler is only needed here
-    interventions = generate.parse_interventions(sample.interventions)
-    paths = generate.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
-                                     sample.num_chunks, sample.cfg_scale, sample.ode_steps,
-                                     sample.seed)
+    from tv2tv_jax import video_samples  # local: the sampler is only needed here
+    interventions = video_samples.parse_interventions(sample.interventions)
+    paths = video_samples.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
+                                          sample.num_chunks, sample.cfg_scale,
+                                          sample.ode_steps, sample.seed)
     print("sample (chunk texts, forced ones marked, in the .json):", *paths, sep="\n  ")
 
 

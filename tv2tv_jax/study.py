@@ -149,14 +149,14 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
   text channel, runs free). Each frame carries its chunk's text and the oracle's reading.
   """
   from data_pipelines import clip_scores, toy_world as tw
-  from tv2tv_jax import generate, generation_eval
+  from tv2tv_jax import generation_eval, run_state
   ev = cfg.study.eval
   k = int(cfg.data.toy_world.num_chunks)
   chunk = min(generation_eval.intervention_chunks(ev.times, k)["chunks"].values())
   clip = tw.generate_clip(generation_eval.FIRST_HELD_OUT_SEED, k)
   runs, clips = [], []
   for arm in arms:
-    assets = generate.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
+    assets = run_state.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
     gen = generation_eval.ModelGenerator(assets, cfg.data.prompt, cfg_scale=ev.cfg_scale,
                                          ode_steps=ev.ode_steps, batch=1,
                                          uncond=_eval_settings(cfg)["uncond"])
