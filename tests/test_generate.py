@@ -269,9 +269,9 @@ def test_two_interventions_on_one_chunk_are_refused():
 def test_generation_refuses_data_the_checkpoint_was_not_trained_on(workdir, monkeypatch):
   """A checkpoint records the identity of its tokenizer and VAE; generation from a data
   directory whose tokenizer.json was rebuilt is refused, naming it."""
-  from data_pipelines import main_job
+  from data_pipelines import prepared
   data_dir = os.path.join(workdir, "toy_world_data")
-  identity = main_job.data_identity(data_dir)
+  identity = prepared.data_identity(data_dir)
   assert set(identity) == {"tokenizer", "vae", "latents"}
   load = run_state.load_params
 

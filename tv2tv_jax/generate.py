@@ -6,8 +6,8 @@ r"""Generates videos with text from a trained checkpoint (docs/sampling.md, "Com
         --ode_steps=8 --seed=0 [--out=<dir>] [--temperature=1 --top_k=0 --top_p=1]
 
 Restores the checkpoint onto whatever devices exist (`run_state.load_params`), loads
-the run's text tokenizer and VAE from its toy-world data directory (`data.data_dir`,
-else <workdir>/toy_world_data: tokenizer.json, vae/, latents/latent_stats.json),
+the run's text tokenizer and VAE from its prepared data directory (`data.data_dir`, else
+the default of `data_pipelines.prepared`: tokenizer.json, vae/, latents/latent_stats.json),
 samples with the KV-cached sampler, decodes the latents with the VAE and writes
 sample.gif, sample_sheet.png, sample.json (and sample.mp4 when PyAV is installed)
 into --out (default <workdir>/samples/<seed>). Several --prompt flags are generated
@@ -17,8 +17,9 @@ together, as the rows of one batch, into sample_<k>.*.
 chunk whose frames span that time, `outputs.chunk_at_time`; the first frame's own
 1/fps seconds map to chunk 0).
 
-Without --first_frame the first frame of toy-world clip `seed` is used (the toy-world
-model is trained with a given first frame).
+Without --first_frame the first frame of toy-world clip `seed` is used for a toy-world
+run, and for other sources the first latent of validation clip `seed` of the run's
+prepared data (the models are trained with a given first frame).
 """
 
 from __future__ import annotations

@@ -95,26 +95,27 @@ class Assets:
 
   run: `trainer.Run` (run.exp, run.model, run.cfg); params: the TV2TV param tree;
   step: the checkpoint step (None for a params-only export); text: `TextTokenizer`;
-  video: `VideoTokenizer` with latent statistics (decodes normalised latents).
+  video: `VideoTokenizer` with latent statistics (decodes normalised latents);
+  data_dir: the prepared data directory they came from ('' when not from one).
   """
   run: Any
   params: Any
   step: int | None
   text: Any
   video: Any
+  data_dir: str = ""
 
 
 def data_dir_of(workdir: str, cfg: Any) -> str:
-  """The run's toy-world data directory: cfg.data.data_dir, else <workdir>/toy_world_data
-  (a local directory: the toy-world stages use local file I/O)."""
-  data = cfg.get("data") or {}
-  return workdirs.require_local(
-      data.get("data_dir") or os.fspath(workdirs.as_path(workdir) / "toy_world_data"),
-      "data.data_dir", "generation reads the run's tokenizer and VAE from a local data "
-      "directory; set data.data_dir (in the run's config.json) to a local copy")
+  """The run's prepared data directory (`prepared.default_data_dir` of its config), where
+  generation finds its text tokenizer and VAE; a local path (WorkdirError naming
+  data.data_dir otherwise: set it in the run's config.json to a local copy)."""
+  from data_pipelines import prepared  # local: heavy imports
+  return prepared.default_data_dir(cfg.get("data") or {}, workdir)
+
 
 def load_tokenizers(data_dir: str, exp: Any):
-  """(TextTokenizer, VideoTokenizer with stats) of a toy-world data dir, checked against `exp`.
+  """(TextTokenizer, VideoTokenizer with stats) of a prepared data dir, checked against `exp`.
 
   Raises GenerateError naming the missing file or the incompatible field.
   """
@@ -171,11 +172,11 @@ def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> As
   except workdirs.WorkdirError as e:
     raise GenerateError(str(e)) from e
   data_dir = data_dir_of(workdir, latest)
-  from data_pipelines import main_job  # local: heavy imports
+  from data_pipelines import prepared  # local: heavy imports
   try:
-    resume_check.check_data_identity(trained_on, main_job.data_identity(data_dir), step,
+    resume_check.check_data_identity(trained_on, prepared.data_identity(data_dir), step,
                                      data_dir)
   except resume_check.ResumeError as e:
     raise GenerateError(f"--workdir: {e}") from e
   text, video = load_tokenizers(data_dir, run.exp)
-  return Assets(run, params, step, text, video)
+  return Assets(run, params, step, text, video, data_dir)

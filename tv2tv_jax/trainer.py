@@ -22,7 +22,7 @@ One process writes a work directory at a time: the run holds `<workdir>/LOCK`
 (`run_lock`) and a second start is refused, naming the holder.
 
 `workdir` is a local path or a gs:// URI (`tv2tv_jax.workdirs`); what cannot use a
-bucket (the toy-world data directory) is refused before anything is built.
+bucket (the prepared data directory) is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -87,13 +87,13 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """The run's work directory as an epath.Path, checked before anything is built.
 
   Raises workdirs.WorkdirError naming the flag or field: a scheme other than gs://, a
-  gs:// directory without the packages to reach it, or a toy-world data directory that
-  is not local (`data.data_dir`; it defaults to <workdir>/toy_world_data).
+  gs:// directory without the packages to reach it, or a prepared data directory that
+  is not local (`data.data_dir`; see `inputs.data_dir` for its default).
   """
   wd = workdirs.as_path(workdir, "--workdir")
   workdirs.check_reachable(wd, "--workdir")
-  if (cfg.get("data") or {}).get("source") == "toy_world":
-    inputs.toy_world_data_dir(cfg, wd)
+  if (cfg.get("data") or {}).get("source") in config_lib.PREPARED_SOURCES:
+    inputs.data_dir(cfg, wd)
   return wd
 
 

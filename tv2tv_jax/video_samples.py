@@ -77,14 +77,18 @@ def decode_text(assets: Assets, ids: Any) -> str:
 def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.ndarray, str]:
   """The normalised first-frame latent f32[h, w, c] and a description of its source.
 
-  first_frame: None (frame 0 of toy-world clip `seed`), a .png / .npy path, or an array:
-  uint8[H, W, 3] frame at the VAE's frame size, or f32[h, w, c] normalised latent.
+  first_frame: None (frame 0 of toy-world clip `seed` for a toy-world run; for other
+  sources the first latent of validation clip `seed` (modulo the split's size) of the
+  run's prepared data), a .png / .npy path, or an array: uint8[H, W, 3] frame at the
+  VAE's frame size, or f32[h, w, c] normalised latent.
   """
   from tv2tv_jax.vae import video_tokenizer
   latent_shape = tuple(assets.run.exp.model.latent_shape)
   size = assets.video.config.frame_size
   source = "array"
-  if first_frame is None:
+  if first_frame is None and (assets.run.cfg.get("data") or {}).get("source") != "toy_world":
+    first_frame, source = _validation_first_latent(assets, seed)
+  elif first_frame is None:
     from data_pipelines import toy_world
     first_frame, source = toy_world.generate_clip(seed, 1).frames[0], f"toy_world clip {seed}"
   elif isinstance(first_frame, (str, os.PathLike)):
@@ -113,6 +117,23 @@ def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.
     raise GenerateError(f"--first_frame ({source}): a frame must be uint8, got {arr.dtype}")
   z = assets.video.encode(video_tokenizer.to_float(arr)[None, None], normalized=True)
   return np.asarray(z[0, 0], np.float32), source
+
+
+def _validation_first_latent(assets: Assets, seed: int) -> tuple[np.ndarray, str]:
+  """The normalised first latent f32[h, w, c] of validation record `seed` mod N of the
+  run's prepared latents, and its description."""
+  from data_pipelines import latent_dataset
+  latent_dir = os.path.join(assets.data_dir, "latents")
+  try:
+    src = latent_dataset.data_source(latent_dir, "validation")
+  except (OSError, latent_dataset.LatentRecordError) as e:
+    raise GenerateError(f"--first_frame: none given, and the run's validation latents in "
+                        f"{latent_dir} cannot be read ({e}); give a --first_frame") from e
+  if not len(src):
+    raise GenerateError(f"--first_frame: none given, and {latent_dir} holds no validation "
+                        f"clip to take one from")
+  rec = latent_dataset.parse_record(src[seed % len(src)])
+  return np.asarray(rec["latents"][0], np.float32), f"validation clip {rec['name']}"
 
 
 def decode_frames(assets: Assets, first_latent: np.ndarray, chunks: np.ndarray) -> np.ndarray:

@@ -1,0 +1,322 @@
+r"""Data preparation: raw source -> a prepared data directory (`data_pipelines.prepared`).
+
+    python -m tv2tv_jax.prepare --config=experiments/toy_world.py:quick --data_dir=/tmp/data
+
+runs the missing stages of the configured source (`data.source`) into the data directory,
+each cached and resumable:
+
+  tfds       the TFDS dataset: the toy world's builder (`data.toy_world`), or the CS:GO /
+             captioned-video builder (`data.builder_config`) over the raw files in
+             `data.manual_dir`
+  vae        the video tokenizer: trained here on toy-world clips (`data.vae`, an
+             `experiments/vae_toy_world.py` config), or copied from a trained VAE
+             directory (`data.vae_dir`) for the other sources
+  latents    every split encoded with that VAE (`data_pipelines.latent_dataset`)
+  tokenizer  tokenizer.json: copied from `data.tokenizer_path` (e.g. Llama-3's), else a
+             character-level BPE trained on the dataset's texts
+
+Each stage's marker (`stage_<name>.json`) is written last and records the stage's
+settings, which nest those of the stages upstream of it; so a finished stage is skipped,
+and a stage whose settings changed (or whose upstream stage was redone) is built again,
+its previous output moved to `superseded/<time>/` (checkpoints trained on it may still
+need it; nothing is deleted). Only an unfinished build is removed.
+
+`python -m tv2tv_jax.main` calls `prepare` before training, so the README's command runs the
+whole chain; the trainer itself only reads a prepared directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from data_pipelines import prepared
+from data_pipelines.prepared import LATENTS, TOKENIZER, VAE
+from tv2tv_jax.config import PREPARED_SOURCES
+
+STAGES = ("tfds", "vae", "latents", "tokenizer")
+
+
+def _section(cfg: Any, name: str) -> dict[str, Any]:
+  sec = cfg.get(name) if hasattr(cfg, "get") else None
+  if sec is None:
+    return {}
+  return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
+
+
+def _jsonable(x: Any) -> Any:
+  return json.loads(json.dumps(x, default=str))
+
+
+def _tree_hash(path: str) -> str:
+  files = [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
+  return prepared._hash_files(files, path, True)  # pylint: disable=protected-access
+
+
+def tokenizer_source(cfg: Any) -> str:
+  """The tokenizer.json preparation copies: `data.tokenizer_path`, else the one beside the
+  Llama weights (`<init.llama_dir>/tokenizer.json`); "" when neither is set (the
+  tokenizer is then trained on the dataset's texts)."""
+  data, init = _section(cfg, "data"), _section(cfg, "init")
+  if data.get("tokenizer_path"):
+    return data["tokenizer_path"]
+  llama_dir = init.get("llama_dir") or ""
+  return f"{llama_dir.rstrip('/')}/tokenizer.json" if llama_dir else ""
+
+
+def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
+  """What each stage's output depends on (its own settings and its upstream stages')."""
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  source = data.get("source", "synthetic")
+  if source == "toy_world":
+    tfds = {"toy_world": data.get("toy_world") or {}}
+    # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so
+    # a resized dataset keeps the trained VAE. Its resolved config (latent channels
+    # applied) is the setting: a recipe that changed must not reuse the old VAE.
+    vae = {"config": vae_config(cfg).to_dict()}
+  else:
+    tfds = {source: {"builder_config": data.get("builder_config", ""),
+                     "manual_dir": os.path.abspath(data.get("manual_dir") or "")}}
+    vae_dir = data.get("vae_dir") or ""
+    vae = {"vae_dir": os.path.abspath(vae_dir),
+           "content": _tree_hash(vae_dir) if os.path.isdir(vae_dir) else ""}
+  latents = {"tfds": tfds, "vae": vae}
+  tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
+               "prompt": data.get("prompt", "")}
+  path = tokenizer_source(cfg)
+  if path:
+    tokenizer = {"tokenizer_path": os.path.abspath(path),
+                 "content": prepared._hash_files([path], os.path.dirname(path) or ".", True)
+                 if os.path.exists(path) else ""}
+  return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
+
+
+def _builder(cfg: Any, tfds_dir: str):
+  """The configured source's TFDS builder, writing into tfds_dir."""
+  data = _section(cfg, "data")
+  source = data.get("source")
+  if source == "toy_world":
+    from data_pipelines import toy_world_tfds
+    tw = dict(data.get("toy_world") or {})
+    name = tw.pop("name", "custom")
+    config = name if not tw else toy_world_tfds.ToyWorldBuilderConfig(
+        name=name, description="main job", **tw)
+    return toy_world_tfds.ToyWorld(config=config, data_dir=tfds_dir)
+  if source == "csgo":
+    from data_pipelines import csgo_tfds
+    return csgo_tfds.CsgoDust2(config=_builder_config(csgo_tfds.CsgoBuilderConfig, data),
+                               data_dir=tfds_dir)
+  if source == "captioned_video":
+    from data_pipelines import captioned_video_tfds
+    config = _builder_config(captioned_video_tfds.CaptionedVideoBuilderConfig, data)
+    return captioned_video_tfds.CaptionedVideo(config=config, data_dir=tfds_dir)
+  raise prepared.NotPreparedError("data.source", f"{source!r} has no preparation; one of "
+                                  f"{PREPARED_SOURCES}")
+
+
+def _builder_config(cls, data: dict[str, Any]):
+  """`data.builder_config`, a mapping: {name} alone selects a registered config (none: the
+  builder's default); more of `cls`'s fields build a custom one, so an experiment can ask
+  for the frame size and clip length it trains on."""
+  fields = dict(data.get("builder_config") or {})
+  name = fields.pop("name", None)
+  if not fields:
+    return name
+  return cls(name=name or "custom", description="from the experiment config", **fields)
+
+
+def vae_config(cfg: Any) -> ml_collections.ConfigDict:
+  """The toy world's VAE experiment config (`data.vae`), with the flow model's latent
+  channels: the spatial size follows from the VAE's downsampling of the frames and is
+  checked against model.latent_shape downstream."""
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  vcfg = ml_collections.ConfigDict(data.get("vae") or {})
+  if "vae" in vcfg:
+    vcfg.vae.latent_channels = int(model["latent_shape"][-1])
+  return vcfg
+
+
+def check_config(cfg: Any) -> None:
+  """Raises config.ConfigError naming the field when the configured preparation cannot
+  run: before any stage runs, since a VAE config that cannot train would otherwise fail
+  after the dataset is built, and a missing input after minutes of work."""
+  from tv2tv_jax import config as config_lib
+  data = _section(cfg, "data")
+  source = data.get("source", "synthetic")
+  if source not in PREPARED_SOURCES:
+    raise config_lib.ConfigError("data.source", f"{source!r} needs no preparation; "
+                                 f"preparation knows {PREPARED_SOURCES}")
+  if source == "toy_world":
+    config_lib.check_vae_section(vae_config(cfg), "data.vae")
+    return
+  for field in ("manual_dir", "vae_dir"):
+    if not data.get(field) or not os.path.isdir(data[field]):
+      raise config_lib.ConfigError(f"data.{field}", f"must be an existing folder for "
+                                   f"data.source={source!r}, got {data.get(field)!r}")
+  path = tokenizer_source(cfg)
+  if path and not os.path.isfile(path):
+    raise config_lib.ConfigError("data.tokenizer_path", f"{path} is not a file (set "
+                                 f"data.tokenizer_path, or init.llama_dir holding one)")
+
+
+def _done(data_dir: str, stage: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+  path = os.path.join(data_dir, f"stage_{stage}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    marker = json.load(f)
+  return marker if marker.get("settings") == settings else None
+
+
+def _mark(data_dir: str, stage: str, settings: dict[str, Any], **info) -> dict[str, Any]:
+  marker = {"settings": settings, **_jsonable(info)}
+  tmp = os.path.join(data_dir, f".stage_{stage}.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(marker, f, indent=2)
+  os.replace(tmp, os.path.join(data_dir, f"stage_{stage}.json"))  # atomic: no half markers
+  return marker
+
+
+# Each stage's output inside the data directory.
+_OUTPUTS = {"tfds": "tfds", "vae": VAE, "latents": LATENTS, "tokenizer": TOKENIZER}
+
+
+def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]) -> None:
+  """Moves a finished stage's output and marker to superseded/<stamp>/ before a rebuild:
+  checkpoints trained on them may still need them (never deleted here)."""
+  dst = os.path.join(data_dir, "superseded", stamp)
+  os.makedirs(dst, exist_ok=True)
+  for name in (_OUTPUTS[stage], f"stage_{stage}.json"):
+    src = os.path.join(data_dir, name)
+    if os.path.exists(src):
+      os.replace(src, os.path.join(dst, name))
+  log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
+
+
+def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
+  from data_pipelines import latent_dataset, tokenizer as tokenizer_lib
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  src = latent_dataset.data_source(os.path.join(data_dir, LATENTS), "train")
+  texts = [t for i in range(len(src)) for t in latent_dataset.parse_record(src[i])["texts"] if t]
+  corpus = texts + [data.get("prompt", "")]
+  if data.get("source") == "toy_world":
+    corpus = tokenizer_lib.toy_world_corpus() + corpus  # every action, seen or not
+  tok = tokenizer_lib.train_bpe([t for t in corpus if t], int(model["vocab_size"]),
+                                byte_level=False)
+  tok.save(path)
+  return tok.vocab_size
+
+
+def _clear_unfinished(data_dir: str, stage: str, settings: dict[str, Any]) -> None:
+  """Removes what an unfinished build of `stage` left, unless it can be resumed.
+
+  TFDS would reuse a half-built dataset of the same name and version with the old sizes,
+  and a copied VAE would nest into the old copy: both go. An unfinished encode resumes
+  (finished shards are kept) only if it was started with these very settings, which it
+  records in latents/.prepare_settings.json before it writes anything.
+  """
+  out = os.path.join(data_dir, _OUTPUTS[stage])
+  if not os.path.isdir(out):
+    return
+  if stage == "latents":
+    path = os.path.join(out, ".prepare_settings.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        if json.load(f) == settings:
+          return
+  shutil.rmtree(out)
+
+
+def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+  """Builds one stage into data_dir; returns what its marker records besides settings."""
+  from data_pipelines import latent_dataset
+  data = _section(cfg, "data")
+  tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, VAE)
+  if stage == "tfds":
+    import tensorflow_datasets as tfds  # local: heavy import
+    builder = _builder(cfg, tfds_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=data.get("manual_dir") or None))
+    return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
+  if stage == "vae":
+    if data.get("source") == "toy_world":
+      from tv2tv_jax.vae import train as vae_train
+      return {"eval": vae_train.train_vae(vae_config(cfg), vae_dir, log=log)["eval"]}
+    shutil.copytree(data["vae_dir"], vae_dir)
+    return {"copied_from": os.path.abspath(data["vae_dir"])}
+  if stage == "latents":
+    out = os.path.join(data_dir, LATENTS)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".prepare_settings.json"), "w") as f:
+      json.dump(stage_settings(cfg)["latents"], f)
+    builder = _builder(cfg, tfds_dir)
+    meta = latent_dataset.build_latent_dataset(tfds_dir, builder.builder_config, vae_dir,
+                                               out, log=log)
+    return {"splits": {s: {"num_records": v["num_records"], "skipped": len(v["skipped"])}
+                       for s, v in meta["splits"].items()}}
+  path, source = os.path.join(data_dir, TOKENIZER), tokenizer_source(cfg)
+  if source:
+    shutil.copyfile(source, path)
+    return {"copied_from": os.path.abspath(source)}
+  return {"vocab_size": _train_tokenizer(data_dir, cfg, path)}
+
+
+def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the missing stages (module docstring) into `data_dir` (created).
+
+  Args:
+    cfg: the experiment ConfigDict (sections data and model).
+  Returns:
+    {stage: its marker} for every stage.
+  Raises:
+    config.ConfigError naming the field, before any stage runs, when the configured
+    preparation cannot run (`check_config`); run_lock.WorkdirLockedError when another
+    live process prepares the same directory.
+  """
+  from tv2tv_jax import run_lock
+  check_config(cfg)
+  os.makedirs(data_dir, exist_ok=True)
+  # One preparer per data directory (several runs may share one): <data_dir>/LOCK.
+  with run_lock.WorkdirLock(data_dir, log):
+    return _prepare_locked(data_dir, cfg, log)
+
+
+def _prepare_locked(data_dir: str, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+  settings = stage_settings(cfg)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  markers = {}
+  for stage in STAGES:
+    # Settings nest their upstream stages' settings, so a changed stage invalidates
+    # exactly the stages downstream of it.
+    marker = _done(data_dir, stage, settings[stage])
+    if marker is not None:
+      log(f"data stage {stage}: cached ({marker.get('seconds', 0):.1f}s when built)")
+      markers[stage] = marker
+      continue
+    t0 = time.time()
+    if os.path.exists(os.path.join(data_dir, f"stage_{stage}.json")):
+      _supersede(data_dir, stage, stamp, log)  # finished with other settings: keep it
+    else:
+      _clear_unfinished(data_dir, stage, settings[stage])
+    info = _build(stage, data_dir, cfg, log)
+    info["seconds"] = time.time() - t0
+    markers[stage] = _mark(data_dir, stage, settings[stage], **info)
+    log(f"data stage {stage}: built in {info['seconds']:.1f}s "
+        f"{json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
+  return markers
+
+
+def stage_timings(data_dir: str) -> dict[str, float]:
+  """Seconds each finished stage took when it was built."""
+  out = {}
+  for stage in STAGES:
+    path = os.path.join(data_dir, f"stage_{stage}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[stage] = json.load(f).get("seconds")
+  return out
