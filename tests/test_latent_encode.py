@@ -127,6 +127,9 @@ def test_two_processes_of_four_devices_match_one_device(tiny_data, tmp_path):
   assert json.loads(outs[0][0].strip().splitlines()[-1]) == {"train": 8, "validation": 4}
   # Process 1 encoded shards 1 and 3 of the five (round-robin over train's then validation's).
   assert "process 1/2: 2 of 5 shards, 4 cpu devices" in outs[1][0]
+  assert "train-00001-of-00003.array_record: 3 records" in outs[1][0]
+  assert "validation-00000-of-00002.array_record: 3 records" in outs[1][0]
+  assert "train-00000-of-00003.array_record" not in outs[1][0]
   meta = latent_dataset.load_meta(str(tmp_path / "two"))
   assert meta["encode_run"]["process_count"] == 2
   _assert_same_dataset(tmp_path / "one", tmp_path / "two")
