@@ -321,13 +321,13 @@ def test_bad_examples_are_named_skipped_and_counted(pcfg, caplog):
 
 
 def _damaged_copy(pcfg, tmp_path, damage):
-  """pcfg over a copy of its latent dataset whose train.array_record bytes went through
-  `damage`."""
+  """pcfg over a copy of its latent dataset whose train shard's bytes (one shard: 24 records)
+  went through `damage`."""
   import dataclasses
   import shutil
   latent_dir = str(tmp_path / "latents")
   shutil.copytree(pcfg.latent_dir, latent_dir)
-  path = latent_dataset.split_path(latent_dir, "train")
+  [path] = latent_dataset.shard_paths(latent_dir, "train")
   with open(path, "rb") as f:
     data = f.read()
   with open(path, "wb") as f:
@@ -336,7 +336,7 @@ def _damaged_copy(pcfg, tmp_path, damage):
 
 
 def test_truncated_latent_file_fails_the_pipeline_naming_it(pcfg, tmp_path):
-  """The trainer's input (make_dataset) refuses a truncated train.array_record by name."""
+  """The trainer's input (make_dataset) refuses a truncated train shard by name."""
   bad, path = _damaged_copy(pcfg, tmp_path, lambda d: d[:len(d) // 2])
   exp = grain_fixture.experiment()
   with pytest.raises(latent_dataset.LatentRecordError, match=rf"^{path}: cannot open"):
