@@ -96,34 +96,34 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
 
 
+# data.source -> the builder's name in latent_encode.BUILDERS.
+_BUILDER_OF_SOURCE = {"toy_world": "toy_world", "csgo": "csgo_dust2",
+                      "captioned_video": "captioned_video"}
+
+
 def _builder(cfg: Any, tfds_dir: str):
-  """The configured source's TFDS builder, writing into tfds_dir."""
+  """The configured source's TFDS builder, writing into tfds_dir: the toy world's config
+  from `data.toy_world`, the others' from `data.builder_config`."""
+  import importlib
+  from data_pipelines import latent_encode
   data = _section(cfg, "data")
   source = data.get("source")
-  if source == "toy_world":
-    from data_pipelines import toy_world_tfds
-    tw = dict(data.get("toy_world") or {})
-    name = tw.pop("name", "custom")
-    config = name if not tw else toy_world_tfds.ToyWorldBuilderConfig(
-        name=name, description="main job", **tw)
-    return toy_world_tfds.ToyWorld(config=config, data_dir=tfds_dir)
-  if source == "csgo":
-    from data_pipelines import csgo_tfds
-    return csgo_tfds.CsgoDust2(config=_builder_config(csgo_tfds.CsgoBuilderConfig, data),
-                               data_dir=tfds_dir)
-  if source == "captioned_video":
-    from data_pipelines import captioned_video_tfds
-    config = _builder_config(captioned_video_tfds.CaptionedVideoBuilderConfig, data)
-    return captioned_video_tfds.CaptionedVideo(config=config, data_dir=tfds_dir)
-  raise prepared.NotPreparedError("data.source", f"{source!r} has no preparation; one of "
-                                  f"{PREPARED_SOURCES}")
+  if source not in _BUILDER_OF_SOURCE:
+    raise prepared.NotPreparedError("data.source", f"{source!r} has no preparation; one of "
+                                    f"{PREPARED_SOURCES}")
+  name = _BUILDER_OF_SOURCE[source]
+  module, cls_name = latent_encode.BUILDERS[name]
+  builder_cls = getattr(importlib.import_module(module), cls_name)
+  fields = data.get("toy_world" if source == "toy_world" else "builder_config") or {}
+  config = _builder_config(type(builder_cls.BUILDER_CONFIGS[0]), fields)
+  return latent_encode.load_builder(name, config, tfds_dir)
 
 
-def _builder_config(cls, data: dict[str, Any]):
-  """`data.builder_config`, a mapping: {name} alone selects a registered config (none: the
+def _builder_config(cls, value: dict[str, Any]):
+  """A builder config from a mapping: {name} alone selects a registered config (none: the
   builder's default); more of `cls`'s fields build a custom one, so an experiment can ask
   for the frame size and clip length it trains on."""
-  fields = dict(data.get("builder_config") or {})
+  fields = dict(value)
   name = fields.pop("name", None)
   if not fields:
     return name
@@ -232,9 +232,11 @@ def _clear_unfinished(data_dir: str, stage: str, settings: dict[str, Any]) -> No
   shutil.rmtree(out)
 
 
-def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
-  """Builds one stage into data_dir; returns what its marker records besides settings."""
-  from data_pipelines import latent_dataset
+def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None],
+           process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
+  """Builds one stage into data_dir; returns what its marker records besides settings.
+  Only the latents stage is shared by every process (each encodes its own shards)."""
+  from data_pipelines import latent_dataset, latent_encode
   data = _section(cfg, "data")
   tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, VAE)
   if stage == "tfds":
@@ -251,12 +253,14 @@ def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None]) -> d
     return {"copied_from": os.path.abspath(data["vae_dir"])}
   if stage == "latents":
     out = os.path.join(data_dir, LATENTS)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".prepare_settings.json"), "w") as f:
-      json.dump(stage_settings(cfg)["latents"], f)
-    builder = _builder(cfg, tfds_dir)
-    meta = latent_dataset.build_latent_dataset(tfds_dir, builder.builder_config, vae_dir,
-                                               out, log=log)
+    if process_index == 0:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, ".prepare_settings.json"), "w") as f:
+        json.dump(stage_settings(cfg)["latents"], f)
+    _barrier("latents_begin", process_count)
+    meta = latent_encode.encode_tfds(_builder(cfg, tfds_dir), latent_dataset.vae_encoder(vae_dir),
+                                     out, process_index=process_index,
+                                     process_count=process_count, log=log)
     return {"splits": {s: {"num_records": v["num_records"], "skipped": len(v["skipped"])}
                        for s, v in meta["splits"].items()}}
   path, source = os.path.join(data_dir, TOKENIZER), tokenizer_source(cfg)
@@ -266,13 +270,26 @@ def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None]) -> d
   return {"vocab_size": _train_tokenizer(data_dir, cfg, path)}
 
 
-def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+def _barrier(name: str, process_count: int) -> None:
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # local: only several processes need it
+    multihost_utils.sync_global_devices(f"prepare_{name}")
+
+
+def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
+            process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
   """Runs the missing stages (module docstring) into `data_dir` (created).
+
+  With several processes (every host of a pod running the same command), process 0 runs
+  the tfds, vae and tokenizer stages and holds the directory's lock; the latent encode is
+  shared, each process encoding its own shards (`latent_encode`); the others wait at
+  barriers. The directory must be one every process sees.
 
   Args:
     cfg: the experiment ConfigDict (sections data and model).
+    process_index / process_count: this process among those preparing together.
   Returns:
-    {stage: its marker} for every stage.
+    {stage: its marker} for every stage (process 0; the others return {}).
   Raises:
     config.ConfigError naming the field, before any stage runs, when the configured
     preparation cannot run (`check_config`); run_lock.WorkdirLockedError when another
@@ -280,17 +297,24 @@ def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print) -> dict
   """
   from tv2tv_jax import run_lock
   check_config(cfg)
+  if process_index:
+    return _prepare_stages(data_dir, cfg, log, process_index, process_count)
   os.makedirs(data_dir, exist_ok=True)
   # One preparer per data directory (several runs may share one): <data_dir>/LOCK.
   with run_lock.WorkdirLock(data_dir, log):
-    return _prepare_locked(data_dir, cfg, log)
+    return _prepare_stages(data_dir, cfg, log, process_index, process_count)
 
 
-def _prepare_locked(data_dir: str, cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
+def _prepare_stages(data_dir: str, cfg: Any, log: Callable[[str], None], process_index: int,
+                    process_count: int) -> dict[str, Any]:
   settings = stage_settings(cfg)
   stamp = time.strftime("%Y%m%d-%H%M%S")
   markers = {}
   for stage in STAGES:
+    shared = stage == "latents"
+    # Every process learns from the markers (a directory they all see) whether the stage
+    # is done: the ones before it were finished by process 0 ahead of the barrier.
+    _barrier(f"{stage}_check", process_count)
     # Settings nest their upstream stages' settings, so a changed stage invalidates
     # exactly the stages downstream of it.
     marker = _done(data_dir, stage, settings[stage])
@@ -298,17 +322,23 @@ def _prepare_locked(data_dir: str, cfg: Any, log: Callable[[str], None]) -> dict
       log(f"data stage {stage}: cached ({marker.get('seconds', 0):.1f}s when built)")
       markers[stage] = marker
       continue
+    if process_index and not shared:
+      continue
     t0 = time.time()
-    if os.path.exists(os.path.join(data_dir, f"stage_{stage}.json")):
-      _supersede(data_dir, stage, stamp, log)  # finished with other settings: keep it
-    else:
-      _clear_unfinished(data_dir, stage, settings[stage])
-    info = _build(stage, data_dir, cfg, log)
+    if process_index == 0:
+      if os.path.exists(os.path.join(data_dir, f"stage_{stage}.json")):
+        _supersede(data_dir, stage, stamp, log)  # finished with other settings: keep it
+      else:
+        _clear_unfinished(data_dir, stage, settings[stage])
+    info = _build(stage, data_dir, cfg, log, process_index, process_count)
+    if process_index:
+      continue
     info["seconds"] = time.time() - t0
     markers[stage] = _mark(data_dir, stage, settings[stage], **info)
     log(f"data stage {stage}: built in {info['seconds']:.1f}s "
         f"{json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
-  return markers
+  _barrier("done", process_count)
+  return markers if process_index == 0 else {}
 
 
 def stage_timings(data_dir: str) -> dict[str, float]:

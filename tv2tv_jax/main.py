@@ -84,17 +84,13 @@ def check_config(cfg) -> None:
 
 def prepare_data(cfg, workdir: str) -> None:
   """Runs the data preparation (cached stages, `data_pipelines.preparation`) into the
-  run's data directory on process 0, the others waiting for it: the trainer only reads
-  prepared data."""
+  run's data directory, every process taking its part (process 0 the building stages,
+  all of them the latent encode): the trainer only reads prepared data."""
   if (cfg.get("data") or {}).get("source") not in config_lib.PREPARED_SOURCES:
     return
   from data_pipelines import preparation  # local: heavy imports
-  data_dir = inputs.data_dir(cfg, workdir)
-  if jax.process_index() == 0:
-    preparation.prepare(data_dir, cfg)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("data_prepared")
+  preparation.prepare(inputs.data_dir(cfg, workdir), cfg, process_index=jax.process_index(),
+                      process_count=jax.process_count())
 
 
 def main(argv):

@@ -7,7 +7,9 @@ r"""Prepares a run's data: raw source -> a prepared data directory the trainer r
 
 Runs the missing stages of `data_pipelines.preparation` (TFDS build, VAE, latent encode,
 tokenizer), each cached and resumable, into --data_dir (default: the config's
-`data.data_dir`). Then train with `python -m tv2tv_jax.main --config=... \
+`data.data_dir`). Started on every host of a pod with --distributed (as `main` is), the
+hosts share the latent encode, each writing its own shards; --data_dir must then be a
+folder they all see. Then train with `python -m tv2tv_jax.main --config=... \
 --config.data.data_dir=<that folder>`; `main` runs this step itself first, so the toy
 world needs only the one command.
 """
@@ -18,9 +20,10 @@ import json
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import config as config_lib, run_lock, workdirs
+from tv2tv_jax import config as config_lib, distributed, run_lock, workdirs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=False)
@@ -39,12 +42,17 @@ def main(argv):
   try:
     config_lib.experiment_from_config_dict(cfg)
     workdirs.require_local(data_dir, "--data_dir", "preparation writes with local file I/O")
+    preparation.check_config(cfg)  # before a multi-host start waits for its peers
+    distributed.setup_process()
     # The stages log to stderr; stdout carries only the JSON summary.
-    markers = preparation.prepare(data_dir, cfg, log=lambda s: print(s, file=sys.stderr))
+    markers = preparation.prepare(data_dir, cfg, log=lambda s: print(s, file=sys.stderr),
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
   except (config_lib.ConfigError, run_lock.WorkdirLockedError, workdirs.WorkdirError) as e:
     raise SystemExit(f"error: {e}") from e
-  print(json.dumps({s: {k: v for k, v in m.items() if k != "settings"}
-                    for s, m in markers.items()}, indent=1))
+  if jax.process_index() == 0:
+    print(json.dumps({s: {k: v for k, v in m.items() if k != "settings"}
+                      for s, m in markers.items()}, indent=1))
 
 
 if __name__ == "__main__":
