@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import grain_fixture
@@ -54,7 +55,7 @@ def test_an_unprepared_directory_is_refused_by_name(tmp_path):
   assert "python -m tv2tv_jax.prepare" in str(err.value)
   assert not (tmp_path / "data").exists()  # nothing was built
   with pytest.raises(prepared.NotPreparedError):
-    trainer.train(cfg, str(tmp_path / "run"), log=lambda _: None)
+    trainer.train(cfg, str(tmp_path / "run"), log=lambda _: None, devices=jax.devices()[:1])
 
 
 def test_a_prepared_directory_trains(tmp_path):
