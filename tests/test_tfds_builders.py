@@ -336,16 +336,23 @@ def test_captioned_video_listed_twice_is_a_named_error(tmp_path):
 
 
 @pytest.mark.parametrize("file", ["../outside.mkv", "sub/../../outside.mkv", "ABS"])
-def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file):
-  """A "../" or absolute path would read a video outside manual_dir: refused by index/path."""
+def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file,
+                                                                   monkeypatch):
+  """A "../" or absolute path would read a video outside manual_dir: refused by index/path,
+  before any video is opened."""
   (tmp_path / "src" / "sub").mkdir(parents=True)
   _write_video(tmp_path / "outside.mkv", 20, 16)  # a readable video the entry points to
   _write_video(tmp_path / "src" / "in.mkv", 20, 16)
   file = str(tmp_path / "outside.mkv") if file == "ABS" else file
   entries = [{"file": "in.mkv", "captions": []}, {"file": file, "captions": []}]
+  opened = []
+  decode = cv_lib.decode_video
+  monkeypatch.setattr(cv_lib, "decode_video", lambda path, *a: opened.append(path) or decode(
+      path, *a))
   with pytest.raises(cv_lib.CaptionsError) as err:
     _prepare_captioned(tmp_path, entries)
   assert f"videos[1] file {file!r} leaves the input folder" in str(err.value)
+  assert opened == []
   cfg = cv_lib.CaptionedVideoBuilderConfig(name="t", height=8, width=8, num_chunks=1)
   with pytest.raises(cv_lib.CaptionsError, match="leaves the input folder"):
     next(cv_lib.video_examples(entries[1], tmp_path / "src", cfg, cv_lib.BadRecords("t"),

