@@ -74,7 +74,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines.csgo_tfds import FRAMES_PER_CHUNK
-from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main
+from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main, source_file
 
 SPLITS = ("train", "validation")
 _EPS = 1e-6  # seconds: float slack when comparing frame times
@@ -137,7 +137,7 @@ def decode_video(path: epath.PathLike, fps: int, height: int, width: int,
     raise DecodeError(f"{path.name}: file not found")
   out: list[np.ndarray] = []
   try:
-    with av.open(str(path)) as container:
+    with source_file(path) as source, av.open(source) as container:
       if not container.streams.video:
         raise DecodeError(f"{path.name}: no video stream")
       stream = container.streams.video[0]

@@ -67,6 +67,7 @@ argmax, a NaN vector would otherwise read as "idle" and a 1e30 one as every key 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import re
 from typing import Iterator, Sequence
@@ -75,7 +76,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main
+from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main, source_file
 
 KEY_NAMES = ("w", "a", "s", "d", "space", "ctrl", "shift", "1", "2", "3", "r")
 MOUSE_X_BINS = (-1000.0, -500.0, -300.0, -200.0, -100.0, -60.0, -30.0, -20.0, -10.0, -4.0,
@@ -232,13 +233,19 @@ def split_files(files: Sequence[epath.PathLike], cfg: CsgoBuilderConfig) -> dict
 
 def file_examples(path: epath.PathLike, cfg: CsgoBuilderConfig, bad: BadRecords,
                   split: str = "train") -> Iterator[tuple[str, dict]]:
-  """Yields (key, example) for every good clip of one HDF5 file; reports the bad ones."""
+  """Yields (key, example) for every good clip of one HDF5 file (local or gs://);
+  reports the bad ones."""
+  path = epath.Path(path)
+  with source_file(path) as source:
+    yield from _h5_examples(source, path.name, cfg, bad, split)
+
+
+def _h5_examples(source, fname: str, cfg: CsgoBuilderConfig, bad: BadRecords, split: str
+                 ) -> Iterator[tuple[str, dict]]:
   import h5py  # local: only this builder needs it
 
-  path = epath.Path(path)
-  fname = path.name
   try:
-    h5 = h5py.File(path, "r")
+    h5 = h5py.File(source, "r")
   except Exception as e:  # h5py raises OSError for non-HDF5 files, others for truncation
     bad.add(split, fname, "unreadable", f"cannot open as HDF5: {type(e).__name__}: {e}")
     return
@@ -345,7 +352,10 @@ class CsgoDust2(SourceBuilder):
 
   def _split_items(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[str]]:
     root = epath.Path(dl_manager.manual_dir)
-    files = sorted(root.glob(self.builder_config.file_glob))
+    # A name pattern over iterdir, not glob: etils' glob on a gs:// folder read through
+    # fsspec returns mangled paths ("gs://gs:/bucket/...") in the tests' fake bucket.
+    pattern = self.builder_config.file_glob
+    files = sorted(p for p in root.iterdir() if fnmatch.fnmatch(p.name, pattern))
     if not files:
       raise FileNotFoundError(f"no {self.builder_config.file_glob} files in {root}; "
                               f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")

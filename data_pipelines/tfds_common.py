@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
+import os
 from typing import Any, Callable, Iterator
 
 import tensorflow_datasets as tfds
@@ -76,6 +78,19 @@ class BadRecords:
         "records": [{"name": r.name, "kind": r.kind, "reason": r.reason}
                     for r in reports[:MAX_STORED_REPORTS]],
     }
+
+
+@contextlib.contextmanager
+def source_file(path: epath.PathLike):
+  """What h5py and PyAV open: a local path as a string (their C code reads it directly),
+  a remote one (gs://, what Dataflow workers read) as a binary file object, which both
+  libraries also accept."""
+  path = epath.Path(path)
+  if "://" not in os.fspath(path):
+    yield os.fspath(path)
+  else:
+    with path.open("rb") as f:
+      yield f
 
 
 # --------------------------------------------------------------------------- building

@@ -2,8 +2,6 @@
 the same examples in the same order and the same metadata as the one-process build,
 bad records included, and the same named error for a split whose every record is bad."""
 
-import json
-
 import pytest
 import tensorflow_datasets as tfds
 
@@ -60,10 +58,7 @@ def test_captioned_video_beam_build_equals_the_local_build(tmp_path):
 
 
 def test_beam_split_of_only_bad_records_is_the_named_error(tmp_path):
-  (tmp_path / "src").mkdir()
-  (tmp_path / "src" / "captions.json").write_text(json.dumps(
-      {"videos": [{"file": "gone.mkv", "captions": []}]}))
-  cfg = cv_lib.CaptionedVideoBuilderConfig(name="empty", height=8, width=8, num_chunks=1)
+  cfg = src_lib.write_all_bad_source(tmp_path / "src")
   with pytest.raises(Exception, match="every record was bad.*gone.mkv.*file not found"):
     cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path / "dd").download_and_prepare(
         download_config=_beam_config(tmp_path / "src"))
