@@ -3,4 +3,9 @@
 `model`: VAEConfig, VideoVAE, encode(params, frames, config), decode(params, latents, config),
 LatentStats, normalize, denormalize. `train`: the training loop, held-out PSNR, save /
 load_tokenizer, compute_latent_stats, and the `python -m tv2tv_jax.vae.train` entry.
+
+Pretrained: `cosmos` (NVIDIA's Cosmos tokenizer as diffusers' AutoencoderKLCosmos builds
+it), `causal3d` (its causal convolution with carried state and the temporal tiling),
+`convert` (diffusers safetensors -> Flax params), `pretrained` (load_pretrained_tokenizer:
+the same encode/decode interface as our VAE's VideoTokenizer).
 """
