@@ -5,6 +5,7 @@ tokenizer interface. (Agreement with diffusers: tests/test_cosmos_reference.py.)
 Random weights at small widths; every test runs on CPU in seconds.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -68,6 +69,8 @@ def test_shapes_and_first_frame_alone():
     cosmos.encode(params, _frames(t), cfg)
   with pytest.raises(ValueError, match="not a multiple"):
     cosmos.encode(params, _frames(1, h=12), cfg)
+  with pytest.raises(ValueError, match="tile_latents must be >= 1"):
+    cosmos.encode(params, _frames(5), cfg, tile_latents=0)
 
 
 def test_encoder_and_decoder_are_causal():
@@ -223,7 +226,7 @@ def test_tokenizer_interface(tmp_path, cv4_state):
   with pytest.raises(ValueError, match="no latent statistics"):
     tok.encode(clips[0], normalized=True)
   stats = pretrained.compute_stats(tok, clips)
-  tok = tok.__class__(**{**tok.__dict__, "stats": stats})
+  tok = dataclasses.replace(tok, stats=stats)
   zn = tok.encode(clips[0], normalized=True)
   z = tok.encode(clips[0])
   np.testing.assert_allclose(zn * stats.std + stats.mean, z, rtol=1e-5, atol=1e-5)

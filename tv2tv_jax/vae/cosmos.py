@@ -458,6 +458,11 @@ def _check_frames(cfg: CosmosConfig, shape: tuple[int, ...]) -> None:
                      f"compression ratio {s}")
 
 
+def _check_tile(tile_latents: int) -> None:
+  if tile_latents < 1:
+    raise ValueError(f"tile_latents must be >= 1, got {tile_latents}")
+
+
 def _streamed(cfg: CosmosConfig, params: Any, x: jax.Array, method: str, first_len: int,
               rest_len: int, cache_frames: int) -> jax.Array:
   model = CosmosVAE(cfg, cache_frames)
@@ -482,6 +487,7 @@ def encode(params: Any, frames: jax.Array, cfg: CosmosConfig,
   _check_frames(cfg, frames.shape)
   if tile_latents is None:
     return CosmosVAE(cfg).apply({"params": params}, frames, method="encode")
+  _check_tile(tile_latents)
   t, p = cfg.temporal_compression_ratio, cfg.patch_size
   cache_frames = 1 + (frames.shape[1] - 1) // p  # time steps after patching: the most any layer sees
   return _streamed(cfg, params, frames, "encode", 1 + t * (tile_latents - 1), t * tile_latents,
@@ -495,5 +501,6 @@ def decode(params: Any, latents: jax.Array, cfg: CosmosConfig,
   h s, w s, 3] (unclipped; about [-1, 1]). tile_latents: as in `encode`."""
   if tile_latents is None:
     return CosmosVAE(cfg).apply({"params": params}, latents, method="decode")
+  _check_tile(tile_latents)
   cache_frames = 1 + (latents.shape[1] - 1) * cfg.temporal_compression_ratio // cfg.patch_size
   return _streamed(cfg, params, latents, "decode", tile_latents, tile_latents, cache_frames)
