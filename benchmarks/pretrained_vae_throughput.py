@@ -2,7 +2,8 @@ r"""Encode and decode throughput of the pretrained Cosmos tokenizer (CV4x8x8) on
 its compiled memory on one TPU v5e chip (ahead of time, no TPU touched).
 
     python -m benchmarks.pretrained_vae_throughput [--sizes=64x64,128x240] [--frames=17] \
-        [--batch=1] [--repeats=3] [--aot] [--out=benchmarks/results/pretrained_vae_throughput.json]
+        [--batch=1] [--repeats=3] [--aot [--aot_dtypes=float32,bfloat16] [--aot_tiles=none,4]] \
+        [--out=benchmarks/results/pretrained_vae_throughput.json]
 
 Random weights at the published widths (`cosmos.CV4x8x8`, 105M parameters): throughput does
 not depend on the values. Frame sizes: the toy world's 64x64 and CS:GO's 128x240 (the
@@ -61,7 +62,23 @@ def measure(cfg: cosmos.CosmosConfig, params, size: tuple[int, int], frames: int
           "decode_s": dec, "decode_frames_per_s": n / dec, "decode_compile_s": dec_first - dec}
 
 
-def aot_memory(frames: int = 97, size: tuple[int, int] = (128, 240)) -> list[dict]:
+def random_params(cfg: cosmos.CosmosConfig, seed: int = 0):
+  """Params of the init's shapes (`jax.eval_shape`), drawn in NumPy at the init's scale:
+  compiling the jitted init of the full-width tree costs minutes on a loaded CPU, and
+  throughput does not depend on the values."""
+  shapes = jax.eval_shape(lambda: cosmos.init_params(cfg, jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  def draw(path, s):
+    if path[-1].key == "kernel":
+      fan_in = int(np.prod(s.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(s.shape, np.float32) / np.sqrt(fan_in))
+    return jnp.full(s.shape, 1.0 if path[-1].key == "scale" else 0.0, jnp.float32)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def aot_memory(frames: int = 97, size: tuple[int, int] = (128, 240),
+               dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+               tiles: tuple[int | None, ...] = (None, 4)) -> list[dict]:
   """Per-chip compiled memory of encoding one clip on a v5e-1 topology."""
   from tv2tv_jax import aot  # needs libtpu only here
   spec = aot.parse_topology("v5e-1")
@@ -69,13 +86,13 @@ def aot_memory(frames: int = 97, size: tuple[int, int] = (128, 240)) -> list[dic
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rows = []
-  for dtype in ("float32", "bfloat16"):
+  for dtype in dtypes:
     cfg = cosmos.CosmosConfig(temporal_compression_ratio=4, dtype=dtype)
     shapes = jax.eval_shape(lambda: cosmos.init_params(cfg, jax.random.key(0)))
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           shapes)
     x = jax.ShapeDtypeStruct((1, frames, *size, 3), jnp.float32, sharding=replicated)
-    for tile in (None, 4):
+    for tile in tiles:
       t0 = time.perf_counter()
       compiled = cosmos.encode.lower(params, x, cfg=cfg, tile_latents=tile).compile()
       report = aot.memory_report(compiled, spec.hbm_bytes)
@@ -96,20 +113,22 @@ def main():
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--aot", action="store_true")
+  parser.add_argument("--aot_dtypes", default="float32,bfloat16")
+  parser.add_argument("--aot_tiles", default="none,4", help="tile_latents values; none = whole clip")
   parser.add_argument("--out", default=os.path.join("benchmarks", "results",
                                                     "pretrained_vae_throughput.json"))
   args = parser.parse_args()
   cfg = cosmos.CV4x8x8
-  params = cosmos.init_params(cfg, jax.random.key(0))
+  params = random_params(cfg)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   result = {"tokenizer": "cosmos CV4x8x8 (random weights, published widths)",
             "parameters": n_params, "backend": jax.default_backend(),
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "loadavg_before": os.getloadavg(), "rows": []}
-  print(f"Cosmos CV4x8x8, {n_params:,} parameters, {jax.default_backend()}")
+  print(f"Cosmos CV4x8x8, {n_params:,} parameters, {jax.default_backend()}", flush=True)
   print(f"{'frames':>7} {'size':>8} {'batch':>5} {'encode s':>9} {'enc fr/s':>9} "
         f"{'decode s':>9} {'dec fr/s':>9}")
-  for size_text in args.sizes.split(","):
+  for size_text in filter(None, args.sizes.split(",")):
     size = tuple(int(v) for v in size_text.split("x"))
     row = measure(cfg, params, size, args.frames, args.batch, args.repeats)
     result["rows"].append(row)
@@ -118,7 +137,8 @@ def main():
           f"{row['decode_frames_per_s']:>9.1f}", flush=True)
   result["loadavg_after"] = os.getloadavg()
   if args.aot:
-    result["aot_v5e"] = aot_memory()
+    tiles = tuple(None if t == "none" else int(t) for t in args.aot_tiles.split(","))
+    result["aot_v5e"] = aot_memory(dtypes=tuple(args.aot_dtypes.split(",")), tiles=tiles)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
