@@ -5,4 +5,9 @@ LatentStats, normalize, denormalize. `video_tokenizer`: a trained VAE ready to u
 (VideoTokenizer, save / load_tokenizer, to_float / to_uint8). `train`: the training loop
 (train_vae, VAETrainConfig), held-out PSNR, compute_latent_stats, and the
 `python -m tv2tv_jax.vae.train` entry.
+
+Pretrained: `cosmos` (NVIDIA's Cosmos tokenizer as diffusers' AutoencoderKLCosmos builds
+it), `causal3d` (its causal convolution with carried state and the temporal tiling),
+`convert` (diffusers safetensors -> Flax params), `pretrained` (load_pretrained_tokenizer:
+the same encode/decode interface as our VAE's VideoTokenizer).
 """

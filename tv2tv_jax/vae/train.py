@@ -281,19 +281,9 @@ def compute_latent_stats(vae_cfg: VAEConfig, params: Any, seeds: Iterable[int],
                          num_chunks: int, batch: int = 8) -> LatentStats:
   """Per-channel mean/std of latent means over toy-world clips `seeds` (1 + 4*num_chunks frames)."""
   seeds = list(seeds)
-  total = np.zeros(vae_cfg.latent_channels)
-  total_sq = np.zeros(vae_cfg.latent_channels)
-  count = 0
-  for i in range(0, len(seeds), batch):
-    z = np.asarray(vae_model.encode(params, clip_frames(seeds[i:i + batch], num_chunks),
-                                    vae_cfg), np.float64).reshape(-1, vae_cfg.latent_channels)
-    total += z.sum(0)
-    total_sq += np.square(z).sum(0)
-    count += z.shape[0]
-  mean = total / count
-  # Floor the std so that a dead channel cannot blow up normalised latents.
-  std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 1e-12))
-  return LatentStats(mean.astype(np.float32), np.maximum(std, 1e-4).astype(np.float32))
+  return vae_model.latent_stats(
+      vae_model.encode(params, clip_frames(seeds[i:i + batch], num_chunks), vae_cfg)
+      for i in range(0, len(seeds), batch))
 
 
 # --------------------------------------------------------------------------- the loop
