@@ -415,10 +415,13 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
   reference = [tw.generate_clip(s, k) for s in seeds[num_clips:]] or None
   prompt = (cfg.get("data") or {}).get("prompt", "toy world")
   fmt = eval_io.text_format(cfg)
-  # A caption describes up to `every` chunks, so its own tokens may outgrow the 16 an
-  # action text never reaches; capped by the row's whole text budget.
+  # A caption describes up to `every` chunks, so it may outgrow the 16 tokens an action
+  # text never reaches (the longest of 2048 training clips: 4, 9, 19, 35, 55 tokens at
+  # every = 1, 2, 4, 8, 16). The cap applies to every chunk's text and sizes the KV cache
+  # the sampler attends over, so it is not larger than that needs; at most the row's
+  # whole text budget.
   max_text = 16 if not fmt.is_caption else min(int(assets.run.exp.seq.text_len),
-                                               max(16, 8 * fmt.every))
+                                               max(16, 6 * fmt.every))
   model = ModelGenerator(assets, prompt, cfg_scale=cfg_scale, ode_steps=ode_steps, batch=batch,
                          uncond=uncond, max_text_tokens=max_text, text_format=fmt)
   ceiling = ToyWorldGenerator(model.layout, text_format=fmt,
