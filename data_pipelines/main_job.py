@@ -55,6 +55,13 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   """What each stage's output depends on (its own settings and its upstream stages')."""
   data, model = _section(cfg, "data"), _section(cfg, "model")
   tfds = {"toy_world": data.get("toy_world") or {}}
+  placement = _sports_placement(data)
+  if placement is not None:
+    # Sports captions moved from after to before the chunks they describe, and a config
+    # may leave the placement to the default (or name a registered config): a stage
+    # built under the old default recorded no placement and must not pass for a new
+    # one. Dense settings stay as they were, so their cached stages stay valid.
+    tfds["caption_placement"] = placement
   # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so a
   # resized dataset keeps the trained VAE. Its resolved config (variant, overrides and
   # latent channels applied), not only the variant's name: a variant whose recipe changed
@@ -73,6 +80,18 @@ def _builder_config(data: dict[str, Any]):
   if not tw:  # a registered config by name
     return name
   return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="main job", **tw)
+
+
+def _sports_placement(data: dict[str, Any]) -> str | None:
+  """The caption placement of a sports-mode toy world (None for dense data)."""
+  from data_pipelines import toy_world_tfds
+  builder = _builder_config(data)
+  if isinstance(builder, str):  # a registered config, by name
+    builder = next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == builder),
+                   None)
+  if builder is None or builder.caption_mode != "sports":
+    return None
+  return builder.caption_placement
 
 
 def _vae_config(cfg: Any):
@@ -132,6 +151,39 @@ def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]
     if os.path.exists(src):
       os.replace(src, os.path.join(dst, name))
   log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
+
+
+def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: Any,
+                log: Callable[[str], None] = print) -> bool:
+  """Copies a finished stage (output and marker) from another data directory, so that
+  `prepare_toy_world` finds it cached instead of building it again.
+
+  Only when `source_dir` finished `stage` with exactly the settings `cfg` gives it (which
+  nest every upstream stage's settings) and `data_dir` holds neither that stage's output
+  nor its marker (a half-built or differently-built stage there is left alone). E.g. two
+  toy worlds whose captions differ share the VAE, which trains on frames only.
+  Returns whether it copied.
+  """
+  settings = stage_settings(cfg)[stage]
+  src_out, dst_out = (os.path.join(d, _OUTPUTS[stage]) for d in (source_dir, data_dir))
+  marker = os.path.join(data_dir, f"stage_{stage}.json")
+  if (os.path.abspath(source_dir) == os.path.abspath(data_dir)
+      or _done(source_dir, stage, settings) is None
+      or os.path.exists(dst_out) or os.path.exists(marker)):
+    return False
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = dst_out + ".adopting"
+  shutil.rmtree(tmp, ignore_errors=True)
+  if os.path.isdir(src_out):
+    shutil.copytree(src_out, tmp)
+  else:
+    shutil.copyfile(src_out, tmp)
+  os.replace(tmp, dst_out)
+  # The marker last, as a build writes it: a copy cut short is never taken for finished.
+  shutil.copyfile(os.path.join(source_dir, f"stage_{stage}.json"), marker + ".tmp")
+  os.replace(marker + ".tmp", marker)
+  log(f"data stage {stage}: copied from {source_dir} (same settings)")
+  return True
 
 
 def _hash_files(paths: list[str], root: str, content: bool) -> str:
