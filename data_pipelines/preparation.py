@@ -75,6 +75,13 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   source = data.get("source", "synthetic")
   if source == "toy_world":
     tfds = {"toy_world": data.get("toy_world") or {}}
+    placement = _sports_placement(data)
+    if placement is not None:
+      # Sports captions moved from after to before the chunks they describe, and a config
+      # may leave the placement to the default (or name a registered config): a stage
+      # built under the old default recorded no placement and must not pass for a new
+      # one. Dense settings stay as they were, so their cached stages stay valid.
+      tfds["caption_placement"] = placement
     # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so
     # a resized dataset keeps the trained VAE. Its resolved config (latent channels
     # applied) is the setting: a recipe that changed must not reuse the old VAE.
@@ -128,6 +135,18 @@ def _builder_config(cls, value: dict[str, Any]):
   if not fields:
     return name
   return cls(name=name or "custom", description="from the experiment config", **fields)
+
+
+def _sports_placement(data: dict[str, Any]) -> str | None:
+  """The caption placement of a sports-mode toy world (None for dense data)."""
+  from data_pipelines import toy_world_tfds
+  config = _builder_config(toy_world_tfds.ToyWorldBuilderConfig, data.get("toy_world") or {})
+  if isinstance(config, str) or config is None:  # a registered config, by name
+    config = next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == config),
+                  None)
+  if config is None or config.caption_mode != "sports":
+    return None
+  return config.caption_placement
 
 
 def vae_config(cfg: Any) -> ml_collections.ConfigDict:
@@ -197,6 +216,38 @@ def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]
       os.replace(src, os.path.join(dst, name))
   log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
 
+
+def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: Any,
+                log: Callable[[str], None] = print) -> bool:
+  """Copies a finished stage (output and marker) from another data directory, so that
+  `prepare` finds it cached instead of building it again.
+
+  Only when `source_dir` finished `stage` with exactly the settings `cfg` gives it (which
+  nest every upstream stage's settings) and `data_dir` holds neither that stage's output
+  nor its marker (a half-built or differently-built stage there is left alone). E.g. two
+  toy worlds whose captions differ share the VAE, which trains on frames only.
+  Returns whether it copied.
+  """
+  settings = stage_settings(cfg)[stage]
+  src_out, dst_out = (os.path.join(d, _OUTPUTS[stage]) for d in (source_dir, data_dir))
+  marker = os.path.join(data_dir, f"stage_{stage}.json")
+  if (os.path.abspath(source_dir) == os.path.abspath(data_dir)
+      or _done(source_dir, stage, settings) is None
+      or os.path.exists(dst_out) or os.path.exists(marker)):
+    return False
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = dst_out + ".adopting"
+  shutil.rmtree(tmp, ignore_errors=True)
+  if os.path.isdir(src_out):
+    shutil.copytree(src_out, tmp)
+  else:
+    shutil.copyfile(src_out, tmp)
+  os.replace(tmp, dst_out)
+  # The marker last, as a build writes it: a copy cut short is never taken for finished.
+  shutil.copyfile(os.path.join(source_dir, f"stage_{stage}.json"), marker + ".tmp")
+  os.replace(marker + ".tmp", marker)
+  log(f"data stage {stage}: copied from {source_dir} (same settings)")
+  return True
 
 def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
   from data_pipelines import latent_dataset, tokenizer as tokenizer_lib
