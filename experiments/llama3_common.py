@@ -129,7 +129,9 @@ def cpu_test(c: ml_collections.ConfigDict, builder_name: str) -> None:
                  mlp_dim=128, latent_shape=latent_shape(64, 64), unet_channels=16,
                  unet_groups=4, time_embed_dim=16, dtype="float32", attention_impl="xla",
                  scan_layers=True, remat=False)
-  c.seq.update(text_len=96, max_chunks=5)
+  # Text room for 4 chunks of CS:GO action text or captions even at one token per byte
+  # (the tests' stand-in tokenizer has no merges; Llama-3's needs ~10 tokens per chunk).
+  c.seq.update(text_len=384, max_chunks=5)
   c.optim.update(learning_rate=1e-3, warmup_steps=1, total_steps=20)
   c.train.update(batch_size=2, num_steps=3, log_every=1, save_every=0, keep_every=0,
                  async_checkpoints=False, eval_every=0, eval_batches=1)

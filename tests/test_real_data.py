@@ -18,7 +18,7 @@ import pytest
 
 import llama_fixtures
 import tfds_sources
-from data_pipelines import latent_dataset, prepared
+from data_pipelines import csgo_tfds, latent_dataset, prepared
 from tv2tv_jax.vae import model as vae_model, video_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,10 +74,10 @@ def _train_and_generate(tmp_path, config: str, manual_dir, prompt: str, interven
 def test_csgo_3b_trains_on_prepared_hdf5_recordings(tmp_path):
   raw = tmp_path / "hdf5"
   raw.mkdir()
-  # 6 files of 49 frames: 3 clips of 17 frames (stride 16) each; cpu_test holds out
-  # every 3rd file for validation.
+  # 6 files of 49 frames at the recordings' own size: 3 clips of 17 frames (stride 16)
+  # each; cpu_test holds out every 3rd file for validation.
   for i in range(6):
-    tfds_sources.write_h5(raw / f"rec_{i}.hdf5", 49, seed=i)
+    tfds_sources.write_h5(raw / f"rec_{i}.hdf5", 49, seed=i, shape=csgo_tfds.SOURCE_SHAPE)
   meta, _ = _train_and_generate(tmp_path, "experiments/csgo_3b.py:cpu_test", raw,
                                   "cs:go deathmatch", "0:fire")
   assert meta["splits"]["train"]["num_records"] + meta["splits"]["validation"]["num_records"] \
