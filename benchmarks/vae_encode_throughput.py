@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments import vae_toy_world
 from tv2tv_jax.vae import model as vm
-from tv2tv_jax.vae import train as vt
+from tv2tv_jax.vae import train as vt, video_tokenizer
 
 
 def time_encode(cfg: vm.VAEConfig, params, frames: np.ndarray, repeats: int) -> dict:
@@ -60,7 +60,7 @@ def main():
   args = parser.parse_args()
 
   if args.workdir:
-    tok = vt.load_tokenizer(args.workdir)
+    tok = video_tokenizer.load_tokenizer(args.workdir)
     base_cfg, params = tok.config, tok.params
   else:
     base_cfg, _ = vt.configs_from_config_dict(vae_toy_world.get_config(args.variant))

@@ -3,7 +3,10 @@
 Build (from the repo root; see docs/data.md)::
 
     python -m data_pipelines.captioned_video_tfds --config=r64 --manual_dir=path/to/videos \
-        --data_dir=$HOME/tensorflow_datasets
+        --data_dir=$HOME/tensorflow_datasets [--beam_pipeline_options=runner=DirectRunner,...]
+
+With --beam_pipeline_options (the `beam` extra) the videos are spread over Apache Beam
+workers, one work item per video (`tfds_common.SourceBuilder`; docs/data.md).
 
 `manual_dir` holds the videos and `captions.json` (config.captions_file):
 
@@ -49,17 +52,19 @@ Features, one example per clip (T = 1 + 4k):
 Bad records (`tfds_common.BadRecords`, the same policy as CS:GO): an entry that is not an
 object or lacks "file"/"captions" (missing_key), a malformed caption or split
 (bad_entry), a missing or undecodable file or one without a video stream (unreadable),
-a video too short for one clip (too_short), and a caption time outside [0, duration)
-(caption_time) each skip the whole video, are logged by name with the reason, and are
-counted into metadata.json (bad_records[split] = {count, by_kind, records}).
+a file that decodes to less than its declared duration (truncated: an MP4 cut short
+after its index decodes without any error, just shorter), a video too short for one clip
+(too_short), and a caption time outside [0, duration) (caption_time) each skip the whole
+video, are logged by name with the reason, and are counted into metadata.json
+(bad_records[split] = {count, by_kind, records}). Skipping, not stopping: one bad file
+among thousands should not cost the build; a split whose every video is bad does stop it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import json
-import logging
 import math
 import posixpath
 from typing import Any, Iterator
@@ -69,7 +74,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines.csgo_tfds import FRAMES_PER_CHUNK
-from data_pipelines.tfds_common import ArrayRecordBuilder, BadRecords
+from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main, source_file
 
 SPLITS = ("train", "validation")
 _EPS = 1e-6  # seconds: float slack when comparing frame times
@@ -100,7 +105,19 @@ class CaptionsError(ValueError):
 
 
 class DecodeError(RuntimeError):
-  """A video cannot be decoded (no file, no video stream, or a codec error)."""
+  """A video cannot be decoded (no file, no video stream, or a codec error: kind
+  "unreadable"), or it decodes to less than the duration its container declares (kind
+  "truncated": a file cut short after its index, which ffmpeg decodes without an error)."""
+
+  def __init__(self, message: str, kind: str = "unreadable"):
+    super().__init__(message)
+    self.kind = kind
+
+
+def truncation_tolerance(frame_duration: float | None) -> float:
+  """Seconds the decoded video may fall short of its declared duration: two frames or
+  0.5 s, whichever is more (containers round durations; edit lists shift the start)."""
+  return max(2 * (frame_duration or 0.0), 0.5)
 
 
 def decode_video(path: epath.PathLike, fps: int, height: int, width: int,
@@ -120,7 +137,7 @@ def decode_video(path: epath.PathLike, fps: int, height: int, width: int,
     raise DecodeError(f"{path.name}: file not found")
   out: list[np.ndarray] = []
   try:
-    with av.open(str(path)) as container:
+    with source_file(path) as source, av.open(source) as container:
       if not container.streams.video:
         raise DecodeError(f"{path.name}: no video stream")
       stream = container.streams.video[0]
@@ -149,6 +166,12 @@ def decode_video(path: epath.PathLike, fps: int, height: int, width: int,
       if prev is None:
         raise DecodeError(f"{path.name}: the video stream holds no frames")
       duration = last_start + (last_dur or 0.0)
+      declared = (float(stream.duration * stream.time_base) if stream.duration
+                  else container.duration / 1e6 if container.duration else None)
+      if declared is not None and declared - duration > truncation_tolerance(default_dur):
+        raise DecodeError(f"{path.name}: truncated: {index + 1} frames decode to "
+                          f"{duration:.3f} s of the {declared:.3f} s the container declares",
+                          kind="truncated")
       while len(out) / fps < duration - _EPS:
         if prev_rgb is None:
           prev_rgb = prev.to_ndarray(format="rgb24", width=width, height=height,
@@ -157,7 +180,8 @@ def decode_video(path: epath.PathLike, fps: int, height: int, width: int,
   except DecodeError:
     raise
   except Exception as e:  # av.error.* (InvalidDataError, ...) for corrupt or non-video files
-    raise DecodeError(f"{path.name}: {type(e).__name__}: {e}") from e
+    raise DecodeError(f"{path.name}: {type(e).__name__}: {e} (after {len(out) / fps:.3f} s "
+                      "decoded)") from e
   return np.stack(out).astype(np.uint8), duration
 
 
@@ -240,7 +264,7 @@ def video_examples(entry: dict, root: epath.PathLike, cfg: CaptionedVideoBuilder
     frames, duration = decode_video(epath.Path(root) / name, cfg.fps, cfg.height, cfg.width,
                                     cfg.interpolation)
   except DecodeError as e:
-    bad.add(split, name, "unreadable", str(e))
+    bad.add(split, name, e.kind, str(e))
     return
   for j, cap in enumerate(entry["captions"]):
     if not 0.0 <= cap["time"] < duration:
@@ -289,7 +313,7 @@ def read_captions(root: epath.PathLike, cfg: CaptionedVideoBuilderConfig) -> lis
   return spec["videos"]
 
 
-class CaptionedVideo(ArrayRecordBuilder):
+class CaptionedVideo(SourceBuilder):
   """Clips of captioned videos at 16 fps (registered as 'captioned_video')."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -306,6 +330,7 @@ class CaptionedVideo(ArrayRecordBuilder):
                                   height=64, width=64, num_chunks=64),
   ]
   DEFAULT_CONFIG_NAME = "r64"
+  SPLIT_STATS = ("captions_in_dropped_tail",)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg: CaptionedVideoBuilderConfig = self.builder_config
@@ -327,53 +352,35 @@ class CaptionedVideo(ArrayRecordBuilder):
                                         bad_records={}, captions_in_dropped_tail={}),
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    root = epath.Path(dl_manager.manual_dir)
-    entries = read_captions(root, self.builder_config)
+  def _split_items(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list]:
+    entries = read_captions(dl_manager.manual_dir, self.builder_config)
     by_split = {s: [] for s in SPLITS}
     for index, entry in enumerate(entries):
       problem = _check_entry(entry, index)
       split = entry.get("split", "train") if isinstance(entry, dict) else "train"
       split = split if split in SPLITS else "train"
-      by_split[split].append((index, entry, problem))
-    # A split without entries is omitted (TFDS cannot write an empty split).
-    return {s: self._generate_examples(s, root, items) for s, items in by_split.items() if items}
+      by_split[split].append((entry, problem))
+    return by_split
 
-  def _generate_examples(self, split: str, root: epath.Path, items: list
-                         ) -> Iterator[tuple[str, dict]]:
-    stats: dict = {}
-    count = 0
-    for _, entry, problem in items:
-      if problem is not None:
-        self.bad_records.add(split, *problem)
-        continue
-      for key, example in video_examples(entry, root, self.builder_config, self.bad_records,
-                                         split, stats):
-        count += 1
-        yield key, example
-    if not count:  # TFDS would only say "No examples were yielded"
-      raise ValueError(f"split {split!r}: every record was bad: "
-                       f"{self.bad_records.to_metadata(split)['records']}")
-    # Runs once the split is fully written, before TFDS saves metadata.json.
-    self.info.metadata["bad_records"][split] = self.bad_records.to_metadata(split)
-    self.info.metadata["captions_in_dropped_tail"][split] = stats.get(
-        "captions_in_dropped_tail", 0)
+  def _item_fn(self, dl_manager):
+    # A string root: Beam ships the function to its workers.
+    return functools.partial(_video_item, root=str(dl_manager.manual_dir),
+                             cfg=self.builder_config)
+
+
+def _video_item(item: tuple[Any, tuple | None], bad: BadRecords, split: str, stats, *,
+                root: str, cfg: CaptionedVideoBuilderConfig) -> Iterator[tuple[str, dict]]:
+  """The SourceBuilder work item of a split: one JSON entry and what `_check_entry` found
+  wrong with it (reported here, so both build modes count it the same way)."""
+  entry, problem = item
+  if problem is not None:
+    bad.add(split, *problem)
+    return
+  yield from video_examples(entry, root, cfg, bad, split, stats)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description="Build a captioned-video TFDS dataset.")
-  parser.add_argument("--config", default="r64",
-                      help=f"one of {[c.name for c in CaptionedVideo.BUILDER_CONFIGS]}")
-  parser.add_argument("--manual_dir", required=True, help="folder with videos + captions.json")
-  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
-  builder = CaptionedVideo(config=args.config, data_dir=args.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  print(builder.info.splits)
-  print({s: v["count"] for s, v in builder.info.metadata["bad_records"].items()},
-        "bad records (see metadata.json)")
+  return build_main(CaptionedVideo, argv, manual_help="folder with the videos and captions.json")
 
 
 if __name__ == "__main__":

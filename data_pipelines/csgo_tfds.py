@@ -3,7 +3,11 @@
 Build (from the repo root; the .hdf5 files sit in one folder, see docs/data.md)::
 
     python -m data_pipelines.csgo_tfds --config=r64 --manual_dir=path/to/dataset_dm_scraped_dust2 \
-        --data_dir=$HOME/tensorflow_datasets
+        --data_dir=$HOME/tensorflow_datasets [--beam_pipeline_options=runner=DirectRunner,...]
+
+With --beam_pipeline_options (the `beam` extra) the files are spread over Apache Beam
+workers, one work item per file (`tfds_common.SourceBuilder`); docs/data.md has the
+Dataflow command for the 5,500 files of the real set.
 
 Source layout assumed (from the dataset's own code, TeaPearce/Counter-Strike_Behavioural_Cloning
 `config.py` and `tools_dataset_inspect.py`): each `*.hdf5` holds consecutive 16 Hz frames
@@ -62,9 +66,9 @@ argmax, a NaN vector would otherwise read as "idle" and a 1e30 one as every key 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
+import fnmatch
+import functools
 import re
 from typing import Iterator, Sequence
 
@@ -72,7 +76,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines.tfds_common import ArrayRecordBuilder, BadRecords
+from data_pipelines.tfds_common import BadRecords, SourceBuilder, build_main, source_file
 
 KEY_NAMES = ("w", "a", "s", "d", "space", "ctrl", "shift", "1", "2", "3", "r")
 MOUSE_X_BINS = (-1000.0, -500.0, -300.0, -200.0, -100.0, -60.0, -30.0, -20.0, -10.0, -4.0,
@@ -229,13 +233,19 @@ def split_files(files: Sequence[epath.PathLike], cfg: CsgoBuilderConfig) -> dict
 
 def file_examples(path: epath.PathLike, cfg: CsgoBuilderConfig, bad: BadRecords,
                   split: str = "train") -> Iterator[tuple[str, dict]]:
-  """Yields (key, example) for every good clip of one HDF5 file; reports the bad ones."""
+  """Yields (key, example) for every good clip of one HDF5 file (local or gs://);
+  reports the bad ones."""
+  path = epath.Path(path)
+  with source_file(path) as source:
+    yield from _h5_examples(source, path.name, cfg, bad, split)
+
+
+def _h5_examples(source, fname: str, cfg: CsgoBuilderConfig, bad: BadRecords, split: str
+                 ) -> Iterator[tuple[str, dict]]:
   import h5py  # local: only this builder needs it
 
-  path = epath.Path(path)
-  fname = path.name
   try:
-    h5 = h5py.File(path, "r")
+    h5 = h5py.File(source, "r")
   except Exception as e:  # h5py raises OSError for non-HDF5 files, others for truncation
     bad.add(split, fname, "unreadable", f"cannot open as HDF5: {type(e).__name__}: {e}")
     return
@@ -300,7 +310,7 @@ def _read_clip(h5, keys: set, start: int, t: int, cfg: CsgoBuilderConfig, name: 
   return frames, actions
 
 
-class CsgoDust2(ArrayRecordBuilder):
+class CsgoDust2(SourceBuilder):
   """CS:GO deathmatch clips with per-chunk action texts (registered as 'csgo_dust2')."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -340,43 +350,32 @@ class CsgoDust2(ArrayRecordBuilder):
         homepage="https://github.com/TeaPearce/Counter-Strike_Behavioural_Cloning",
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+  def _split_items(self, dl_manager: tfds.download.DownloadManager) -> dict[str, list[str]]:
     root = epath.Path(dl_manager.manual_dir)
-    files = sorted(root.glob(self.builder_config.file_glob))
+    # A name pattern over iterdir, not glob: etils' glob on a gs:// folder read through
+    # fsspec returns mangled paths ("gs://gs:/bucket/...") in the tests' fake bucket.
+    pattern = self.builder_config.file_glob
+    files = sorted(p for p in root.iterdir() if fnmatch.fnmatch(p.name, pattern))
     if not files:
       raise FileNotFoundError(f"no {self.builder_config.file_glob} files in {root}; "
                               f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    # A split without files is omitted (TFDS cannot write an empty split).
-    return {split: self._generate_examples(split, paths)
-            for split, paths in split_files(files, self.builder_config).items() if paths}
+    # Strings, not epath objects: Beam ships the items to its workers.
+    return {split: [str(p) for p in paths]
+            for split, paths in split_files(files, self.builder_config).items()}
 
-  def _generate_examples(self, split: str, paths: list) -> Iterator[tuple[str, dict]]:
-    count = 0
-    for path in paths:
-      for key, example in file_examples(path, self.builder_config, self.bad_records, split):
-        count += 1
-        yield key, example
-    if not count:  # TFDS would only say "No examples were yielded"
-      raise ValueError(f"split {split!r}: every record was bad: "
-                       f"{self.bad_records.to_metadata(split)['records']}")
-    # Runs once the split is fully written, before TFDS saves metadata.json.
-    self.info.metadata["bad_records"][split] = self.bad_records.to_metadata(split)
+  def _item_fn(self, dl_manager):
+    del dl_manager  # items are full paths
+    return functools.partial(_file_item, cfg=self.builder_config)
+
+
+def _file_item(path: str, bad: BadRecords, split: str, stats, *, cfg: CsgoBuilderConfig):
+  """The SourceBuilder work item of a split: one HDF5 file (`file_examples`)."""
+  del stats  # no per-split counters besides the bad records
+  return file_examples(path, cfg, bad, split)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description="Build the CS:GO TFDS dataset (ArrayRecord).")
-  parser.add_argument("--config", default="r64",
-                      help=f"one of {[c.name for c in CsgoDust2.BUILDER_CONFIGS]}")
-  parser.add_argument("--manual_dir", required=True, help="folder holding the .hdf5 files")
-  parser.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
-  builder = CsgoDust2(config=args.config, data_dir=args.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
-  print(builder.info.splits)
-  print({s: v["count"] for s, v in builder.info.metadata["bad_records"].items()},
-        "bad records (see metadata.json)")
+  return build_main(CsgoDust2, argv, manual_help="folder holding the .hdf5 files")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ Text template (one string per chunk): `"<move>"`, `"<move> fire"`, `"stop"`, or 
 (stop + fire), with <move> in left/right/up/down. Words: ACTION_WORDS.
 
 Caption mode (sports-like, sparse): `caption_clip` writes a caption only on every
-k-th chunk, summarising the last k chunks; see `summarise_actions` for the template.
+k-th chunk. By default (placement "plan") the caption before chunk i summarises chunks
+i .. i+k-1, so, like TV2TV's text, it is read before the video it describes; placement
+"report" keeps the old contrast (the caption before chunk i summarises chunks
+i-k+1 .. i, mostly the past). See `caption_spans` and `summarise_actions`.
 """
 
 from __future__ import annotations
@@ -62,7 +65,12 @@ ACTION_WORDS = ("left", "right", "up", "down", "stop", "fire")
 COUNT_WORDS = ("", "", "twice", "three times", "four times", "five times", "six times",
                "seven times", "eight times", "nine times", "ten times", "eleven times",
                "twelve times")  # COUNT_WORDS[n] for a run of n; a run of 1 has no count
-MAX_CAPTION_EVERY = len(COUNT_WORDS) - 1
+MAX_RUN = len(COUNT_WORDS) - 1  # the longest run one count word can name
+# A caption summarises at most this many chunks; a run longer than MAX_RUN is written as
+# several runs ("moved left twelve times then moved left twice"), so no new count words
+# (and no change to VOCAB or to the tokenizer corpus built from it) are needed.
+MAX_CAPTION_EVERY = 16
+CAPTION_PLACEMENTS = ("plan", "report")
 CAPTION_WORDS = tuple(sorted(
     {"moved", "stood", "still", "and", "fired", "then", *DIRECTIONS}
     | {w for c in COUNT_WORDS for w in c.split()}))
@@ -378,6 +386,18 @@ def permits(allowed: Mapping[str, bool], action: Action) -> bool:
   return action.movement in allowed and (allowed[action.movement] or not action.fire)
 
 
+def next_state(x: int, y: int, facing: int | None, action: Action,
+               config: ToyWorldConfig = ToyWorldConfig()) -> tuple[int, int, int | None]:
+  """The agent's (x, y, facing) after a chunk that plays `action` (which must be allowed
+  there: `permits`): frames_per_chunk steps of `speed` px; a movement sets the facing,
+  "stop" keeps it (None stays unknown). Projectiles never block the agent."""
+  dx, dy = STEP[action.movement]
+  n = config.frames_per_chunk * config.speed
+  if action.movement != "stop":
+    facing = DIRECTIONS.index(action.movement)
+  return int(x) + dx * n, int(y) + dy * n, facing
+
+
 def allowed_actions(layout_ids: np.ndarray, x: int, y: int, facing: int | None,
                     config: ToyWorldConfig = ToyWorldConfig()) -> list[Action]:
   """The Actions allowed in a state (see `allowed_moves` for the arguments), ACTIONS order."""
@@ -418,54 +438,106 @@ def _event(action: Action) -> str:
   return f"moved {action.movement} and fired" if action.fire else f"moved {action.movement}"
 
 
+_EVENTS = {_event(a): a for a in (Action(m, f) for m in MOVES for f in (False, True))}
+_COUNTS = {w: n for n, w in enumerate(COUNT_WORDS) if w}
+
+
 def summarise_actions(actions: Sequence[Action]) -> str:
   """The caption template: one event per chunk, runs of equal events merged with a count.
 
   Event per chunk: "moved <dir>", "moved <dir> and fired", "stood still", "fired" (stop +
   fire). A run of n equal events gets COUNT_WORDS[n] appended ("twice", "three times",
   ...); runs are joined by " then ". E.g. [left, left, stop+fire] ->
-  "moved left twice then fired".
+  "moved left twice then fired". A run longer than MAX_RUN (12) is split into runs of
+  at most MAX_RUN, the longest first. `parse_summary` inverts it.
   """
   if not actions or len(actions) > MAX_CAPTION_EVERY:
     raise ValueError(f"can summarise 1..{MAX_CAPTION_EVERY} actions, got {len(actions)}")
   runs: list[list] = []
   for e in map(_event, actions):
-    if runs and runs[-1][0] == e:
+    if runs and runs[-1][0] == e and runs[-1][1] < MAX_RUN:
       runs[-1][1] += 1
     else:
       runs.append([e, 1])
   return " then ".join(f"{e} {COUNT_WORDS[n]}" if n > 1 else e for e, n in runs)
 
 
-def caption_clip_with_truth(clip: Clip, every_k: int, wrong_rate: float,
-                            seed: int) -> tuple[list[str], list[bool]]:
-  """`caption_clip`, plus per chunk whether its caption is a hallucinated (wrong) one."""
+def parse_summary(text: str) -> list[Action]:
+  """Inverse of `summarise_actions`: a caption -> one Action per chunk it describes.
+
+  Raises ValueError on anything the template does not write (an empty string included).
+  """
+  actions: list[Action] = []
+  for run in text.split(" then "):
+    n = 1
+    for word, count in _COUNTS.items():
+      if run.endswith(" " + word):
+        run, n = run[:-len(word) - 1], count
+        break
+    if run not in _EVENTS:
+      raise ValueError(f"not a caption: {text!r} (no event {run!r})")
+    actions += [_EVENTS[run]] * n
+  # Only the template's own spelling: runs merged as it merges them, at most
+  # MAX_CAPTION_EVERY chunks.
+  if len(actions) > MAX_CAPTION_EVERY or summarise_actions(actions) != text:
+    raise ValueError(f"not a caption as summarise_actions writes it: {text!r}")
+  return actions
+
+
+def caption_spans(num_chunks: int, every_k: int,
+                  placement: str = "plan") -> list[tuple[int, int, int]]:
+  """Where captions go: [(chunk whose text holds the caption, first, end)], the caption
+  describing chunks first .. end-1, in chunk order.
+
+  plan: a caption before chunk i for i = 0, k, 2k, ... describes chunks i .. i+k-1; the
+    last one describes only the chunks left (num_chunks - i, possibly fewer than k).
+  report: a caption before chunk i for i = k-1, 2k-1, ... describes chunks i-k+1 .. i,
+    of which k-1 are already generated when it is read; trailing chunks after the last
+    multiple of k get none.
+  """
   if not 1 <= every_k <= MAX_CAPTION_EVERY:
     raise ValueError(f"every_k must be in 1..{MAX_CAPTION_EVERY}")
+  if placement == "plan":
+    return [(i, i, min(i + every_k, num_chunks)) for i in range(0, num_chunks, every_k)]
+  if placement == "report":
+    return [(end - 1, end - every_k, end)
+            for end in range(every_k, num_chunks + 1, every_k)]
+  raise ValueError(f"placement must be one of {CAPTION_PLACEMENTS}, got {placement!r}")
+
+
+def caption_clip_with_truth(clip: Clip, every_k: int, wrong_rate: float, seed: int,
+                            placement: str = "plan") -> tuple[list[str], list[bool]]:
+  """`caption_clip`, plus per chunk whether its caption is a hallucinated (wrong) one."""
+  spans = caption_spans(clip.num_chunks, every_k, placement)
   rng = np.random.default_rng(seed)
   captions, wrong = [""] * clip.num_chunks, [False] * clip.num_chunks
-  for end in range(every_k, clip.num_chunks + 1, every_k):
-    truth = summarise_actions(clip.actions[end - every_k:end])
+  # One draw per caption in chunk order (then the hallucination's own draws), so the
+  # report placement's stream is the one it always had.
+  for at, first, end in spans:
+    truth = summarise_actions(clip.actions[first:end])
     if rng.random() < wrong_rate:
       # A hallucination: a well-formed summary of random actions that says something else.
       while True:
         fake = [Action(MOVES[int(rng.integers(len(MOVES)))], bool(rng.random() < 0.3))
-                for _ in range(every_k)]
+                for _ in range(end - first)]
         text = summarise_actions(fake)
         if text != truth:
           break
-      captions[end - 1], wrong[end - 1] = text, True
+      captions[at], wrong[at] = text, True
     else:
-      captions[end - 1] = truth
+      captions[at] = truth
   return captions, wrong
 
 
-def caption_clip(clip: Clip, every_k: int, wrong_rate: float, seed: int) -> list[str]:
-  """Sparse sports-like captions: one string per chunk, "" except on every k-th chunk.
+def caption_clip(clip: Clip, every_k: int, wrong_rate: float, seed: int,
+                 placement: str = "plan") -> list[str]:
+  """Sparse sports-like captions: one string per chunk, "" except where a caption goes.
 
-  Chunk i (1-based) with i % every_k == 0 gets `summarise_actions` of chunks
-  i-every_k+1 .. i; with probability `wrong_rate` that caption is replaced by a
-  well-formed summary of random actions that differs from the truth. Trailing chunks
-  after the last multiple of every_k get "". Deterministic in `seed`.
+  placement "plan" (the default): chunk i with i % every_k == 0 gets `summarise_actions`
+  of chunks i .. i+every_k-1, the caption read before the chunks it describes; the
+  clip's last caption describes only the chunks left. "report": chunk i with
+  (i+1) % every_k == 0 gets the summary of chunks i-every_k+1 .. i (`caption_spans`).
+  With probability `wrong_rate` a caption is replaced by a well-formed summary of as
+  many random actions that differs from the truth. Deterministic in `seed`.
   """
-  return caption_clip_with_truth(clip, every_k, wrong_rate, seed)[0]
+  return caption_clip_with_truth(clip, every_k, wrong_rate, seed, placement)[0]

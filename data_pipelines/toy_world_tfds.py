@@ -17,7 +17,8 @@ One example = one clip (`toy_world.generate_clip`), with k = config.num_chunks:
   frames         uint8[1+4k, 64, 64, 3]   RGB, 16 fps; frame 0 is the given first frame
   texts          Text[k]         the training text per chunk: the action text ("left fire")
                                  in `dense` mode, the sparse caption ("" or "moved left twice
-                                 then fired") in `sports` mode
+                                 then fired") in `sports` mode, placed before the chunks it
+                                 describes (`caption_placement` "plan") or after them ("report")
   action_texts   Text[k]         the ground-truth action text per chunk (both modes)
   movement       int32[k]        index into toy_world.MOVES
   fire           bool[k]
@@ -55,6 +56,9 @@ class ToyWorldBuilderConfig(tfds.core.BuilderConfig):
     num_chunks: k, chunks per clip (1 + 4k frames).
     caption_mode: "dense" (per-chunk action text) or "sports" (a caption every
       `caption_every` chunks, wrong with probability `wrong_rate`).
+    caption_placement: sports mode only: "plan" (the caption before chunk i describes
+      chunks i .. i+k-1) or "report" (it describes chunks i-k+1 .. i); see
+      `toy_world.caption_spans`. Dense data ignores it.
     base_seed: first train seed.
   """
   num_train: int = 64
@@ -63,6 +67,7 @@ class ToyWorldBuilderConfig(tfds.core.BuilderConfig):
   caption_mode: str = "dense"
   caption_every: int = 4
   wrong_rate: float = 0.1
+  caption_placement: str = "plan"
   base_seed: int = 0
 
   def __post_init__(self):
@@ -72,6 +77,9 @@ class ToyWorldBuilderConfig(tfds.core.BuilderConfig):
       raise ValueError("num_chunks must be >= 1 and split sizes >= 0")
     if not 1 <= self.caption_every <= toy_world.MAX_CAPTION_EVERY:
       raise ValueError(f"caption_every must be in 1..{toy_world.MAX_CAPTION_EVERY}")
+    if self.caption_placement not in toy_world.CAPTION_PLACEMENTS:
+      raise ValueError(f"caption_placement must be one of {toy_world.CAPTION_PLACEMENTS}, "
+                       f"got {self.caption_placement!r}")
     if not 0.0 <= self.wrong_rate <= 1.0:
       raise ValueError(f"wrong_rate must be a probability, got {self.wrong_rate}")
     if max(self.num_train, self.num_validation) > VALIDATION_SEED_OFFSET:
@@ -115,7 +123,8 @@ def generate_example(seed: int, config: ToyWorldBuilderConfig, split: str = "tra
     texts, wrong = list(clip.texts), [False] * clip.num_chunks
   else:
     texts, wrong = toy_world.caption_clip_with_truth(clip, config.caption_every,
-                                                     config.wrong_rate, seed)
+                                                     config.wrong_rate, seed,
+                                                     config.caption_placement)
   return {
       "name": f"{split}/seed_{seed:09d}",
       "seed": np.int64(seed),
@@ -160,7 +169,8 @@ class ToyWorld(ArrayRecordBuilder):
         metadata=tfds.core.MetadataDict(
             fps=world.fps, frames_per_chunk=world.frames_per_chunk,
             caption_mode=cfg.caption_mode, caption_every=cfg.caption_every,
-            wrong_rate=cfg.wrong_rate, validation_seed_offset=VALIDATION_SEED_OFFSET,
+            wrong_rate=cfg.wrong_rate, caption_placement=cfg.caption_placement,
+            validation_seed_offset=VALIDATION_SEED_OFFSET,
             moves=list(toy_world.MOVES)),
     )
 

@@ -29,7 +29,16 @@ Variants (the part after the colon; a layout may follow after a comma, e.g. `6s,
            text_len 4096. Row: 4096 + 2*257*120 = 65776 (for long-context training and
            ahead-of-time memory studies; the paper reaches 64 s by windowed generation).
   hires    frames 256x480 (upsampled source) -> latents [32, 60, 16], patch 2 -> 480
-           tokens per copy; 6 s rows: 512 + 2*25*480 = 24512.
+           tokens per copy; 6 s rows: 512 + 2*25*480 = 24512. (No builder config of that
+           size exists: for compile and memory studies, with data.source=synthetic.)
+  cpu_test tiny towers with the Llama-3 vocabulary, 64x64 frames, 4-chunk clips, a few
+           steps on CPU from data prepared in the test (tests/test_real_data.py).
+
+Data (docs/data.md, "CS:GO"): `data.source = 'csgo'`, clips of the variant's frame size and
+length (`data.builder_config`); `python -m tv2tv_jax.main` first
+prepares `data.data_dir` (default <workdir>/data) from the HDF5 files in
+`data.manual_dir`, encoding with the VAE in `data.vae_dir`; or run
+`python -m tv2tv_jax.prepare` once and point every run at the prepared directory.
 """
 
 import ml_collections
@@ -40,29 +49,37 @@ from experiments import llama3_common as common
 def _six_seconds(c):
   c.model.latent_shape = common.latent_shape(128, 240)
   c.seq.update(max_chunks=common.chunks_for_seconds(6), text_len=512)
+  c.data.builder_config = common.builder_config("r128_6s", 128, 240, c.seq.max_chunks)
 
 
 def _sixty_four_seconds(c):
   c.model.latent_shape = common.latent_shape(128, 240)
   c.seq.update(max_chunks=common.chunks_for_seconds(64), text_len=4096)
   c.train.batch_size = 32  # **default**: ~10x longer rows than 6s at a similar token budget
+  c.data.builder_config = common.builder_config("r128_64s", 128, 240, c.seq.max_chunks)
 
 
 def _hires(c):
   c.model.latent_shape = common.latent_shape(256, 480)
 
 
+def _cpu_test(c):
+  common.cpu_test(c, "cpu64")
+  c.data.builder_config.validation_every = 3  # a few test files still hold validation clips
+
+
 _VARIANTS = {"default": _six_seconds, "6s": _six_seconds, "64s": _sixty_four_seconds,
-             "hires": _hires}
+             "hires": _hires, "cpu_test": _cpu_test}
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-  """`arg`: `6s` (default), `64s` or `hires`, optionally `,<layout>` (tv2tv, t2v, think2v)."""
+  """`arg`: `6s` (default), `64s`, `hires` or `cpu_test`, optionally `,<layout>` (tv2tv,
+  t2v, think2v)."""
   c = common.base(common.LLAMA_3_2_3B)
   # **default** (paper: 95 h of play at 16 Hz): a batch of 256 six-second rows.
   c.train.update(batch_size=256, num_steps=100_000)
   c.optim.update(total_steps=100_000)
   _six_seconds(c)
-  c.data.tfds_name = "csgo_tfds/r128"
+  c.data.update(source="csgo", prompt="cs:go deathmatch")
   common.apply_variants(c, arg, _VARIANTS)
   return c

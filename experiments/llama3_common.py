@@ -94,20 +94,49 @@ def base(tower: dict) -> ml_collections.ConfigDict:
   #                           (**default** False: the paper initialises the text tower).
   c.init = ml_collections.ConfigDict(dict(llama_dir="", video_tower_from_llama=False))
   c.data = ml_collections.ConfigDict(dict(
-      # The trainer reads only 'synthetic' so far; the TFDS builder named below is the
-      # intended source once it reads TFDS.
-      source="synthetic", synthetic_batches=0, max_examples_per_row=1, max_text_len=8,
-      tfds_name="",
-      # tokenizer.json of the Llama checkpoint; "" means <init.llama_dir>/tokenizer.json.
+      # The configs set source ('csgo' / 'captioned_video') and builder_config; the
+      # trainer reads the prepared directory data_dir ('' = <workdir>/data), which
+      # `python -m tv2tv_jax.prepare` (and `main`, before training) builds from the raw
+      # files in manual_dir, encoding with the VAE in vae_dir (docs/data.md).
+      # `--config.data.source=synthetic` trains on random latents (benchmarks, AOT).
+      source="synthetic", data_dir="", builder_config={}, manual_dir="", vae_dir="",
+      synthetic_batches=0, max_examples_per_row=1, max_text_len=8,
+      prompt="", shuffle_seed=0, num_workers=0,
+      # tokenizer.json of the Llama checkpoint; "" means <init.llama_dir>/tokenizer.json
+      # (`tokenizer_path` below); preparation copies it into the prepared directory.
       tokenizer_path=""))
   return c
 
 
 def tokenizer_path(c: ml_collections.ConfigDict) -> str:
   """The tokenizer.json a config uses ("" when neither path is set)."""
-  if c.data.tokenizer_path:
-    return c.data.tokenizer_path
-  return f"{c.init.llama_dir.rstrip('/')}/tokenizer.json" if c.init.llama_dir else ""
+  from data_pipelines import preparation  # local: configs import without data code
+  return preparation.tokenizer_source(c)
+
+
+def builder_config(name: str, height: int, width: int, max_chunks: int) -> dict:
+  """The TFDS builder config (`data.builder_config`) of clips that fill a row: frames
+  height x width, max_chunks - 1 chunks after the first frame."""
+  return dict(name=name, height=height, width=width, num_chunks=max_chunks - 1)
+
+
+def cpu_test(c: ml_collections.ConfigDict, builder_name: str) -> None:
+  """A CPU-sized variant that keeps what real data exercises: the Llama-3 vocabulary and
+  special ids, the CV4x8x8 latent layout (64x64 frames -> [8, 8, 16]), clips of the
+  prepared-data path. Tiny towers, 4-chunk clips, fp32, XLA attention; a few steps
+  (tests/test_real_data.py)."""
+  c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 mlp_dim=128, latent_shape=latent_shape(64, 64), unet_channels=16,
+                 unet_groups=4, time_embed_dim=16, dtype="float32", attention_impl="xla",
+                 scan_layers=True, remat=False)
+  # Text room for 4 chunks of CS:GO action text or captions even at one token per byte
+  # (the tests' stand-in tokenizer has no merges; Llama-3's needs ~10 tokens per chunk).
+  c.seq.update(text_len=384, max_chunks=5)
+  c.optim.update(learning_rate=1e-3, warmup_steps=1, total_steps=20)
+  c.train.update(batch_size=2, num_steps=3, log_every=1, save_every=0, keep_every=0,
+                 async_checkpoints=False, eval_every=0, eval_batches=1)
+  c.mesh.update(data=-1, fsdp=1)
+  c.data.builder_config = builder_config(builder_name, 64, 64, c.seq.max_chunks)
 
 
 def check_tokenizer(c: ml_collections.ConfigDict):

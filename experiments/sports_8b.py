@@ -26,6 +26,13 @@ Variants (the part after the colon; a layout may follow after a comma, e.g. `def
            Row: 512 + 2*25*112 = 6112.
   12s      ~12 s clips (1 + 48 latents, max_chunks 49), text_len 1024, frames 128x224.
            Row: 1024 + 2*49*112 = 12000.
+  cpu_test tiny towers with the Llama-3 vocabulary, 64x64 frames, 4-chunk clips, a few
+           steps on CPU from data prepared in the test (tests/test_real_data.py).
+
+Data (docs/data.md, "Captioned video"): `data.source = 'captioned_video'`, clips of the
+variant's frame size and length (`data.builder_config`); `main` first prepares `data.data_dir`
+(default <workdir>/data) from the videos and captions.json in `data.manual_dir`, encoding
+with the VAE in `data.vae_dir`.
 """
 
 import ml_collections
@@ -36,24 +43,33 @@ from experiments import llama3_common as common
 def _default(c):
   c.model.latent_shape = common.latent_shape(256, 448)
   c.seq.update(max_chunks=common.chunks_for_seconds(6), text_len=512)
+  c.data.builder_config = common.builder_config("r256x448_6s", 256, 448, c.seq.max_chunks)
 
 
 def _lowres(c):
   c.model.latent_shape = common.latent_shape(128, 224)
+  c.data.builder_config = common.builder_config("r128x224_6s", 128, 224, c.seq.max_chunks)
 
 
 def _twelve_seconds(c):
   c.model.latent_shape = common.latent_shape(128, 224)
   c.seq.update(max_chunks=common.chunks_for_seconds(12), text_len=1024)
+  c.data.builder_config = common.builder_config("r128x224_12s", 128, 224, c.seq.max_chunks)
 
 
-_VARIANTS = {"default": _default, "lowres": _lowres, "12s": _twelve_seconds}
+def _cpu_test(c):
+  common.cpu_test(c, "cpu64")
+
+
+_VARIANTS = {"default": _default, "lowres": _lowres, "12s": _twelve_seconds,
+             "cpu_test": _cpu_test}
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-  """`arg`: `default`, `lowres` or `12s`, optionally `,<layout>` (tv2tv, t2v, think2v)."""
+  """`arg`: `default`, `lowres`, `12s` or `cpu_test`, optionally `,<layout>` (tv2tv, t2v,
+  think2v)."""
   c = common.base(common.LLAMA_3_1_8B)
   _default(c)
-  c.data.tfds_name = "captioned_video_tfds"
+  c.data.update(source="captioned_video", prompt="sports broadcast")
   common.apply_variants(c, arg, _VARIANTS)
   return c

@@ -39,10 +39,10 @@ def _study(c: ml_collections.ConfigDict) -> None:
       source="toy_world", synthetic_batches=0, max_examples_per_row=1,
       toy_world=dict(name="study", num_train=2048, num_validation=32, num_chunks=12,
                      caption_mode="dense"),
-      vae_variant="study", prompt="toy world")
+      prompt="toy world")
   # Replaced, not updated: ConfigDict.update merges dicts, which would keep the main
-  # job's 300-step VAE override.
-  c.data.vae_overrides = ml_collections.ConfigDict()
+  # job's 300-step VAE training.
+  c.data.vae = toy_world.vae_recipe("study")
   c.sample.after_training = False
   # The study: arms x seeds, and the generation evaluation of every run.
   c.study = ml_collections.ConfigDict(dict(
@@ -63,8 +63,8 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
   c.optim.update(warmup_steps=1, total_steps=3)
   c.train.update(batch_size=8, num_steps=3, log_every=1, save_every=0, eval_every=0)
   c.data.update(toy_world=dict(name="smoke", num_train=8, num_validation=2, num_chunks=4,
-                               caption_mode="dense"),
-                vae_variant="tiny")
+                               caption_mode="dense"))
+  c.data.vae = toy_world.vae_recipe("tiny")
   c.study.update(seeds=(0,))
   c.study.eval.update(num_clips=2, batch=2, ode_steps=1, times=(0.25, 0.75))
   c.study.bootstrap_resamples = 200

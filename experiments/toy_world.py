@@ -8,7 +8,7 @@ Variants (the part after the colon):
   tiny    the test model: trains a few steps in seconds; used throughout tests/.
   quick   the README's main job: the whole toy-world chain with cached stages (build the
           TFDS dataset, train a VAE, encode latents, train a tokenizer; see
-          data_pipelines/main_job.py), then a small model for 300 steps, on CPU in minutes.
+          data_pipelines/preparation.py), then a small model for 300 steps, on CPU in minutes.
   small   the throughput/MFU benchmark model (benchmarks/train_step_throughput.py).
   default a larger toy-world model for a workstation or one accelerator.
 
@@ -27,7 +27,7 @@ import ml_collections
 
 from tv2tv_jax import config as config_lib
 
-from experiments import sharding_rules
+from experiments import sharding_rules, vae_toy_world
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -68,14 +68,17 @@ def _base() -> ml_collections.ConfigDict:
       # 'synthetic': how many distinct batches to cycle through (0 = fresh every step).
       synthetic_batches=0,
       max_examples_per_row=3, max_text_len=3,
-      # 'toy_world' (data_pipelines/main_job.py, grain_pipeline.py): the cached stages live
-      # in data_dir ('' = <workdir>/toy_world_data).
+      # 'toy_world', 'csgo', 'captioned_video': the trainer reads the prepared directory
+      # data_dir ('' = <workdir>/toy_world_data for the toy world, <workdir>/data else),
+      # which `python -m tv2tv_jax.prepare` (and `main`, before training) builds
+      # (data_pipelines/preparation.py).
       data_dir="",
       # TFDS builder config: a registered name only ({name: 'small'}) or custom sizes.
       toy_world=dict(name="quick", num_train=256, num_validation=16, num_chunks=3,
                      caption_mode="dense"),
-      vae_variant="quick",  # experiments/vae_toy_world.py variant; channels = latent_shape[-1]
-      vae_overrides=dict(train=dict(num_steps=300, eval_clips=8, stats_clips=16)),
+      # The toy world's VAE recipe (experiments/vae_toy_world.py; its latent channels
+      # become model.latent_shape[-1]): 'quick' trained for 300 steps.
+      vae=vae_recipe("quick", train=dict(num_steps=300, eval_clips=8, stats_clips=16)),
       prompt="toy world",  # meta-prompt text of every example
       shuffle_seed=0, num_workers=0,
       caption_every=1,  # keep the text of every k-th chunk only
@@ -83,6 +86,15 @@ def _base() -> ml_collections.ConfigDict:
       plan_drop_rate=0.0,  # share of clips with every text dropped (plan-free CFG branch)
       max_open=4, window=64))  # RowPacker rows kept open; examples per packing window
   return c
+
+
+def vae_recipe(variant: str, **overrides) -> ml_collections.ConfigDict:
+  """The VAE experiment config `variant` of experiments/vae_toy_world.py, with
+  `overrides` ({section: {field: value}}) applied."""
+  v = vae_toy_world.get_config(variant)
+  for section, values in overrides.items():
+    v[section].update(values)
+  return v
 
 
 def _tiny(c):
@@ -104,7 +116,7 @@ def _quick(c):
   c.seq.update(text_len=32, max_chunks=8, noisy_chunks=6)
   c.optim.update(learning_rate=2e-3, warmup_steps=30, total_steps=300)
   c.train.update(batch_size=4, num_steps=300, log_every=25, save_every=100, eval_every=100)
-  # The whole chain on CPU in minutes (data_pipelines/main_job.py): 256 clips, a 300-step
+  # The whole chain on CPU in minutes (data_pipelines/preparation.py): 256 clips, a 300-step
   # VAE with 8 latent channels, a character-level BPE tokenizer, then this model.
   c.data.update(source="toy_world", synthetic_batches=4)
   # ...and end by generating a video whose chunk 1 is forced to "left fire".

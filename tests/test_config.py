@@ -52,9 +52,9 @@ def test_unknown_variant():
     ("data", dict(synthetic_batches=-1), "data.synthetic_batches"),
     ("data", dict(plan_drop_rate=1.5), "data.plan_drop_rate"),
     ("data", dict(source="tfrecord"), "data.source"),
-    ("data", dict(vae_overrides=dict(trian=dict(num_steps=5))), "data.vae_overrides.trian"),
-    ("data", dict(vae_overrides=dict(train=dict(num_step=5))),
-     "data.vae_overrides.train.num_step"),
+    ("data", dict(source="toy_world", vae=dict(trian=dict(num_steps=5))), "data.vae.trian"),
+    ("data", dict(source="toy_world", vae=dict(train=dict(num_step=5))),
+     "data.vae.train.num_step"),
 ])
 def test_bad_config_names_field(section, overrides, field):
   cfg = toy_world.get_config("tiny")
@@ -149,21 +149,21 @@ def test_unknown_command_line_key_is_one_line(tmp_path, override, words):
 def test_bad_vae_override_is_named_under_data(tmp_path):
   # quick's VAE variant warms up for 100 steps: 50 steps in all cannot hold that. The VAE
   # names it train.warmup_steps, its own field; here that would read as the flow trainer's.
-  proc = _train_cli(tmp_path, "quick", "--config.data.vae_overrides.train.num_steps=50")
+  proc = _train_cli(tmp_path, "quick", "--config.data.vae.train.num_steps=50")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: config field 'data.vae_overrides.train.warmup_steps'")
-  assert "train.num_steps=50" in last
+  assert last.startswith("error: config field 'data.vae.train.warmup_steps'")
+  assert "num_steps=50" in last
   assert not (tmp_path / "run").exists()  # refused before any data stage
 
 
 def test_bad_vae_override_is_named_under_data_when_preparing_data(tmp_path):
-  """Through `trainer.train` (no `main`): the data stages check the VAE config before the
-  first stage runs, and name the field under data.vae_overrides."""
-  from data_pipelines import main_job
+  """Through `preparation.prepare` (no `main`): the data stages check the VAE config before the
+  first stage runs, and name the field under data.vae."""
+  from data_pipelines import preparation
   cfg = toy_world.get_config("quick")
-  cfg.data.vae_overrides = {"train": {"num_steps": 50}}
+  cfg.data.vae.train.num_steps = 50
   with pytest.raises(config_lib.ConfigError) as err:
-    main_job.prepare_toy_world(str(tmp_path / "data"), cfg, log=lambda _: None)
-  assert err.value.field == "data.vae_overrides.train.warmup_steps"
+    preparation.prepare(str(tmp_path / "data"), cfg, log=lambda _: None)
+  assert err.value.field == "data.vae.train.warmup_steps"
   assert not (tmp_path / "data").exists()

@@ -18,10 +18,10 @@ from PIL import Image, ImageSequence
 
 from data_pipelines import tokenizer as tokenizer_lib
 from experiments import toy_world
-from tv2tv_jax import generate, trainer
+from tv2tv_jax import run_state, trainer, video_samples
 from tv2tv_jax.sampling import outputs
 from tv2tv_jax.sampling.decoding import RequestError
-from tv2tv_jax.vae import model as vae_model, train as vae_train
+from tv2tv_jax.vae import model as vae_model, video_tokenizer
 
 NUM_CHUNKS = 3
 
@@ -34,7 +34,7 @@ def _write_toy_world_data(data_dir):
   vcfg = vae_model.VAEConfig(frame_size=64, latent_channels=4, patch_size=8, widths=(8, 16),
                              norm_groups=4, kernel_t=2)
   params = vae_model.init_params(vcfg, jax.random.key(0))
-  vae_train.save(os.path.join(data_dir, "vae"), vcfg, params)  # stats kept apart, as a run does
+  video_tokenizer.save(os.path.join(data_dir, "vae"), vcfg, params)  # stats kept apart, as a run does
   os.makedirs(os.path.join(data_dir, "latents"))
   with open(os.path.join(data_dir, "latents", "latent_stats.json"), "w") as f:
     json.dump({"mean": [0.1, -0.1, 0.0, 0.2], "std": [1.0, 0.5, 2.0, 1.0]}, f)
@@ -53,13 +53,13 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assets(workdir):
-  return generate.load_assets(workdir)
+  return run_state.load_assets(workdir)
 
 
 @pytest.fixture(scope="module")
 def first_run(workdir, assets, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out_a"))
-  paths = generate.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS,
+  paths = video_samples.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS,
                                    cfg_scale=2.0, ode_steps=2, seed=3, out_dir=out,
                                    assets=assets)
   return out, paths
@@ -94,7 +94,7 @@ def test_writes_gif_png_json(first_run, assets):
 
 def test_same_seed_same_frames(workdir, assets, first_run, tmp_path):
   out_a, _ = first_run
-  generate.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS, 2.0, 2, 3,
+  video_samples.generate_to_dir(workdir, ["toy world"], {1: "left fire"}, NUM_CHUNKS, 2.0, 2, 3,
                            str(tmp_path), assets=assets)
 
   def frames(d):
@@ -113,9 +113,9 @@ def test_same_seed_same_frames(workdir, assets, first_run, tmp_path):
 
 def test_decode_uses_stored_stats(assets):
   lat = np.zeros((1, 4, 4, 4), np.float32)  # normalised 0 = the stored mean
-  frames = generate.decode_frames(assets, lat[0], np.zeros((1, 4, 4, 4), np.float32))
+  frames = video_samples.decode_frames(assets, lat[0], np.zeros((1, 4, 4, 4), np.float32))
   assert frames.dtype == np.uint8 and frames.shape == (5, 64, 64, 3)
-  raw = vae_train.to_uint8(vae_model.decode(
+  raw = video_tokenizer.to_uint8(vae_model.decode(
       assets.video.params, np.broadcast_to(assets.video.stats.mean, (1, 2, 4, 4, 4)),
       assets.video.config))[0]
   np.testing.assert_array_equal(frames, raw)
@@ -130,15 +130,15 @@ def test_several_prompts_are_one_batch(workdir, assets, tmp_path, monkeypatch):
   which entry depends on the CPU's rounding.
   """
   latents = []
-  decode = generate.decode_frames
-  monkeypatch.setattr(generate, "decode_frames", lambda a, first, chunks: (
+  decode = video_samples.decode_frames
+  monkeypatch.setattr(video_samples, "decode_frames", lambda a, first, chunks: (
       latents.append(np.asarray(chunks, np.float32)), decode(a, first, chunks))[1])
-  paths = generate.generate_to_dir(workdir, ["toy world", "toy"], {1: "left fire"}, 2, 2.0, 2,
+  paths = video_samples.generate_to_dir(workdir, ["toy world", "toy"], {1: "left fire"}, 2, 2.0, 2,
                                    0, str(tmp_path / "both"), assets=assets)
   assert {os.path.basename(p) for p in paths} >= {"sample_0.json", "sample_1.json"}
   together = list(latents)
   for k, prompt in enumerate(["toy world", "toy"]):
-    generate.generate_to_dir(workdir, [prompt], {1: "left fire"}, 2, 2.0, 2, 0,
+    video_samples.generate_to_dir(workdir, [prompt], {1: "left fire"}, 2, 2.0, 2, 0,
                              str(tmp_path / prompt), assets=assets)
     both = json.load(open(tmp_path / "both" / f"sample_{k}.json"))
     alone = json.load(open(tmp_path / prompt / "sample.json"))
@@ -161,53 +161,53 @@ def test_bad_requests_name_the_field(workdir, assets, tmp_path, kwargs, needle):
   args = dict(prompts=["toy world"], interventions={}, num_chunks=2, cfg_scale=1.0,
               ode_steps=1, seed=0, out_dir=str(tmp_path))
   args.update(kwargs)
-  with pytest.raises(generate.GenerateError) as e:
-    generate.generate_to_dir(workdir, assets=assets, **args)
+  with pytest.raises(run_state.GenerateError) as e:
+    video_samples.generate_to_dir(workdir, assets=assets, **args)
   assert str(e.value).startswith(needle), str(e.value)
 
 
 def test_bad_sampler_setting_names_the_field(workdir, assets, tmp_path):
   with pytest.raises(RequestError, match="top_p"):
-    generate.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0, str(tmp_path),
+    video_samples.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0, str(tmp_path),
                              top_p=0.0, assets=assets)
 
 
 def test_first_frame_png_and_latent(assets, tmp_path):
   frame = (np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)
   Image.fromarray(frame).save(tmp_path / "f.png")
-  from_png, _ = generate.first_frame_latent(assets, str(tmp_path / "f.png"), 0)
-  from_arr, _ = generate.first_frame_latent(assets, frame, 0)
+  from_png, _ = video_samples.first_frame_latent(assets, str(tmp_path / "f.png"), 0)
+  from_arr, _ = video_samples.first_frame_latent(assets, frame, 0)
   np.testing.assert_array_equal(from_png, from_arr)
   assert from_png.shape == (4, 4, 4)
   np.save(tmp_path / "z.npy", from_arr)
-  from_npy, _ = generate.first_frame_latent(assets, str(tmp_path / "z.npy"), 0)
+  from_npy, _ = video_samples.first_frame_latent(assets, str(tmp_path / "z.npy"), 0)
   np.testing.assert_array_equal(from_npy, from_arr)
 
 
 def test_missing_tokenizer_vae_and_checkpoint(workdir, tmp_path):
   wd = str(tmp_path / "run")
   shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("toy_world_data"))
-  with pytest.raises(generate.GenerateError, match="tokenizer.json.*vae"):
-    generate.load_assets(wd)
-  with pytest.raises(generate.GenerateError, match="--checkpoint"):
-    generate.load_assets(workdir, checkpoint=7)
-  with pytest.raises(generate.GenerateError, match="--workdir"):
-    generate.load_assets(str(tmp_path / "nothing"))
+  with pytest.raises(run_state.GenerateError, match="tokenizer.json.*vae"):
+    run_state.load_assets(wd)
+  with pytest.raises(run_state.GenerateError, match="--checkpoint"):
+    run_state.load_assets(workdir, checkpoint=7)
+  with pytest.raises(run_state.GenerateError, match="--workdir"):
+    run_state.load_assets(str(tmp_path / "nothing"))
 
 
 def test_parse_intervention():
-  assert generate.parse_intervention("8:left fire") == (8, "left fire")
-  assert generate.parse_intervention("0:") == (0, "")
-  with pytest.raises(generate.GenerateError, match="--intervene"):
-    generate.parse_intervention("left fire")
+  assert video_samples.parse_intervention("8:left fire") == (8, "left fire")
+  assert video_samples.parse_intervention("0:") == (0, "")
+  with pytest.raises(run_state.GenerateError, match="--intervene"):
+    video_samples.parse_intervention("left fire")
   # By time: chunk i spans frames 1 + 4i .. 4 + 4i at 16 fps (frame 0 is the first frame).
-  assert generate.parse_intervention("0s:stop") == (0, "stop")
-  assert generate.parse_intervention("0.3125s:up") == (1, "up")  # frame 5: chunk 1's first
-  assert generate.parse_intervention("0.3s:up") == (0, "up")  # frame 4: chunk 0's last
-  assert generate.parse_intervention("2.5s:left fire") == (9, "left fire")  # frame 40
+  assert video_samples.parse_intervention("0s:stop") == (0, "stop")
+  assert video_samples.parse_intervention("0.3125s:up") == (1, "up")  # frame 5: chunk 1's first
+  assert video_samples.parse_intervention("0.3s:up") == (0, "up")  # frame 4: chunk 0's last
+  assert video_samples.parse_intervention("2.5s:left fire") == (9, "left fire")  # frame 40
   for bad in ("-1s:up", "xs:up", "nans:up"):
-    with pytest.raises(generate.GenerateError, match="--intervene"):
-      generate.parse_intervention(bad)
+    with pytest.raises(run_state.GenerateError, match="--intervene"):
+      video_samples.parse_intervention(bad)
 
 
 def test_outputs_reject_mismatched_frames():
@@ -219,7 +219,7 @@ def test_sampled_text_stays_inside_the_tokenizer(workdir, assets, tmp_path):
   # The tiny model's vocabulary (128) is padded beyond the tokenizer's; a hot sampler
   # would draw the padding ids if the sampler did not ban them.
   assert assets.text.vocab_size < assets.run.exp.model.vocab_size
-  generate.generate_to_dir(workdir, ["toy world"], {}, NUM_CHUNKS, 1.0, 1, 11, str(tmp_path),
+  video_samples.generate_to_dir(workdir, ["toy world"], {}, NUM_CHUNKS, 1.0, 1, 11, str(tmp_path),
                            temperature=50.0, max_text_tokens=12, assets=assets)
   doc = json.load(open(tmp_path / "sample.json"))
   sampled = [t for c in doc["chunks"] for t in c["tokens"]]
@@ -230,7 +230,7 @@ def test_sampled_text_stays_inside_the_tokenizer(workdir, assets, tmp_path):
 def test_outputs_into_a_gs_directory(workdir, assets, fake_gcs):
   """--out (or a gs:// --workdir's default samples/<seed>) in a bucket: the files are
   written locally, then copied up through epath (in-memory bucket here)."""
-  paths = generate.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0,
+  paths = video_samples.generate_to_dir(workdir, ["toy world"], {}, 1, 1.0, 1, 0,
                                    "gs://bucket/run/samples/0", assets=assets)
   names = {os.path.basename(p) for p in paths}
   assert {"sample.gif", "sample.json", "sample_sheet.png"} <= names
@@ -243,10 +243,10 @@ def test_outputs_into_a_gs_directory(workdir, assets, fake_gcs):
 
 def test_data_dir_of_a_gs_run_must_be_local():
   cfg = toy_world.get_config("tiny")
-  with pytest.raises(generate.workdirs.WorkdirError, match="data.data_dir"):
-    generate.data_dir_of("gs://bucket/run", cfg)
+  with pytest.raises(run_state.workdirs.WorkdirError, match="data.data_dir"):
+    run_state.data_dir_of("gs://bucket/run", cfg)
   cfg.data.data_dir = "/data/toy"
-  assert generate.data_dir_of("gs://bucket/run", cfg) == "/data/toy"
+  assert run_state.data_dir_of("gs://bucket/run", cfg) == "/data/toy"
 
 
 def test_cache_capacity_counts_think2v_plan_eofs():
@@ -255,48 +255,47 @@ def test_cache_capacity_counts_think2v_plan_eofs():
   from tv2tv_jax.config import experiment_from_config_dict
   exps = {l: experiment_from_config_dict(toy_world.get_config(f"tiny,{l}"))
           for l in ("tv2tv", "think2v")}
-  cap = {l: generate.cache_capacity(e, 3, 5, 4, {}) for l, e in exps.items()}
+  cap = {l: video_samples.cache_capacity(e, 3, 5, 4, {}) for l, e in exps.items()}
   assert cap["think2v"] - cap["tv2tv"] == 5
 
 
 def test_two_interventions_on_one_chunk_are_refused():
-  assert generate.parse_interventions(["1:up", "3:left fire"]) == {1: "up", 3: "left fire"}
+  assert video_samples.parse_interventions(["1:up", "3:left fire"]) == {1: "up", 3: "left fire"}
   # "0.3125s" is chunk 1 as well: the clash is found after the times are resolved.
-  with pytest.raises(generate.GenerateError, match=r"'1:up'.*'0\.3125s:down'.*chunk 1"):
-    generate.parse_interventions(["1:up", "0.3125s:down"])
+  with pytest.raises(run_state.GenerateError, match=r"'1:up'.*'0\.3125s:down'.*chunk 1"):
+    video_samples.parse_interventions(["1:up", "0.3125s:down"])
 
 
 def test_generation_refuses_data_the_checkpoint_was_not_trained_on(workdir, monkeypatch):
   """A checkpoint records the identity of its tokenizer and VAE; generation from a data
   directory whose tokenizer.json was rebuilt is refused, naming it."""
-  from data_pipelines import main_job
-  from tv2tv_jax import evaluate
+  from data_pipelines import prepared
   data_dir = os.path.join(workdir, "toy_world_data")
-  identity = main_job.data_identity(data_dir)
+  identity = prepared.data_identity(data_dir)
   assert set(identity) == {"tokenizer", "vae", "latents"}
-  load = evaluate.load_params
+  load = run_state.load_params
 
   def trained_on(ident):
-    monkeypatch.setattr(evaluate, "load_params",
+    monkeypatch.setattr(run_state, "load_params",
                         lambda *a, **k: (*load(*a, **k)[:3], ident))
   trained_on(identity)
-  assert generate.load_assets(workdir).step == 2  # the same data: accepted
+  assert run_state.load_assets(workdir).step == 2  # the same data: accepted
   trained_on(dict(identity, tokenizer="0" * 16))
-  with pytest.raises(generate.GenerateError, match=r"tokenizer: 0{16} in the checkpoint, "
+  with pytest.raises(run_state.GenerateError, match=r"tokenizer: 0{16} in the checkpoint, "
                      + identity["tokenizer"]):
-    generate.load_assets(workdir)
+    run_state.load_assets(workdir)
 
 
 def test_unreadable_first_frames_name_the_file(assets, tmp_path):
   np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
   (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
   for name, what in [("obj.npy", ".npy array"), ("bad.png", "image")]:
-    with pytest.raises(generate.GenerateError,
+    with pytest.raises(run_state.GenerateError,
                        match=rf"--first_frame: .*{name} cannot be read as an? {what}"):
-      generate.first_frame_latent(assets, str(tmp_path / name), 0)
+      video_samples.first_frame_latent(assets, str(tmp_path / name), 0)
   nan = np.full(tuple(assets.run.exp.model.latent_shape), np.nan, np.float32)
-  with pytest.raises(generate.GenerateError, match="NaN or inf"):
-    generate.first_frame_latent(assets, nan, 0)
+  with pytest.raises(run_state.GenerateError, match="NaN or inf"):
+    video_samples.first_frame_latent(assets, nan, 0)
 
 
 def test_a_torn_config_json_is_named_not_the_checkpoint(workdir, tmp_path):
@@ -304,6 +303,6 @@ def test_a_torn_config_json_is_named_not_the_checkpoint(workdir, tmp_path):
   shutil.copytree(workdir, run)
   text = (run / "config.json").read_text()
   (run / "config.json").write_text(text[:len(text) // 2])
-  with pytest.raises(generate.GenerateError, match=r"^--workdir: .*config\.json is not "
+  with pytest.raises(run_state.GenerateError, match=r"^--workdir: .*config\.json is not "
                      r"valid JSON \(truncated or torn"):
-    generate.load_assets(str(run))
+    run_state.load_assets(str(run))

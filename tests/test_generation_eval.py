@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import caption_scores as caps
 from data_pipelines import clip_scores as cs
 from data_pipelines import oracle
 from data_pipelines import toy_world as tw
@@ -48,7 +49,7 @@ class IgnoringModel(ge.ToyWorldGenerator):
       acts = list(dist)
       drawn = acts[rng.choice(len(acts), p=np.array([dist[a] for a in acts]))]
       clip = tw.generate_clip(r.clip_seed, r.num_chunks, self.config, forced={i: drawn})
-      texts = list(clip.texts)
+      texts = self.text_format.texts_of(clip.actions)
       texts[i] = text
       out.append(ge.Generated(texts, clip.frames, r.num_chunks))
     return out
@@ -180,6 +181,85 @@ def test_contact_sheet_marks_the_intervention(tmp_path):
   assert ((img == (220, 0, 0)).all(-1)).sum() > 100  # the red frame around chunk 1
 
 
+# --------------------------------------------------------------------------- sparse captions
+
+def _caption_model(every, placement="plan", cls=ge.ToyWorldGenerator):
+  return cls("tv2tv", text_format=caps.TextFormat("caption", every, placement))
+
+
+@pytest.mark.parametrize("every", [1, 4, 16])
+def test_copying_model_follows_every_chunk_a_forced_caption_covers(every):
+  """The world as a caption model: its captions describe what it plays, and it plays
+  every action of a forced caption, so each covered chunk scores 1.0 (16 chunks: 1 s,
+  3 s are chunks 3, 11, planned by the captions at 0 and 8 when every = 4, both by the
+  one at 0 when every = 16)."""
+  clips = _clips(6, k=16)
+  doc = ge.evaluate(_caption_model(every), clips, num_resamples=50)
+  assert doc["text_format"] == {"kind": "caption", "every": every, "placement": "plan"}
+  want = {1: {"intervene_1s": 3, "intervene_3s": 11},
+          4: {"intervene_1s": 0, "intervene_3s": 8}, 16: {"intervene_1s": 0}}[every]
+  assert doc["interventions"]["chunks"] == want
+  assert set(doc["conditions"]) == {"free", *want}
+  free = doc["conditions"]["free"]["summary"]
+  assert free["consistent"]["mean"] == 1.0 and free["unparseable"]["mean"] == 0.0
+  assert free["uncovered"]["mean"] == 0.0
+  for key in cs.VISUAL_KEYS:
+    assert free[key]["mean"] == 1.0, key
+  for name, chunk in want.items():
+    s = doc["conditions"][name]["summary"]
+    assert s["both"]["mean"] == s["movement"]["mean"] == s["fire"]["mean"] == 1.0
+    assert s["feasible"]["mean"] == 1.0
+    for rec, clip in zip(doc["conditions"][name]["clips"], clips):
+      truth = tw.caption_clip(clip, every, 0.0, clip.seed)
+      assert rec["chunk"] == chunk and rec["covered"] == min(every, 16 - chunk)
+      assert rec["per_chunk"]["both"] == [1.0] * rec["covered"]
+      assert tw.parse_summary(rec["inserted"]) == [tw.parse_action_text(a) for a in rec["plan"]]
+      assert rec["own_text"] == truth[chunk] and rec["inserted"] != rec["own_text"]
+      assert rec["plan"][0] != clip.texts[chunk]  # differs from what the model planned
+      assert rec["texts"][:chunk] == truth[:chunk] and rec["texts"][chunk] == rec["inserted"]
+      # kept_own: covered chunks that read as in the free run (the first never does).
+      assert rec["per_chunk"]["kept_own"][0] == 0.0
+      assert 0.0 <= rec["chance_both"] < 1.0
+  if every == 16:
+    assert doc["interventions"]["merged"] == {"intervene_3s": "intervene_1s"}
+
+
+def test_ignoring_caption_model_scores_chance_on_every_covered_chunk():
+  """A caption model that ignores the forced caption (its chunk is a fresh draw of the
+  policy, later chunks the world's own) follows each covered chunk at that chunk's
+  chance: within 3 binomial standard errors over the 40 x 2 x 4 covered chunks."""
+  clips = _clips(40, k=16)
+  model = _caption_model(4, cls=IgnoringModel)
+  chunks = caps.caption_plan(ge.intervention_chunks([1, 3], 16), model.text_format)["chunks"]
+  runs = ge.run_protocol(model, clips, chunks, seed=0)
+  hits = {"movement": [], "fire": [], "both": []}
+  p = {k: [] for k in hits}
+  for name in chunks:
+    for r, fr in zip(runs[name], runs["free"]):
+      got = caps.plan_scores(r["intervention"], r["read"], r["states"], fr["read"])
+      assert got["covered"] == 4
+      for k in hits:
+        hits[k] += got["per_chunk"][k]
+        p[k] += got["per_chunk"][f"chance_{k}"]
+  for k in hits:
+    pk = np.array(p[k])
+    se = np.sqrt((pk * (1 - pk)).sum()) / len(pk)
+    print(f"{k}: ignoring {np.mean(hits[k]):.3f}, chance {pk.mean():.3f} +- {3 * se:.3f}")
+    assert len(pk) == 320
+    assert abs(np.mean(hits[k]) - pk.mean()) <= 3 * se + 1e-9, k
+  assert np.mean(hits["both"]) < 0.6  # far below the copying model's 1.0
+
+
+def test_report_captions_get_no_intervention():
+  """Captions written after the chunks they describe can steer nothing forced now: only
+  the free condition, whose true captions are consistent where they describe a chunk."""
+  doc = ge.evaluate(_caption_model(4, "report"), _clips(3, k=10), num_resamples=50)
+  assert list(doc["conditions"]) == ["free"] and "skipped" in doc["interventions"]
+  free = doc["conditions"]["free"]["summary"]
+  assert free["consistent"]["mean"] == pytest.approx(0.8)  # chunks 8, 9: no caption
+  assert free["uncovered"]["mean"] == pytest.approx(0.2)
+
+
 # --------------------------------------------------------------------------- the command
 
 @pytest.fixture(scope="module")
@@ -190,7 +270,7 @@ def workdir(tmp_path_factory):
   from data_pipelines import tokenizer as tokenizer_lib
   from experiments import toy_world as toy_cfg
   from tv2tv_jax import trainer
-  from tv2tv_jax.vae import model as vae_model, train as vae_train
+  from tv2tv_jax.vae import model as vae_model, video_tokenizer
   wd = str(tmp_path_factory.mktemp("eval_run"))
   cfg = toy_cfg.get_config("tiny")
   cfg.train.num_steps = 1  # a checkpoint is all the command needs
@@ -203,7 +283,7 @@ def workdir(tmp_path_factory):
   tok.save(os.path.join(data_dir, "tokenizer.json"))
   vcfg = vae_model.VAEConfig(frame_size=64, latent_channels=4, patch_size=8, widths=(8, 16),
                              norm_groups=4, kernel_t=2)
-  vae_train.save(os.path.join(data_dir, "vae"), vcfg, vae_model.init_params(vcfg,
+  video_tokenizer.save(os.path.join(data_dir, "vae"), vcfg, vae_model.init_params(vcfg,
                                                                             jax.random.key(0)))
   with open(os.path.join(data_dir, "latents", "latent_stats.json"), "w") as f:
     json.dump({"mean": [0.1, -0.1, 0.0, 0.2], "std": [1.0, 0.5, 2.0, 1.0]}, f)

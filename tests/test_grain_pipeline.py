@@ -240,7 +240,7 @@ def test_packing_efficiency_on_toy_world_rows(pcfg, tmp_path):
   c.seq.update(text_len=default.text_len, max_chunks=default.max_chunks)
   assert default.noisy_chunks == 15  # a given first frame has no noisy twin
   from tv2tv_jax import config as config_lib
-  # Texts tokenised as the main job does (data_pipelines/main_job.py: BPE trained on the
+  # Texts tokenised as the main job does (data_pipelines/preparation.py: BPE trained on the
   # toy world's texts with the model's vocabulary); the fixture's 96-id tokenizer, trained
   # on 4 clips, writes longer texts than any run would.
   tok_path = str(tmp_path / "tokenizer.json")
@@ -268,22 +268,24 @@ def test_packing_efficiency_on_toy_world_rows(pcfg, tmp_path):
 @pytest.mark.slow
 def test_main_job_stages_run_once_then_train(tmp_path):
   """data.source='toy_world' end to end: stages built once (then cached), trainer runs."""
-  from data_pipelines import main_job
+  from data_pipelines import preparation
+  from experiments import toy_world
   from tv2tv_jax import config as config_lib, inputs, trainer
   c = grain_fixture.experiment_config()
   data_dir = str(tmp_path / "data")
-  c.data.update(source="toy_world", data_dir=data_dir, vae_variant="tiny",
+  c.data.update(source="toy_world", data_dir=data_dir,
                 toy_world=dict(name="t", num_train=12, num_validation=4, num_chunks=2,
                                caption_mode="sports"), caption_every=2)
-  c.data.vae_overrides = {"train": {"num_steps": 4}}
+  c.data.vae = toy_world.vae_recipe("tiny", train={"num_steps": 4})
   c.train.update(num_steps=3, eval_every=3, eval_batches=1)
   exp = config_lib.experiment_from_config_dict(c)
+  preparation.prepare(data_dir, c, log=lambda _: None)
   stream = inputs.make_train_input(exp, c)
-  assert set(main_job.stage_timings(data_dir)) == set(main_job.STAGES)
+  assert set(preparation.stage_timings(data_dir)) == set(preparation.STAGES)
   batch = next(stream)
   assert batch["latents"].shape == (exp.train.batch_size, 6, 8, 8, 4)
   logs = []
-  main_job.prepare_toy_world(data_dir, c, log=logs.append)
+  preparation.prepare(data_dir, c, log=logs.append)
   assert logs and all("cached" in line for line in logs), logs
   records = trainer.train(c, str(tmp_path / "run"), log=lambda s: None)
   losses = [r["loss"] for r in records if "loss" in r]
@@ -319,13 +321,13 @@ def test_bad_examples_are_named_skipped_and_counted(pcfg, caplog):
 
 
 def _damaged_copy(pcfg, tmp_path, damage):
-  """pcfg over a copy of its latent dataset whose train.array_record bytes went through
-  `damage`."""
+  """pcfg over a copy of its latent dataset whose train shard's bytes (one shard: 24 records)
+  went through `damage`."""
   import dataclasses
   import shutil
   latent_dir = str(tmp_path / "latents")
   shutil.copytree(pcfg.latent_dir, latent_dir)
-  path = latent_dataset.split_path(latent_dir, "train")
+  [path] = latent_dataset.shard_paths(latent_dir, "train")
   with open(path, "rb") as f:
     data = f.read()
   with open(path, "wb") as f:
@@ -334,7 +336,7 @@ def _damaged_copy(pcfg, tmp_path, damage):
 
 
 def test_truncated_latent_file_fails_the_pipeline_naming_it(pcfg, tmp_path):
-  """The trainer's input (make_dataset) refuses a truncated train.array_record by name."""
+  """The trainer's input (make_dataset) refuses a truncated train shard by name."""
   bad, path = _damaged_copy(pcfg, tmp_path, lambda d: d[:len(d) // 2])
   exp = grain_fixture.experiment()
   with pytest.raises(latent_dataset.LatentRecordError, match=rf"^{path}: cannot open"):

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import pytest
 
+import llama_fixtures
 from experiments import csgo_3b, llama3_common, sports_8b
 from tv2tv_jax import config as config_lib
 from tv2tv_jax import sharding, train_step
@@ -118,30 +119,14 @@ def test_param_count_from_eval_shape(module, variant, llama_params):
                                               exp.model.num_heads, exp.model.head_dim)
 
 
-def _llama3_like_tokenizer(path, reserved_2_id):
-  """A word-level stand-in with Llama-3's 128256 ids and special-token names at their
-  Llama-3.1/3.2 ids (reserved_2 at 128005) or Llama-3.0 ids (reserved_2 at 128004)."""
-  import tokenizers  # an install requirement: a missing one must fail, not skip
-  vocab = {f"w{i}": i for i in range(128000)}
-  names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-           "<|reserved_special_token_1|>"]
-  names += (["<|finetune_right_pad_id|>", "<|reserved_special_token_2|>"]
-            if reserved_2_id == 128005 else ["<|reserved_special_token_2|>", "<|other|>"])
-  names += [f"<|filler_{i}|>" for i in range(256 - len(names))]
-  vocab.update({name: 128000 + i for i, name in enumerate(names)})
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tok.save(str(path))
-
-
 def test_special_ids_checked_against_tokenizer(tmp_path):
   cfg = csgo_3b.get_config("6s")
-  _llama3_like_tokenizer(tmp_path / "tokenizer.json", reserved_2_id=128005)
+  llama_fixtures.write_llama3_like_tokenizer(tmp_path / "tokenizer.json", reserved_2_id=128005)
   cfg.init.llama_dir = str(tmp_path)  # tokenizer.json is looked up beside the weights
   tok = llama3_common.check_tokenizer(cfg)
   assert tok.vocab_size == 128256 and tok.special_ids["pad"] == 128005
   # A Llama-3.0 tokenizer puts reserved_special_token_2 at 128004: the pad id is named.
-  _llama3_like_tokenizer(tmp_path / "llama30.json", reserved_2_id=128004)
+  llama_fixtures.write_llama3_like_tokenizer(tmp_path / "llama30.json", reserved_2_id=128004)
   cfg.data.tokenizer_path = str(tmp_path / "llama30.json")
   with pytest.raises(config_lib.ConfigError, match="seq.pad_id"):
     llama3_common.check_tokenizer(cfg)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import toy_world
-from tv2tv_jax import (checkpoints, evaluate, resume_check, synthetic, train_step, trainer)
+from tv2tv_jax import (checkpoints, resume_check, run_state, synthetic, train_step, trainer)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
 
@@ -41,7 +41,7 @@ def test_resume_with_another_layout_is_refused_and_changes_nothing(finished_run,
                      r"checkpoint, 't2v' now"):
     trainer.train(_cfg("tiny,t2v", num_steps=6), str(finished_run), log=lambda _: None)
   assert (finished_run / "config.json").read_text() == before
-  run, _, step, _ = evaluate.load_params(str(finished_run))
+  run, _, step, _ = run_state.load_params(str(finished_run))
   assert run.exp.seq.layout == "tv2tv" and step == 4
 
 
@@ -57,7 +57,7 @@ def test_resume_with_another_shape_names_the_field_and_keeps_the_checkpoints(fin
   assert "--allow_config_change=model.d_model" in str(e.value)
   assert not any("cannot be restored" in l for l in lines)
   assert sorted(os.listdir(finished_run / "checkpoints")) == ["2", "4"]
-  assert evaluate.load_params(str(finished_run))[2] == 4
+  assert run_state.load_params(str(finished_run))[2] == 4
 
 
 def test_evaluation_reads_the_checkpoint_config_not_config_json(finished_run, tmp_path):
@@ -69,7 +69,7 @@ def test_evaluation_reads_the_checkpoint_config_not_config_json(finished_run, tm
   cfg = json.loads((wd / "config.json").read_text())
   cfg["seq"]["layout"] = "t2v"
   (wd / "config.json").write_text(json.dumps(cfg))
-  run, _, _, _ = evaluate.load_params(str(wd))
+  run, _, _, _ = run_state.load_params(str(wd))
   assert run.exp.seq.layout == "tv2tv"
 
 
@@ -142,7 +142,7 @@ def test_a_nonfinite_checkpoint_falls_back_and_training_sets_it_aside(tmp_path):
                                   "step": tree["step"] + 2})
   ckpt.save(6, poisoned, data_state, config)
   ckpt.close()
-  run, params, step, _ = evaluate.load_params(str(tmp_path))
+  run, params, step, _ = run_state.load_params(str(tmp_path))
   assert step == 4 and not checkpoints.nonfinite_leaves(params)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4", "6"]
   lines = []

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import toy_world
 from tv2tv_jax import config as config_lib
-from tv2tv_jax import evaluate, inputs, sharding, synthetic, trainer
+from tv2tv_jax import inputs, run_state, sharding, synthetic, trainer
 from tv2tv_jax.model import TV2TV
 
 
@@ -73,7 +73,7 @@ def test_restore_onto_other_meshes_gives_identical_eval(tmp_path):
   cfg.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2, sequence=1))
   records = trainer.train(cfg, str(tmp_path), log=lambda _: None)
   in_run = [r for r in records if "eval/video_mse" in r][-1]
-  results = [evaluate.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:n])
+  results = [run_state.evaluate_checkpoint(str(tmp_path), devices=jax.devices()[:n])
              for n in (1, 4)]
   for r in results:
     assert r["step"] == 4
@@ -82,10 +82,10 @@ def test_restore_onto_other_meshes_gives_identical_eval(tmp_path):
   assert results[0]["eval/video_mse"] == results[1]["eval/video_mse"]
   assert results[0]["eval/text_ce"] == results[1]["eval/text_ce"]
   # A params-only export evaluates to the same numbers.
-  run, params, _, _ = evaluate.load_params(str(tmp_path), devices=jax.devices()[:1])
+  run, params, _, _ = run_state.load_params(str(tmp_path), devices=jax.devices()[:1])
   from tv2tv_jax import checkpoints
   checkpoints.export_params(params, str(tmp_path / "export"))
-  exported = evaluate.evaluate_checkpoint(str(tmp_path), params_dir=str(tmp_path / "export"),
+  exported = run_state.evaluate_checkpoint(str(tmp_path), params_dir=str(tmp_path / "export"),
                                           devices=jax.devices()[:2])
   assert exported["eval/video_mse"] == results[0]["eval/video_mse"]
 
@@ -146,7 +146,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
   assert [r["skipped"] for r in logged] == [0, 0, 0, 0, 1, 1]
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 4]
   # The skipped steps left the parameters as they were after step 4.
-  run, params4, _, _ = evaluate.load_params(str(tmp_path), step=4, devices=jax.devices()[:1])
+  run, params4, _, _ = run_state.load_params(str(tmp_path), step=4, devices=jax.devices()[:1])
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params4))
 
 
@@ -189,7 +189,7 @@ def test_trainer_initialises_text_tower_from_llama(tmp_path, tiny_exp):
                                             video_tower_from_llama=False))
   lines = []
   trainer.train(cfg, str(tmp_path / "run"), log=lines.append, devices=jax.devices()[:1])
-  _, params, _, _ = evaluate.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])
+  _, params, _, _ = run_state.load_params(str(tmp_path / "run"), devices=jax.devices()[:1])
   np.testing.assert_allclose(np.asarray(params["embed"]["embedding"]),
                              tensors["model.embed_tokens.weight"], atol=1e-4)
   wq = np.asarray(params["stack"]["layers"]["text"]["qkv"]["wq"][1])  # layer 1, [D, H, dh]

@@ -39,12 +39,12 @@ def test_study_rows_hold_a_clip_of_every_layout():
 
 def test_study_vae_is_the_study_variant_unchanged():
   """The data stage trains `vae_toy_world.py:study` as it is (no main-job override)."""
-  from data_pipelines import main_job
+  from data_pipelines import preparation
   from experiments import vae_toy_world
   cfg = toy_study.get_config()
   want = vae_toy_world.get_config("study")
   want.vae.latent_channels = cfg.model.latent_shape[-1]
-  assert main_job._vae_config(cfg).to_dict() == want.to_dict()
+  assert preparation.vae_config(cfg).to_dict() == want.to_dict()
 
 
 @pytest.mark.parametrize("field,value,needle", [

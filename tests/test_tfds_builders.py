@@ -1,5 +1,7 @@
 """TFDS builders (no TensorFlow): build into a tmp data_dir, read back via data sources,
-compare with the generator output exactly, determinism, and named bad-record reports."""
+compare with the generator output exactly, determinism, and named bad-record reports.
+Source files are written by tests/tfds_sources.py; Beam builds are in test_tfds_beam.py,
+the real MP4 files in test_real_videos.py."""
 
 import json
 import logging
@@ -8,33 +10,17 @@ import h5py
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipelines import captioned_video_tfds as cv_lib
 from data_pipelines import csgo_tfds as cs_lib
 from data_pipelines import toy_world
 from data_pipelines import toy_world_tfds as tw_lib
+import tfds_sources as src_lib
+from tfds_sources import action as _action, as_str as _as_str, write_h5 as _write_h5
+from tfds_sources import write_video as _write_video, SRC_SHAPE
 
-
-def _as_str(x):
-  return [t.decode("utf-8") for t in x] if isinstance(x, (list, np.ndarray)) else x.decode()
-
-
-def _assert_same(stored: dict, expected: dict):
-  """A data-source example equals the generator's example: arrays bit for bit, texts equal."""
-  assert set(stored) == set(expected)
-  for key, want in expected.items():
-    got = stored[key]
-    if isinstance(want, str):
-      assert _as_str(got) == want, key
-    elif isinstance(want, list):
-      assert _as_str(got) == want, key
-    else:
-      want = np.asarray(want)
-      if want.ndim == 0:  # scalars come back as Python numbers
-        assert np.asarray(got).ndim == 0 and got == want, key
-        continue
-      assert got.dtype == want.dtype and got.shape == want.shape, key
-      np.testing.assert_array_equal(got, want, err_msg=key)
+_assert_same = src_lib.assert_same_example
 
 
 def _quiet(builder, **kwargs):
@@ -82,7 +68,9 @@ def test_toy_world_sports_captions_and_determinism(tmp_path):
       clip = toy_world.generate_clip(seed, cfg.num_chunks)
       caps, wrong = toy_world.caption_clip_with_truth(clip, 4, cfg.wrong_rate, seed)
       texts = _as_str(s1[split][i]["texts"])
-      assert texts == caps and texts[:3] == ["", "", ""] and texts[3]  # every 4th chunk
+      # The plan placement: one caption, before chunk 0, describing chunks 0-3.
+      assert texts == caps and texts[0] and texts[1:] == ["", "", ""]
+      assert toy_world.parse_summary(texts[0]) == clip.actions or wrong[0]
       np.testing.assert_array_equal(s1[split][i]["caption_wrong"], wrong)
       assert _as_str(s1[split][i]["action_texts"]) == clip.texts
 
@@ -96,42 +84,6 @@ def test_toy_world_feeds_grain(tmp_path):
 
 
 # --------------------------------------------------------------------------- CS:GO
-
-SRC_SHAPE = (24, 40, 3)
-
-
-def _action(keys=(), left=False, right=False, dx=0.0, dy=0.0):
-  y = np.zeros(cs_lib.ACTION_DIM, np.float32)
-  for k in keys:
-    y[cs_lib.KEY_NAMES.index(k)] = 1
-  y[cs_lib.N_KEYS], y[cs_lib.N_KEYS + 1] = left, right
-  y[cs_lib.X_SLICE.start + cs_lib.MOUSE_X_BINS.index(dx)] = 1
-  y[cs_lib.Y_SLICE.start + cs_lib.MOUSE_Y_BINS.index(dy)] = 1
-  return y
-
-
-def _write_h5(path, num_frames, seed, shape=SRC_SHAPE, drop=(), reshape=None, set_y=None):
-  """An HDF5 file in the dataset's layout: frame_{i}_x (BGR uint8), frame_{i}_y (51), aux.
-
-  set_y: {frame index: float[51]} action vectors written instead of the random ones.
-  """
-  rng = np.random.default_rng(seed)
-  keys = list(cs_lib.KEY_NAMES)
-  with h5py.File(path, "w") as h5:
-    for i in range(num_frames):
-      x = rng.integers(0, 256, shape, dtype=np.uint8)
-      if reshape is not None and i == reshape[0]:
-        x = rng.integers(0, 256, reshape[1], dtype=np.uint8)
-      y = _action(keys=[keys[j] for j in np.nonzero(rng.random(11) < 0.3)[0]],
-                  left=bool(rng.random() < 0.3),
-                  dx=cs_lib.MOUSE_X_BINS[rng.integers(23)],
-                  dy=cs_lib.MOUSE_Y_BINS[rng.integers(15)])
-      y = (set_y or {}).get(i, y)
-      for suffix, value in (("x", x), ("y", y), ("xaux", np.zeros(54, np.float32)),
-                            ("helperarr", np.zeros(2, np.float32))):
-        if (i, suffix) not in drop:
-          h5[f"frame_{i}_{suffix}"] = value
-
 
 def test_csgo_action_text_template():
   cfg = cs_lib.CsgoBuilderConfig(name="t")
@@ -221,21 +173,10 @@ def test_csgo_action_problem_accepts_what_chunk_text_reads():
 
 @pytest.fixture(scope="module")
 def csgo_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("csgo_src")
-  _write_h5(root / "a_good.hdf5", 17, seed=1)  # 2 clips of 2 chunks (9 frames, stride 8)
-  (root / "broken.hdf5").write_bytes(b"not an hdf5 file")
-  with h5py.File(root / "empty.hdf5", "w") as h5:
-    h5["unrelated"] = np.zeros(3)
-  _write_h5(root / "gap.hdf5", 17, seed=2, drop={(10, "y")})
-  _write_h5(root / "short.hdf5", 5, seed=3)
-  _write_h5(root / "wrongsize.hdf5", 17, seed=4, reshape=(3, (20, 40, 3)))
-  _write_h5(root / "zz_val.hdf5", 9, seed=5)  # index 6 of 7 sorted files -> validation
-  return root
+  return src_lib.write_csgo_source(tmp_path_factory.mktemp("csgo_src"))
 
 
-def _csgo_cfg(**kw):
-  return cs_lib.CsgoBuilderConfig(name="test", height=12, width=20, num_chunks=2,
-                                  source_shape=SRC_SHAPE, validation_every=7, **kw)
+_csgo_cfg = src_lib.csgo_config
 
 
 def test_csgo_file_reader_flips_bgr_and_keeps_actions(csgo_dir):
@@ -266,8 +207,9 @@ def test_csgo_builds_reads_back_and_reports_bad_records(csgo_dir, tmp_path, capl
   for split, files in cs_lib.split_files(sorted(csgo_dir.glob("*.hdf5")), cfg).items():
     for f in files:
       expected[split].extend(ex for _, ex in cs_lib.file_examples(f, cfg, ref, split))
-  # good: 2 clips of a_good, 1 of gap (clip 2 lacks frame_10_y), 1 of wrongsize (clip 1 bad).
-  assert [len(expected[s]) for s in ("train", "validation")] == [4, 1]
+  # good: 2 clips of a_good, 1 of gap (clip 2 lacks frame_10_y), 1 of nan (clip 1 holds a
+  # NaN action vector), 1 of wrongsize (clip 1 bad).
+  assert [len(expected[s]) for s in ("train", "validation")] == [5, 1]
   for split in ("train", "validation"):
     assert len(src[split]) == len(expected[split])
     for i, want in enumerate(expected[split]):
@@ -276,36 +218,23 @@ def test_csgo_builds_reads_back_and_reports_bad_records(csgo_dir, tmp_path, capl
 
   want_bad = {"broken.hdf5": "unreadable", "empty.hdf5": "no_frames", "short.hdf5": "too_short",
               "gap.hdf5/frames_000008-000016": "missing_key",
+              "nan.hdf5/frames_000000-000008": "bad_entry",
               "wrongsize.hdf5/frames_000000-000008": "wrong_shape"}
   # Persisted: a fresh builder reads the reports back from metadata.json.
   meta = cs_lib.CsgoDust2(config=cfg, data_dir=tmp_path).info.metadata["bad_records"]
-  assert meta["train"]["count"] == 5 and meta["validation"]["count"] == 0
+  assert meta["train"]["count"] == 6 and meta["validation"]["count"] == 0
   got = {r["name"]: r["kind"] for r in meta["train"]["records"]}
   assert got == want_bad
   reasons = {r["name"]: r["reason"] for r in meta["train"]["records"]}
   assert "frame_10_y" in reasons["gap.hdf5/frames_000008-000016"]
   assert "frame_3_x" in reasons["wrongsize.hdf5/frames_000000-000008"]
+  assert "frame_3_y (actions[3] of the clip) holds 51 NaN" in reasons[
+      "nan.hdf5/frames_000000-000008"]
   for name in want_bad:  # each was logged by name
     assert any(name in rec.getMessage() for rec in caplog.records), name
 
 
 # --------------------------------------------------------------------------- captioned video
-
-def _write_video(path, num_frames, rate, size=(24, 32), codec="ffv1", pix_fmt="bgr0"):
-  """Solid frames whose red channel encodes the frame index (7 * i), green 200."""
-  import av
-  with av.open(str(path), mode="w") as c:
-    s = c.add_stream(codec, rate=rate)
-    s.height, s.width = size
-    s.pix_fmt = pix_fmt
-    for i in range(num_frames):
-      arr = np.zeros((*size, 3), np.uint8)
-      arr[..., 0], arr[..., 1] = 7 * i, 200
-      for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-        c.mux(p)
-    for p in s.encode():
-      c.mux(p)
-
 
 def test_decode_video_resamples_to_16fps(tmp_path):
   _write_video(tmp_path / "v8.mkv", 20, 8)
@@ -334,27 +263,7 @@ def test_caption_slot():
 
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("videos")
-  _write_video(root / "a.mkv", 20, 8)          # 40 frames at 16 fps -> 4 clips of 9
-  _write_video(root / "val.mkv", 12, 12)       # 16 frames -> 1 clip
-  _write_video(root / "short.mkv", 4, 8)       # 8 frames < 9
-  _write_video(root / "late.mkv", 20, 8)
-  (root / "corrupt.mkv").write_bytes(b"\x00garbage" * 64)
-  entries = [
-      {"file": "a.mkv", "prompt": "red ramps up",
-       "captions": [{"time": 1.0, "text": "mid"}, {"time": 0.0, "text": "start"},
-                    {"time": 0.25, "text": "go"}, {"time": 2.45, "text": "tail"}]},
-      {"file": "val.mkv", "split": "validation", "captions": [{"time": 0.5, "text": "v"}]},
-      {"file": "missing.mkv", "captions": []},
-      {"file": "corrupt.mkv", "captions": []},
-      {"file": "short.mkv", "captions": []},
-      {"file": "late.mkv", "captions": [{"time": 2.5, "text": "after the end"}]},
-      {"file": "nocaps.mkv"},
-      {"file": "badcap.mkv", "captions": [{"time": 0.1, "text": 3}]},
-      "just a string",
-  ]
-  (root / "captions.json").write_text(json.dumps({"videos": entries}))
-  return root
+  return src_lib.write_video_source(tmp_path_factory.mktemp("videos"))
 
 
 def test_captioned_video_builds_reads_back_and_reports_bad_records(video_dir, tmp_path, caplog):
@@ -396,10 +305,7 @@ def test_captioned_video_builds_reads_back_and_reports_bad_records(video_dir, tm
 
 
 def test_split_of_only_bad_records_is_a_clear_error(tmp_path):
-  (tmp_path / "src").mkdir()
-  (tmp_path / "src" / "captions.json").write_text(json.dumps(
-      {"videos": [{"file": "gone.mkv", "captions": []}]}))
-  cfg = cv_lib.CaptionedVideoBuilderConfig(name="empty", height=8, width=8, num_chunks=1)
+  cfg = src_lib.write_all_bad_source(tmp_path / "src")
   with pytest.raises(Exception, match="every record was bad.*gone.mkv"):
     cv_lib.CaptionedVideo(config=cfg, data_dir=tmp_path / "dd").download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=tmp_path / "src"))
@@ -430,17 +336,48 @@ def test_captioned_video_listed_twice_is_a_named_error(tmp_path):
 
 
 @pytest.mark.parametrize("file", ["../outside.mkv", "sub/../../outside.mkv", "ABS"])
-def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file):
-  """A "../" or absolute path would read a video outside manual_dir: refused by index/path."""
+def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file,
+                                                                   monkeypatch):
+  """A "../" or absolute path would read a video outside manual_dir: refused by index/path,
+  before any video is opened."""
   (tmp_path / "src" / "sub").mkdir(parents=True)
   _write_video(tmp_path / "outside.mkv", 20, 16)  # a readable video the entry points to
   _write_video(tmp_path / "src" / "in.mkv", 20, 16)
   file = str(tmp_path / "outside.mkv") if file == "ABS" else file
   entries = [{"file": "in.mkv", "captions": []}, {"file": file, "captions": []}]
+  opened = []
+  decode = cv_lib.decode_video
+  monkeypatch.setattr(cv_lib, "decode_video", lambda path, *a: opened.append(path) or decode(
+      path, *a))
   with pytest.raises(cv_lib.CaptionsError) as err:
     _prepare_captioned(tmp_path, entries)
   assert f"videos[1] file {file!r} leaves the input folder" in str(err.value)
+  assert opened == []
   cfg = cv_lib.CaptionedVideoBuilderConfig(name="t", height=8, width=8, num_chunks=1)
   with pytest.raises(cv_lib.CaptionsError, match="leaves the input folder"):
     next(cv_lib.video_examples(entries[1], tmp_path / "src", cfg, cv_lib.BadRecords("t"),
                                "train"))
+
+
+@pytest.mark.parametrize("kind", ["csgo", "captioned"])
+def test_sources_in_a_bucket_build_like_local_ones(tmp_path, fake_gcs, kind):
+  """Dataflow workers read gs:// inputs: h5py and PyAV get file objects (tfds_common.
+  source_file) and build the same dataset as from a local folder."""
+  local_src = tmp_path / "src"
+  if kind == "csgo":
+    src_lib.write_csgo_source(local_src)
+    cls, cfg = cs_lib.CsgoDust2, _csgo_cfg()
+  else:
+    src_lib.write_video_source(local_src)
+    cls, cfg = cv_lib.CaptionedVideo, cv_lib.CaptionedVideoBuilderConfig(
+        name="test", height=12, width=16, num_chunks=2)
+  bucket = epath.Path("gs://bucket/src")
+  for f in local_src.iterdir():
+    (bucket / f.name).write_bytes(f.read_bytes())
+  builds = []
+  for name, manual_dir in (("local", local_src), ("bucket", bucket)):
+    builds.append(_quiet(cls(config=cfg, data_dir=tmp_path / name),
+                         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)))
+  # Reasons may differ (PyAV names a file object '<none>'); records, examples may not.
+  src_lib.assert_same_builds(*builds, reasons=False)
+  assert sum(s.num_examples for s in builds[1].info.splits.values()) >= 5

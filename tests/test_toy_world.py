@@ -1,6 +1,8 @@
 """Toy world: determinism, shapes, chunk-boundary actions, policy, text and caption templates."""
 
 import dataclasses
+import hashlib
+import json
 
 import hypothesis
 import hypothesis.strategies as st
@@ -150,29 +152,110 @@ def test_summary_template():
     tw.summarise_actions([])
 
 
-def test_caption_only_every_kth_chunk():
+def test_plan_caption_describes_the_chunks_after_it():
+  """The default placement: the caption before chunk i (i % k == 0) describes chunks
+  i .. i+k-1; the clip's last caption describes only the chunks left (fewer than k when
+  k does not divide the clip)."""
+  for n in (16, 13):
+    clip = tw.generate_clip(3, n)
+    for k in (1, 3, 4, 5, 16):
+      caps = tw.caption_clip(clip, k, 0.0, seed=0)
+      assert caps == tw.caption_clip(clip, k, 0.0, seed=0, placement="plan")
+      assert len(caps) == n
+      for i, c in enumerate(caps):
+        assert (c != "") == (i % k == 0), (n, k, i, c)
+        if c:
+          assert tw.parse_summary(c) == clip.actions[i:i + k]  # [i:n] for the last one
+          assert set(c.split()) <= set(tw.CAPTION_WORDS)
+      last = max(i for i, c in enumerate(caps) if c)
+      assert len(tw.parse_summary(caps[last])) == n - last == (n - 1) % k + 1
+  assert tw.caption_spans(10, 4) == [(0, 0, 4), (4, 4, 8), (8, 8, 10)]
+  assert tw.caption_spans(10, 4, "report") == [(3, 0, 4), (7, 4, 8)]
+  with pytest.raises(ValueError, match="placement"):
+    tw.caption_spans(10, 4, "after")
+
+
+def test_report_caption_describes_the_chunks_before_it():
+  """The old placement, kept as a named contrast: chunk i with (i + 1) % k == 0 gets the
+  summary of chunks i-k+1 .. i; trailing chunks get none."""
   clip = tw.generate_clip(3, 16)
   for k in (1, 3, 4, 5):
-    caps = tw.caption_clip(clip, k, 0.3, seed=0)
+    caps = tw.caption_clip(clip, k, 0.3, seed=0, placement="report")
     assert len(caps) == 16
     for i, c in enumerate(caps, start=1):
       assert (c != "") == (i % k == 0), (k, i, c)
       assert set(c.split()) <= set(tw.CAPTION_WORDS)
-  assert tw.caption_clip(clip, 4, 0.3, seed=5) == tw.caption_clip(clip, 4, 0.3, seed=5)
-
-
-def test_captions_true_at_rate_zero_and_wrong_at_rate_one():
   for seed in range(10):
     clip = tw.generate_clip(seed, 16)
     for k in (2, 4):
       truth = [tw.summarise_actions(clip.actions[i + 1 - k:i + 1]) if (i + 1) % k == 0 else ""
                for i in range(16)]
-      assert tw.caption_clip(clip, k, 0.0, seed) == truth
-      wrong = tw.caption_clip(clip, k, 1.0, seed)
-      for w, t in zip(wrong, truth):
-        assert (w == "") == (t == "")
-        assert w == t == "" or w != t
-        assert set(w.split()) <= set(tw.CAPTION_WORDS)
+      assert tw.caption_clip(clip, k, 0.0, seed, placement="report") == truth
+
+
+def _digest(items):
+  return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def test_report_placement_is_the_old_caption_stream():
+  """Captions, wrong flags and hallucinations of the report placement are bit for bit
+  those of `caption_clip` before the plan placement existed (digest taken then)."""
+  caps = [tw.caption_clip_with_truth(tw.generate_clip(s, 13), k, 0.3, s, placement="report")
+          for s in range(20) for k in (1, 3, 4, 12)]
+  assert _digest(caps) == "8850326fe92cb5b2"
+
+
+def test_dense_data_is_unchanged():
+  """Dense examples (what the study trains on) and the tokenizer corpus are bit for bit
+  those from before the caption placement existed (digests taken then)."""
+  from data_pipelines import tokenizer, toy_world_tfds
+  cfg = toy_world_tfds.ToyWorldBuilderConfig(name="study", num_train=4, num_validation=2,
+                                             num_chunks=12, caption_mode="dense")
+  h = hashlib.sha256()
+  for seed in (0, 1, 7, 1_000_000_000):
+    ex = toy_world_tfds.generate_example(seed, cfg)
+    for key in sorted(ex):
+      v = ex[key]
+      h.update(key.encode())
+      h.update(json.dumps(v).encode() if isinstance(v, (list, str)) else np.asarray(v).tobytes())
+  assert h.hexdigest()[:16] == "dc00eb3f878c4165"
+  assert _digest(tokenizer.toy_world_corpus()) == "4381d9da3ba57d2b"
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(st.sampled_from(ALL_ACTIONS), min_size=1,
+                           max_size=tw.MAX_CAPTION_EVERY))
+def test_parse_summary_inverts_the_template(actions):
+  text = tw.summarise_actions(actions)
+  assert tw.parse_summary(text) == actions
+  assert set(text.split()) <= set(tw.CAPTION_WORDS)
+
+
+def test_long_runs_split_and_bad_captions_are_refused():
+  L = Action("left", False)
+  assert tw.summarise_actions([L] * 16) == "moved left twelve times then moved left four times"
+  assert tw.parse_summary("moved left twelve times then moved left four times") == [L] * 16
+  with pytest.raises(ValueError):
+    tw.summarise_actions([L] * (tw.MAX_CAPTION_EVERY + 1))
+  for bad in ["", "left", "moved left twice then", "moved sideways", "fired once",
+              "moved left twelve times then moved left five times",
+              "moved left then moved left", "moved left four times then moved left twelve times"]:
+    with pytest.raises(ValueError):
+      tw.parse_summary(bad)
+
+
+def test_captions_true_at_rate_zero_and_wrong_at_rate_one():
+  for seed in range(10):
+    clip = tw.generate_clip(seed, 13)
+    for k in (2, 4, 8):
+      for placement in tw.CAPTION_PLACEMENTS:
+        truth = tw.caption_clip(clip, k, 0.0, seed, placement)
+        wrong = tw.caption_clip(clip, k, 1.0, seed, placement)
+        for w, t in zip(wrong, truth):
+          assert (w == "") == (t == "")
+          assert w == t == "" or w != t
+          # A hallucination describes as many chunks as the caption it replaces.
+          assert w == "" or len(tw.parse_summary(w)) == len(tw.parse_summary(t))
 
 
 def test_wrong_caption_share_matches_rate():
@@ -180,9 +263,9 @@ def test_wrong_caption_share_matches_rate():
   for seed in range(60):
     clip = tw.generate_clip(seed, 16)
     caps, flags = tw.caption_clip_with_truth(clip, 2, 0.3, seed=1000 + seed)
-    for i in range(1, 16, 2):
-      truth = tw.summarise_actions(clip.actions[i - 1:i + 1])
-      assert flags[i] == (caps[i] != truth)
+    for i in range(0, 16, 2):
+      truth = tw.summarise_actions(clip.actions[i:i + 2])
+      assert flags[i] == (caps[i] != truth) and not flags[i + 1]
       wrong += caps[i] != truth
       total += 1
   share = wrong / total

@@ -11,7 +11,7 @@ import pytest
 from experiments import vae_toy_world
 from tv2tv_jax.config import ConfigError
 from tv2tv_jax.vae import model as vm
-from tv2tv_jax.vae import train as vt
+from tv2tv_jax.vae import train as vt, video_tokenizer
 
 # Small but with every part present: 2 stages, patch 4 -> 8x spatial, 3 temporal taps.
 SMALL = vm.VAEConfig(widths=(8, 16), patch_size=4, latent_channels=4, norm_groups=4,
@@ -128,9 +128,10 @@ def test_unknown_and_train_fields_raise():
   with pytest.raises(ConfigError, match="vae.widht"):
     vm.vae_config_from_dict({"widht": (8,)})
   with pytest.raises(ConfigError, match="train.eval_seed_start"):
-    vt.TrainConfig(num_steps=10, batch_size=4, warmup_steps=0, eval_seed_start=20)  # training reaches seed 39
+    # training reaches seed 39
+    vt.VAETrainConfig(num_steps=10, batch_size=4, warmup_steps=0, eval_seed_start=20)
   with pytest.raises(ConfigError, match="train.recon_loss"):
-    vt.TrainConfig(recon_loss="l3")
+    vt.VAETrainConfig(recon_loss="l3")
   cfg = vae_toy_world.get_config("tiny")
   cfg.vae.frame_size = 32
   with pytest.raises(ConfigError, match="vae.frame_size"):
@@ -147,7 +148,7 @@ def test_experiment_variants_build(variant):
 
 
 def test_training_data_is_deterministic_and_disjoint():
-  cfg = vt.TrainConfig(batch_size=2, clip_chunks=1, num_steps=3, warmup_steps=0)
+  cfg = vt.VAETrainConfig(batch_size=2, clip_chunks=1, num_steps=3, warmup_steps=0)
   batches = list(vt.train_batches(cfg))
   assert len(batches) == 3 and batches[0][0].shape == (2, 5, 64, 64, 3)
   np.testing.assert_array_equal(batches[2][0], vt.clip_frames([4, 5], 1))
@@ -165,7 +166,7 @@ def test_psnr_and_kl_formulas():
   assert float(vm.kl_divergence(jnp.zeros(()), jnp.zeros(()))) == 0.0
   assert float(vm.kl_divergence(jnp.ones(()), jnp.zeros(()))) == pytest.approx(0.5)
   u8 = np.arange(256, dtype=np.uint8)
-  np.testing.assert_array_equal(vt.to_uint8(vt.to_float(u8)), u8)
+  np.testing.assert_array_equal(video_tokenizer.to_uint8(video_tokenizer.to_float(u8)), u8)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def tiny_run(tmp_path_factory):
   cfg = vae_toy_world.get_config("tiny")
   cfg.train.num_steps = 6
   workdir = str(tmp_path_factory.mktemp("vae_tiny"))
-  summary = vt.train(cfg, workdir, log=lambda *_: None)
+  summary = vt.train_vae(cfg, workdir, log=lambda *_: None)
   return workdir, summary
 
 
@@ -189,7 +190,7 @@ def test_tiny_training_reduces_loss(tiny_run):
 
 def test_save_reload_gives_identical_outputs(tiny_run):
   workdir, summary = tiny_run
-  tok = vt.load_tokenizer(workdir)
+  tok = video_tokenizer.load_tokenizer(workdir)
   assert tok.config == summary["vae_config"]
   frames = vt.clip_frames([123, 124], 2)  # the eval batch shape: reuses its compile
   z_ref = vm.encode(summary["params"], frames, summary["vae_config"])
@@ -201,7 +202,7 @@ def test_save_reload_gives_identical_outputs(tiny_run):
 
 def test_latent_stats_round_trip(tiny_run):
   workdir, summary = tiny_run
-  tok = vt.load_tokenizer(workdir)
+  tok = video_tokenizer.load_tokenizer(workdir)
   cfg = vae_toy_world.get_config("tiny")
   seeds = range(cfg.train.stats_clips)
   stats = vt.compute_latent_stats(tok.config, tok.params, seeds, cfg.train.eval_chunks,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from experiments import toy_world
-from tv2tv_jax import checkpoints, evaluate, metric_logging, trainer, workdirs
+from tv2tv_jax import checkpoints, metric_logging, run_state, trainer, workdirs
 
 
 class _SummaryWriter:
@@ -156,7 +156,7 @@ def test_trainer_and_evaluate_reach_gs_through_epath(fake_gcs, monkeypatch):
   # evaluate: config.json from the bucket, then Orbax lists the (empty) gs:// directory.
   with pytest.raises(checkpoints.CheckpointError,
                      match="no checkpoint in gs://bucket/run/checkpoints"):
-    evaluate.load_params("gs://bucket/run", devices=jax.devices()[:1])
+    run_state.load_params("gs://bucket/run", devices=jax.devices()[:1])
 
 
 def test_toy_world_data_dir_must_be_local(fake_gcs, tmp_path):
@@ -174,7 +174,7 @@ def test_toy_world_data_dir_must_be_local(fake_gcs, tmp_path):
 
 
 def test_vae_files_through_gs(fake_gcs):
-  from tv2tv_jax.vae import model as vm, train as vt
+  from tv2tv_jax.vae import model as vm, video_tokenizer as vt
   cfg = vm.VAEConfig(widths=(8, 16), patch_size=4, latent_channels=4, norm_groups=4,
                      kernel_t=3)
   params = vm.init_params(cfg, jax.random.key(0))

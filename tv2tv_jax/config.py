@@ -19,7 +19,10 @@ ATTENTION_IMPLS = ("xla", "pallas")
 ROPE_TYPES = ("default", "llama3")
 DTYPES = ("float32", "bfloat16")
 # `data.source` values `inputs.make_train_input` reads.
-DATA_SOURCES = ("synthetic", "toy_world")
+# data.source: 'synthetic' needs no data; the others read a prepared data directory
+# (data_pipelines.prepared), built by `python -m tv2tv_jax.prepare`.
+PREPARED_SOURCES = ("toy_world", "csgo", "captioned_video")
+DATA_SOURCES = ("synthetic",) + PREPARED_SOURCES
 
 
 class ConfigError(ValueError):
@@ -388,10 +391,9 @@ _DATA_RATES = ("wrong_caption_rate", "plan_drop_rate")
 def validate_data(data: Mapping[str, Any] | None) -> None:
   """Checks the trainer's `data` section before any input is built or stage is run.
 
-  The input streams read these fields only when they start (the toy-world ones after
-  its data stages ran, which can take minutes), and a bad count fails there in numpy.
-  `vae_overrides` is checked for its sections and keys here; its values only combine
-  with the VAE variant's config where the VAE stage resolves it.
+  The input streams read these fields only when they start (after preparation, which
+  can take minutes), and a bad count fails there in numpy. The toy world's VAE recipe
+  (`data.vae`) is checked as the VAE's own configs would check it, named under `data.vae`.
   """
   if not data:
     return
@@ -405,39 +407,34 @@ def validate_data(data: Mapping[str, Any] | None) -> None:
       value = data[name]
       _require(isinstance(value, numbers.Real) and 0.0 <= value <= 1.0, f"data.{name}",
                f"must be a rate in [0, 1], got {value!r}")
-  overrides = data.get("vae_overrides")
-  if overrides:
-    _check_vae_override_keys(overrides)
+  if source == "toy_world" and data.get("vae"):
+    check_vae_section(data["vae"], "data.vae")
 
 
-def _check_vae_override_keys(overrides: Mapping[str, Any]) -> None:
+def check_vae_section(vae_cfg: Mapping[str, Any], field: str) -> None:
+  """Raises ConfigError named `<field>.<section>.<name>` when a VAE experiment config
+  (sections `vae` and `train`, as in experiments/vae_toy_world.py) has an unknown section
+  or field, or values the VAE's configs refuse.
+
+  The VAE's own configs name their fields `vae.*` / `train.*` (right for a VAE run of its
+  own); inside a flow experiment `train.warmup_steps` would read as the flow trainer's
+  field, so the name is prefixed.
+  """
   # Local: the VAE modules import this one (ConfigError).
   from tv2tv_jax.vae import model as vae_model, train as vae_train
-  sections = {"vae": vae_model.VAEConfig, "train": vae_train.TrainConfig}
-  for section, values in overrides.items():
-    field = f"data.vae_overrides.{section}"
-    _require(section in sections, field, f"unknown section"
+  sections = {"vae": vae_model.VAEConfig, "train": vae_train.VAETrainConfig}
+  values = vae_cfg.to_dict() if hasattr(vae_cfg, "to_dict") else dict(vae_cfg)
+  for section, fields in values.items():
+    _require(section in sections, f"{field}.{section}", f"unknown section"
              f"{did_you_mean(section, sections)}; the VAE config has {sorted(sections)}")
-    _require(hasattr(values, "keys"), field,
-             f"must map {sections[section].__name__} fields to values, got {values!r}")
+    _require(hasattr(fields, "keys"), f"{field}.{section}",
+             f"must map {sections[section].__name__} fields to values, got {fields!r}")
     names = sorted(f.name for f in dataclasses.fields(sections[section]))
-    for key in values.keys():
-      _require(key in names, f"{field}.{key}", f"unknown field{did_you_mean(key, names)}; "
-               f"the VAE's {sections[section].__name__} has {names}")
-
-
-def vae_override_error(err: ConfigError, data: Mapping[str, Any]) -> ConfigError:
-  """`err`, raised by the VAE config that `data.vae_variant` and `data.vae_overrides`
-  resolve to, renamed into this config's namespace.
-
-  The VAE's own configs name their fields `vae.*` / `train.*` (right for a VAE run of
-  its own); inside a flow experiment `train.warmup_steps` would read as the flow
-  trainer's field. The message names the overrides, the likely cause when the field at
-  fault is the variant's own.
-  """
-  overrides = data.get("vae_overrides") or {}
-  set_here = [f"{s}.{k}={v!r}" for s, values in overrides.items() for k, v in values.items()]
-  variant = data.get("vae_variant", "quick")
-  return ConfigError(f"data.vae_overrides.{err.field}",
-                     f"{err.message} (in the VAE config of data.vae_variant={variant!r} "
-                     f"with data.vae_overrides {', '.join(set_here) or 'none'})")
+    for key in fields.keys():
+      _require(key in names, f"{field}.{section}.{key}", f"unknown field"
+               f"{did_you_mean(key, names)}; the VAE's {sections[section].__name__} has "
+               f"{names}")
+  try:
+    vae_train.configs_from_config_dict(values)
+  except ConfigError as e:
+    raise ConfigError(f"{field}.{e.field}", e.message) from e

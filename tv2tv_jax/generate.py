@@ -5,9 +5,9 @@ r"""Generates videos with text from a trained checkpoint (docs/sampling.md, "Com
         --intervene="2:left fire" [--intervene=...] --num_chunks=4 --cfg_scale=2 \
         --ode_steps=8 --seed=0 [--out=<dir>] [--temperature=1 --top_k=0 --top_p=1]
 
-Restores the checkpoint onto whatever devices exist (`evaluate.load_params`), loads
-the run's text tokenizer and VAE from its toy-world data directory (`data.data_dir`,
-else <workdir>/toy_world_data: tokenizer.json, vae/, latents/latent_stats.json),
+Restores the checkpoint onto whatever devices exist (`run_state.load_params`), loads
+the run's text tokenizer and VAE from its prepared data directory (`data.data_dir`, else
+the default of `data_pipelines.prepared`: tokenizer.json, vae/, latents/latent_stats.json),
 samples with the KV-cached sampler, decodes the latents with the VAE and writes
 sample.gif, sample_sheet.png, sample.json (and sample.mp4 when PyAV is installed)
 into --out (default <workdir>/samples/<seed>). Several --prompt flags are generated
@@ -17,29 +17,22 @@ together, as the rows of one batch, into sample_<k>.*.
 chunk whose frames span that time, `outputs.chunk_at_time`; the first frame's own
 1/fps seconds map to chunk 0).
 
-Without --first_frame the first frame of toy-world clip `seed` is used (the toy-world
-model is trained with a given first frame).
+Without --first_frame the first frame of toy-world clip `seed` is used for a toy-world
+run, and for other sources the first latent of validation clip `seed` of the run's
+prepared data (the models are trained with a given first frame).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from typing import Any, Mapping, Sequence
-
 from absl import app, flags
-import numpy as np
 
-from tv2tv_jax import evaluate, resume_check, workdirs
-from tv2tv_jax.sampling import outputs
+from tv2tv_jax import video_samples
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """The command's flags; defined only when run as a program, so that importing this
-  module (the trainer does, to sample after training) defines none."""
+  """The command's flags; defined only when run as a program (importing defines none)."""
   flags.DEFINE_string("workdir", None, "The training run's work directory.")
   flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
   flags.DEFINE_multi_string("prompt", None, "Meta-prompt text (repeatable).")
@@ -60,315 +53,17 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_text_tokens", 16, "Cap on one chunk's text tokens.")
 
 
-class GenerateError(ValueError):
-  """A generation input is missing or malformed; the message names the flag / field."""
-
-
-@dataclasses.dataclass
-class Assets:
-  """What generation needs from a run: the restored model and its tokenizers.
-
-  run: `trainer.Run` (run.exp, run.model, run.cfg); params: the TV2TV param tree;
-  step: the checkpoint step (None for a params-only export); text: `TextTokenizer`;
-  video: `VideoTokenizer` with latent statistics (decodes normalised latents).
-  """
-  run: Any
-  params: Any
-  step: int | None
-  text: Any
-  video: Any
-
-
-def data_dir_of(workdir: str, cfg: Any) -> str:
-  """The run's toy-world data directory: cfg.data.data_dir, else <workdir>/toy_world_data
-  (a local directory: the toy-world stages use local file I/O)."""
-  data = cfg.get("data") or {}
-  return workdirs.require_local(
-      data.get("data_dir") or os.fspath(workdirs.as_path(workdir) / "toy_world_data"),
-      "data.data_dir", "generation reads the run's tokenizer and VAE from a local data "
-      "directory; set data.data_dir (in the run's config.json) to a local copy")
-
-
-def load_tokenizers(data_dir: str, exp: Any):
-  """(TextTokenizer, VideoTokenizer with stats) of a toy-world data dir, checked against `exp`.
-
-  Raises GenerateError naming the missing file or the incompatible field.
-  """
-  from data_pipelines import tokenizer as tokenizer_lib
-  from tv2tv_jax.config import ConfigError
-  from tv2tv_jax.vae import model as vae_model, train as vae_train
-  tok_path = os.path.join(data_dir, "tokenizer.json")
-  vae_dir = os.path.join(data_dir, "vae")
-  missing = [p for p in (tok_path, os.path.join(vae_dir, "vae_config.json"),
-                         os.path.join(vae_dir, "params.msgpack")) if not os.path.exists(p)]
-  if missing:
-    raise GenerateError(f"--workdir: the run's data directory {data_dir} lacks "
-                        f"{', '.join(os.path.relpath(p, data_dir) for p in missing)}; "
-                        f"generation needs the run's text tokenizer and VAE")
-  text = tokenizer_lib.load_tokenizer(tok_path)
-  try:
-    tokenizer_lib.check_compatible(text, exp)
-  except ConfigError as e:
-    raise GenerateError(f"tokenizer.json does not fit the checkpoint's config: {e}") from e
-  video = vae_train.load_tokenizer(vae_dir)
-  if video.stats is None:
-    stats_path = os.path.join(data_dir, "latents", "latent_stats.json")
-    if not os.path.exists(stats_path):
-      raise GenerateError(f"--workdir: neither vae/latent_stats.json nor "
-                          f"latents/latent_stats.json in {data_dir}; decoding the model's "
-                          f"normalised latents needs the latent statistics")
-    import json
-    with open(stats_path) as f:
-      video = dataclasses.replace(video, stats=vae_model.LatentStats.from_json(json.load(f)))
-  vc = video.config
-  side = vc.frame_size // vc.spatial_factor
-  if (side, side, vc.latent_channels) != tuple(exp.model.latent_shape):
-    raise GenerateError(f"vae/vae_config.json gives latents {(side, side, vc.latent_channels)}, "
-                        f"but model.latent_shape is {tuple(exp.model.latent_shape)}")
-  return text, video
-
-
-def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> Assets:
-  """Restores `workdir`'s checkpoint (newest, or step `checkpoint`) onto the present devices
-  and loads its tokenizers. Raises GenerateError naming --workdir / --checkpoint."""
-  from tv2tv_jax import checkpoints
-  wd = workdirs.as_path(workdir, "--workdir")
-  workdirs.check_reachable(wd, "--workdir")
-  if not (wd / "config.json").exists():
-    raise GenerateError(f"--workdir: {workdir} has no config.json (not a training run?)")
-  try:
-    run, params, step, trained_on = evaluate.load_params(workdir, checkpoint, devices=devices)
-  except checkpoints.CheckpointError as e:
-    raise GenerateError(f"--checkpoint: {e}") from e
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise GenerateError(f"--checkpoint: cannot restore step {checkpoint} of {workdir} "
-                        f"onto its config ({type(e).__name__}: {e})") from e
-  # The model comes from the checkpoint's own config; where the data lives may have moved
-  # since (data.data_dir is safe to change on resume), so that is read from config.json.
-  try:
-    latest = workdirs.read_json(wd / "config.json", "--workdir")
-  except workdirs.WorkdirError as e:
-    raise GenerateError(str(e)) from e
-  data_dir = data_dir_of(workdir, latest)
-  from data_pipelines import main_job  # local: heavy imports
-  try:
-    resume_check.check_data_identity(trained_on, main_job.data_identity(data_dir), step,
-                                     data_dir)
-  except resume_check.ResumeError as e:
-    raise GenerateError(f"--workdir: {e}") from e
-  text, video = load_tokenizers(data_dir, run.exp)
-  return Assets(run, params, step, text, video)
-
-
-def parse_intervention(spec: str, fps: int = outputs.FPS,
-                       frames_per_chunk: int = outputs.FRAMES_PER_CHUNK) -> tuple[int, str]:
-  """'8:left fire' -> (8, 'left fire'); '1.5s:left fire' -> (the chunk at 1.5 s, ...).
-
-  Raises GenerateError naming --intervene.
-  """
-  head, sep, text = spec.partition(":")
-  head = head.strip()
-  if sep and head.lstrip("-").isdigit():
-    return int(head), text
-  if sep and head.endswith("s"):
-    try:
-      seconds = float(head[:-1])
-    except ValueError:
-      seconds = None
-    if seconds is not None:
-      if not np.isfinite(seconds) or seconds < 0:
-        raise GenerateError(f"--intervene {spec!r}: the time must be >= 0 seconds")
-      return outputs.chunk_at_time(seconds, fps, frames_per_chunk), text
-  raise GenerateError(f"--intervene {spec!r}: expected '<chunk index>:<text>' or "
-                      f"'<seconds>s:<text>'")
-
-
-def encode_text(assets: Assets, text: str, field: str) -> np.ndarray:
-  """Text -> i32[N] ids; GenerateError naming `field` and the text if it cannot be encoded
-  or holds ids beyond the model's vocabulary."""
-  from data_pipelines.tokenizer import UnknownCharacterError
-  try:
-    ids = assets.text.encode(text)
-  except UnknownCharacterError as e:
-    raise GenerateError(f"{field}: {e}") from e
-  vocab = assets.run.exp.model.vocab_size
-  if ids.size and ids.max() >= vocab:
-    raise GenerateError(f"{field} {text!r}: token id {int(ids.max())} is outside the model's "
-                        f"vocabulary [0, {vocab})")
-  return ids
-
-
-def decode_text(assets: Assets, ids: Any) -> str:
-  """i32[N] ids -> text (the sampler never draws ids past the tokenizer's vocabulary)."""
-  return assets.text.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-
-def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.ndarray, str]:
-  """The normalised first-frame latent f32[h, w, c] and a description of its source.
-
-  first_frame: None (frame 0 of toy-world clip `seed`), a .png / .npy path, or an array:
-  uint8[H, W, 3] frame at the VAE's frame size, or f32[h, w, c] normalised latent.
-  """
-  from tv2tv_jax.vae import train as vae_train
-  latent_shape = tuple(assets.run.exp.model.latent_shape)
-  size = assets.video.config.frame_size
-  source = "array"
-  if first_frame is None:
-    from data_pipelines import toy_world
-    first_frame, source = toy_world.generate_clip(seed, 1).frames[0], f"toy_world clip {seed}"
-  elif isinstance(first_frame, (str, os.PathLike)):
-    path, source = os.fspath(first_frame), os.fspath(first_frame)
-    if not os.path.exists(path):
-      raise GenerateError(f"--first_frame: {path} does not exist")
-    try:
-      if path.endswith(".npy"):
-        first_frame = np.load(path)  # no pickles: an object array is refused here
-      else:
-        from PIL import Image
-        first_frame = np.asarray(Image.open(path).convert("RGB"))
-    except (ValueError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
-      raise GenerateError(f"--first_frame: {path} cannot be read as a "
-                          f"{'.npy array' if path.endswith('.npy') else 'image'} "
-                          f"({type(e).__name__}: {e})") from e
-  arr = np.asarray(first_frame)
-  if arr.shape == latent_shape and np.issubdtype(arr.dtype, np.floating):
-    if not np.isfinite(arr).all():
-      raise GenerateError(f"--first_frame ({source}): the latent holds NaN or inf")
-    return arr.astype(np.float32), source
-  if arr.shape != (size, size, 3):
-    raise GenerateError(f"--first_frame ({source}): shape {arr.shape}; expected a frame "
-                        f"({size}, {size}, 3) or a float latent {latent_shape}")
-  if arr.dtype != np.uint8:
-    raise GenerateError(f"--first_frame ({source}): a frame must be uint8, got {arr.dtype}")
-  z = assets.video.encode(vae_train.to_float(arr)[None, None], normalized=True)
-  return np.asarray(z[0, 0], np.float32), source
-
-
-def decode_frames(assets: Assets, first_latent: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-  """Normalised latents (first f32[h,w,c], chunks f32[N,h,w,c]) -> uint8[1 + 4N, H, W, 3]."""
-  from tv2tv_jax.vae import train as vae_train
-  lat = np.concatenate([first_latent[None], np.asarray(chunks, np.float32)])
-  frames = assets.video.decode(lat[None], normalized=True)
-  return vae_train.to_uint8(frames[0])
-
-
-def cache_capacity(exp, prompt_len: int, num_chunks: int, max_text: int,
-                   forced: Mapping[int, np.ndarray]) -> int:
-  """Cache slots for the whole generation: prompt, first frame + EOF, per chunk text + BOF +
-  clean chunk + EOF, and in Think2V the EOF closing each plan item (so no request of this
-  size hits CacheFullError)."""
-  n = exp.model.tokens_per_chunk
-  text = sum(max(max_text, len(forced.get(i, ()))) for i in range(num_chunks))
-  plan_eofs = num_chunks if exp.seq.layout == "think2v" else 0
-  return prompt_len + n * (num_chunks + 1) + text + 2 * num_chunks + 2 + plan_eofs
-
-
-def generate_batch(assets: Assets, prompts: Sequence[str], interventions: Mapping[int, str],
-                   num_chunks: int, sc_kwargs: Mapping[str, Any], seed: int, out_dir: str,
-                   first_frame: Any = None, stems: Sequence[str] | None = None) -> list[str]:
-  """Prompts -> files in out_dir, generated together as the rows of one batch.
-
-  Every prompt gets the same interventions, first frame and seed; prompt k is
-  written as `stems[k]`.* (see `outputs.write_all`). Returns the paths.
-  Raises GenerateError / sampling.RequestError naming the bad field.
-  """
-  from tv2tv_jax.sampling import Request, SamplerConfig, sample
-  exp = assets.run.exp
-  if not isinstance(num_chunks, int) or num_chunks < 1:
-    raise GenerateError(f"--num_chunks must be >= 1, got {num_chunks!r}")
-  for i in interventions:
-    if not 0 <= i < num_chunks:
-      raise GenerateError(f"--intervene {i}:{interventions[i]!r}: chunk {i} is beyond the "
-                          f"chunk budget (--num_chunks={num_chunks}: chunks 0..{num_chunks - 1})")
-  prompt_ids = [encode_text(assets, p, "--prompt") for p in prompts]
-  forced = {i: encode_text(assets, t, f"--intervene {i}") for i, t in interventions.items()}
-  latent0, source = first_frame_latent(assets, first_frame, seed)
-  sc = SamplerConfig(**{k: v for k, v in sc_kwargs.items()})
-  # The model's vocabulary may be padded beyond the tokenizer's: never sample those ids.
-  sc = dataclasses.replace(sc, text_vocab=min(assets.text.vocab_size, exp.model.vocab_size))
-  sc = dataclasses.replace(sc, capacity=sc.capacity or cache_capacity(
-      exp, max(len(p) for p in prompt_ids), num_chunks, sc.max_text_tokens, forced))
-  gens = sample(assets.run.model, assets.params, exp,
-                [Request(prompt=ids, num_chunks=num_chunks, first_frame=latent0,
-                         interventions=forced, seed=seed) for ids in prompt_ids], sc)
-  settings = {k: v for k, v in dataclasses.asdict(sc).items()}
-  settings.update(num_chunks=num_chunks, first_frame=source, batch=len(prompts),
-                  interventions={str(i): t for i, t in interventions.items()})
-  paths = []
-  for prompt, gen, stem in zip(prompts, gens, stems or ["sample"] * len(prompts)):
-    frames = decode_frames(assets, latent0, gen.chunks)
-    texts = [decode_text(assets, t) for t in gen.texts]
-    doc = outputs.transcript(gen.to_json(), texts, prompt=prompt, settings=settings, seed=seed,
-                             checkpoint_step=assets.step,
-                             trailing_text=decode_text(assets, gen.trailing_text))
-    paths += outputs.write_all(out_dir, frames, texts, doc, stem=stem)
-  return paths
-
-
-def generate_to_dir(workdir: str, prompts: Sequence[str], interventions: Mapping[int, str],
-                    num_chunks: int, cfg_scale: float, ode_steps: int, seed: int,
-                    out_dir: str | None = None, *, checkpoint: int | None = None,
-                    first_frame: Any = None, solver: str = "euler", temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, max_text_tokens: int = 16,
-                    assets: Assets | None = None, devices=None) -> list[str]:
-  """Generates one sample per prompt into out_dir (default <workdir>/samples/<seed>).
-
-  One prompt writes sample.{gif,json,mp4} and sample_sheet.png; several are generated
-  together (one batch, all with `seed` and the same interventions) and write
-  sample_<k>.*. `assets` (from `load_assets`) skips restoring the checkpoint again.
-  Returns the paths.
-  """
-  if isinstance(prompts, str):
-    prompts = [prompts]
-  if not prompts:
-    raise GenerateError("--prompt: at least one prompt is needed")
-  assets = assets or load_assets(workdir, checkpoint, devices)
-  out_dir = out_dir or os.fspath(workdirs.as_path(workdir) / "samples" / str(seed))
-  sc_kwargs = dict(steps=ode_steps, solver=solver, cfg_scale=cfg_scale,
-                   temperature=temperature, top_k=top_k, top_p=top_p,
-                   max_text_tokens=max_text_tokens)
-  stems = ["sample"] if len(prompts) == 1 else [f"sample_{k}" for k in range(len(prompts))]
-  args = (assets, list(prompts), dict(interventions), num_chunks, sc_kwargs, seed)
-  if workdirs.is_local(out_dir):
-    return generate_batch(*args, out_dir, first_frame, stems)
-  # The GIF / MP4 / PNG writers need local files: write them locally, then copy them up.
-  import tempfile
-  remote = workdirs.as_path(out_dir, "--out")
-  remote.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    paths = []
-    for path in generate_batch(*args, tmp, first_frame, stems):
-      dst = remote / os.path.basename(path)
-      dst.write_bytes(workdirs.as_path(path).read_bytes())
-      paths.append(os.fspath(dst))
-  return paths
-
-
-def parse_interventions(specs: Sequence[str], fps: int = outputs.FPS,
-                        frames_per_chunk: int = outputs.FRAMES_PER_CHUNK) -> dict[int, str]:
-  """Every --intervene (`parse_intervention`) as {chunk: text}. Raises GenerateError
-  naming both when two land on one chunk (silently keeping one would ignore the other)."""
-  out, given = {}, {}
-  for spec in specs:
-    chunk, text = parse_intervention(spec, fps, frames_per_chunk)
-    if chunk in out:
-      raise GenerateError(f"--intervene {given[chunk]!r} and --intervene {spec!r} both set "
-                          f"chunk {chunk}; give one text per chunk")
-    out[chunk], given[chunk] = text, spec
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.prompt:
     raise app.UsageError("--workdir and --prompt are required")
-  interventions = parse_interventions(FLAGS.intervene)
-  paths = generate_to_dir(FLAGS.workdir, FLAGS.prompt, interventions, FLAGS.num_chunks,
-                          FLAGS.cfg_scale, FLAGS.ode_steps, FLAGS.seed, FLAGS.out,
-                          checkpoint=FLAGS.checkpoint, first_frame=FLAGS.first_frame,
-                          solver=FLAGS.solver, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                          top_p=FLAGS.top_p, max_text_tokens=FLAGS.max_text_tokens)
+  interventions = video_samples.parse_interventions(FLAGS.intervene)
+  paths = video_samples.generate_to_dir(
+      FLAGS.workdir, FLAGS.prompt, interventions, FLAGS.num_chunks, FLAGS.cfg_scale,
+      FLAGS.ode_steps, FLAGS.seed, FLAGS.out, checkpoint=FLAGS.checkpoint,
+      first_frame=FLAGS.first_frame, solver=FLAGS.solver, temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k, top_p=FLAGS.top_p, max_text_tokens=FLAGS.max_text_tokens)
   for p in paths:
     print(p)
 

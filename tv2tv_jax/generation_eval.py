@@ -32,19 +32,16 @@ from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
-from data_pipelines import clip_scores, oracle
+from data_pipelines import caption_scores, clip_scores, oracle
 from data_pipelines import toy_world as tw
+from tv2tv_jax import eval_io
+# Re-exported: the command's inputs (seed checks, errors) and outputs live in eval_io.
+from tv2tv_jax.eval_io import (FIRST_HELD_OUT_SEED, SHEET_CLIPS,  # noqa: F401
+                               TRAINING_SEED_BOUND, EvalError, held_out_seeds,
+                               trained_num_chunks, used_seed_ranges, write_outputs,
+                               write_sheet)
 
-FIRST_HELD_OUT_SEED = 5_000_000
-# Every toy-world seed the project trains on (TFDS train split, VAE training and held-out
-# clips) is below this; the TFDS validation split sits at VALIDATION_SEED_OFFSET (1e9).
-TRAINING_SEED_BOUND = 2_000_000
 DEFAULT_TIMES = (1.0, 3.0)
-SHEET_CLIPS = 4
-
-
-class EvalError(ValueError):
-  """An evaluation input is missing or malformed; the message names the flag / field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +64,8 @@ class Generated(NamedTuple):
 
 
 class Generator(Protocol):
-  """What the evaluation needs from a model: its layout and a batch of generations."""
+  """What the evaluation needs from a model: its layout, optionally its chunk texts'
+  format (`text_format`, default action texts), and a batch of generations."""
   layout: str
 
   def generate(self, requests: Sequence[ClipRequest]) -> list[Any]:
@@ -78,12 +76,12 @@ class Generator(Protocol):
 
 def vae_reconstruct(assets: Any, clips: Sequence[np.ndarray], batch: int = 8) -> list[np.ndarray]:
   """uint8[1 + 4k, H, W, 3] clips -> their VAE reconstructions (encode, then decode the means)."""
-  from tv2tv_jax.vae import train as vae_train
+  from tv2tv_jax.vae import video_tokenizer
   out = []
   for s in range(0, len(clips), batch):
-    x = vae_train.to_float(np.stack(clips[s:s + batch]))
+    x = video_tokenizer.to_float(np.stack(clips[s:s + batch]))
     rec = assets.video.decode(assets.video.encode(x))
-    out += list(vae_train.to_uint8(rec))
+    out += list(video_tokenizer.to_uint8(rec))
   return out
 
 
@@ -91,21 +89,27 @@ class ToyWorldGenerator:
   """The world itself as a model: renders `generate_clip(clip_seed, forced=interventions)`.
 
   A perfect model: free requests give the true clip; a forced action is played when the
-  world allows it. `reconstruct` (e.g. `vae_reconstruct`) maps the frames, batch by
-  batch, through the run's VAE: the ceiling. Texts are the played actions' (the forced
+  world allows it (a forced caption: each action it describes, on its chunk).
+  `reconstruct` (e.g. `vae_reconstruct`) maps the frames, batch by batch, through the
+  run's VAE: the ceiling. Texts are the played actions' in `text_format` (the forced
   text where forced); none for the t2v layout.
   """
 
   def __init__(self, layout: str, config: tw.ToyWorldConfig = tw.ToyWorldConfig(),
-               reconstruct: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None):
+               reconstruct: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+               text_format: caption_scores.TextFormat = caption_scores.ACTION_TEXTS):
     self.layout, self.config, self.reconstruct = layout, config, reconstruct
+    self.text_format = text_format
 
   def generate(self, requests: Sequence[ClipRequest]) -> list[Generated]:
     clips, texts = [], []
     for r in requests:
-      forced = {i: tw.parse_action_text(t) for i, t in r.interventions.items()}
+      forced = {}
+      for i, t in r.interventions.items():
+        forced.update(self.text_format.forced_actions(i, t, r.num_chunks))
       clip = tw.generate_clip(r.clip_seed, r.num_chunks, self.config, forced)
-      said = [dict(r.interventions).get(i, t) for i, t in enumerate(clip.texts)]
+      said = [dict(r.interventions).get(i, t)
+              for i, t in enumerate(self.text_format.texts_of(clip.actions))]
       texts.append([""] * r.num_chunks if self.layout == "t2v" else said)
       clips.append(clip.frames)
     if self.reconstruct is not None:
@@ -114,52 +118,55 @@ class ToyWorldGenerator:
 
 
 class ModelGenerator:
-  """A trained run (`generate.load_assets`) as a Generator: the KV-cached sampler in batches
+  """A trained run (`run_state.load_assets`) as a Generator: the KV-cached sampler in batches
   of `batch` rows, chunks decoded with the run's VAE.
 
   The t2v layout samples with cfg_scale 1: its CFG branch drops the chunk text, which t2v
   does not have, so both branches agree and guidance only doubles the work. `uncond` is
-  `SamplerConfig.uncond` (the CFG branch: 'mask' or 'plan_free').
+  `SamplerConfig.uncond` (the CFG branch: 'mask' or 'plan_free'). `text_format`: what the
+  run's chunk texts are (`eval_io.text_format` of its config).
   """
 
   def __init__(self, assets: Any, prompt: str, *, cfg_scale: float, ode_steps: int,
                batch: int, solver: str = "euler", temperature: float = 1.0,
-               max_text_tokens: int = 16, uncond: str = "mask"):
-    from tv2tv_jax import generate
-    self.assets, self.batch = assets, batch
+               max_text_tokens: int = 16, uncond: str = "mask",
+               text_format: caption_scores.TextFormat = caption_scores.ACTION_TEXTS):
+    from tv2tv_jax import video_samples
+    self.assets, self.batch, self.text_format = assets, batch, text_format
     self.layout = assets.run.exp.seq.layout
-    self.prompt_ids = generate.encode_text(assets, prompt, "data.prompt")
+    self.prompt_ids = video_samples.encode_text(assets, prompt, "data.prompt")
     self.cfg_scale = 1.0 if self.layout == "t2v" else float(cfg_scale)
     self.settings = dict(steps=ode_steps, solver=solver, cfg_scale=self.cfg_scale,
                          temperature=temperature, max_text_tokens=max_text_tokens,
                          layout=self.layout, uncond=uncond)
 
   def generate(self, requests: Sequence[ClipRequest]) -> list[Generated]:
-    from tv2tv_jax import generate
+    from tv2tv_jax import video_samples
     from tv2tv_jax.sampling import Request, SamplerConfig, sample
     a, exp = self.assets, self.assets.run.exp
     out = []
     for s in range(0, len(requests), self.batch):
       part = requests[s:s + self.batch]
-      forced = [{i: generate.encode_text(a, t, f"interventions[{i}]")
+      forced = [{i: video_samples.encode_text(a, t, f"interventions[{i}]")
                  for i, t in r.interventions.items()} for r in part]
       longest: dict[int, np.ndarray] = {}
       for f in forced:
         for i, ids in f.items():
           longest[i] = ids if len(ids) > len(longest.get(i, ())) else longest[i]
       k = max(r.num_chunks for r in part)
-      capacity = generate.cache_capacity(exp, len(self.prompt_ids), k,
-                                         self.settings["max_text_tokens"], longest)
+      capacity = video_samples.cache_capacity(exp, len(self.prompt_ids), k,
+                                              self.settings["max_text_tokens"], longest)
       sc = SamplerConfig(**self.settings, capacity=capacity,
                          text_vocab=min(a.text.vocab_size, exp.model.vocab_size))
-      latents = [generate.first_frame_latent(a, r.first_frame, r.sample_seed)[0] for r in part]
+      latents = [video_samples.first_frame_latent(a, r.first_frame, r.sample_seed)[0]
+                 for r in part]
       gens = sample(a.run.model, a.params, exp,
                     [Request(prompt=self.prompt_ids, num_chunks=r.num_chunks, first_frame=z,
                              interventions=f, seed=r.sample_seed)
                      for r, z, f in zip(part, latents, forced)], sc)
       for r, z, g in zip(part, latents, gens):
-        frames = generate.decode_frames(a, z, g.chunks)
-        texts = [generate.decode_text(a, t) for t in g.texts]
+        frames = video_samples.decode_frames(a, z, g.chunks)
+        texts = [video_samples.decode_text(a, t) for t in g.texts]
         n = len(texts)
         # A generation that ended early (EOS) is padded with black frames (not a palette
         # colour: the oracle reads no agent) and empty texts, so it scores as failing.
@@ -222,9 +229,12 @@ def run_protocol(generator: Generator, clips: Sequence[tw.Clip], chunks: Mapping
   clips: the true clips (first frames, seeds, layouts); chunks: condition name -> chunk.
   Clip c is sampled with seed `seed + c` in every condition, so an intervened run equals
   the free run up to the intervened chunk. Returns condition -> per clip {generated
-  (Generated), read (read Actions)}, plus for interventions {intervention, state}.
+  (Generated), read (read Actions)}, plus for interventions {intervention, state}, and
+  for a caption run's forced captions `states`, one per chunk the caption covers
+  (`caption_scores.plan_states`).
   """
   k = clips[0].num_chunks
+  fmt = getattr(generator, "text_format", caption_scores.ACTION_TEXTS)
 
   def run(interventions: Sequence[Mapping[int, str]]) -> list[dict[str, Any]]:
     reqs = [ClipRequest(c.seed, c.frames[0], k, iv, seed + n)
@@ -240,45 +250,54 @@ def run_protocol(generator: Generator, clips: Sequence[tw.Clip], chunks: Mapping
       state = clip_scores.chunk_state(free["generated"].frames, chunk, layout_ids, config,
                                       free["read"])
       rng = np.random.default_rng([seed, c.seed, chunk])
-      plans.append((clip_scores.choose_intervention(free["generated"].texts[chunk], state,
-                                                    rng, config), state))
-    runs = run([{iv.chunk: iv.text} for iv, _ in plans])
-    for r, (iv, state) in zip(runs, plans):
+      if fmt.is_caption:
+        iv = caption_scores.choose_plan(free["generated"].texts, state, layout_ids, fmt, k,
+                                        rng, config)
+      else:
+        iv = clip_scores.choose_intervention(free["generated"].texts[chunk], state, rng,
+                                             config)
+      plans.append((iv, state, layout_ids))
+    runs = run([{iv.chunk: iv.text} for iv, _, _ in plans])
+    for r, (iv, state, layout_ids) in zip(runs, plans):
       r.update(intervention=iv, state=state)
+      if fmt.is_caption:
+        r["states"] = caption_scores.plan_states(r["generated"].frames, iv, state, layout_ids,
+                                                 r["read"], config)
     out[name] = runs
   return out
-
-
-def _read_text(a: tw.Action) -> str:
-  if a.movement == oracle.UNKNOWN:
-    return "unknown fire" if a.fire else "unknown"
-  return tw.action_text(a)
 
 
 def score_condition(runs: Sequence[dict[str, Any]], clips: Sequence[tw.Clip],
                     free: Sequence[dict[str, Any]], layout: str,
                     tolerances: Mapping[str, float], truth_reads: Sequence[Sequence[tw.Action]],
                     config: tw.ToyWorldConfig = tw.ToyWorldConfig(),
-                    num_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+                    num_resamples: int = 2000, seed: int = 0,
+                    text_format: caption_scores.TextFormat = caption_scores.ACTION_TEXTS
+                    ) -> dict[str, Any]:
   """Per-clip scores and their summary ({mean, lo, hi, n} per score) for one condition.
 
   free: the free condition's runs (what an intervened chunk showed without the
   intervention); truth_reads: the true clips' read actions (plausibility's reference).
+  A caption run's forced caption is scored on every chunk it covers
+  (`caption_scores.plan_scores`: means over them, and `per_chunk` lists).
   """
   records = []
   for run, clip, fr in zip(runs, clips, free):
     g, read = run["generated"], run["read"]
-    rec = {"clip_seed": clip.seed, "texts": g.texts, "read": [_read_text(a) for a in read],
+    rec = {"clip_seed": clip.seed, "texts": g.texts, "read": [eval_io.read_text(a) for a in read],
            "generated_chunks": g.generated}
     if layout != "t2v":
-      rec.update(clip_scores.self_consistency(read, g.texts))
+      rec.update(caption_scores.consistency(read, g.texts, text_format))
     vis = clip_scores.visual_scores(g.frames, clip.frames[0], tolerances, config)
     rec.update(vis)
     iv = run.get("intervention")
     if iv is not None:
-      inserted = tw.parse_action_text(iv.text)
       rec.update(chunk=iv.chunk, inserted=iv.text, own_text=iv.own_text,
                  feasible=iv.feasible, candidates=iv.candidates, state=run["state"].to_json())
+    if iv is not None and text_format.is_caption:
+      rec.update(caption_scores.plan_scores(iv, read, run["states"], fr["read"], config))
+    elif iv is not None:
+      inserted = tw.parse_action_text(iv.text)
       rec.update(clip_scores.intervention_following(read, iv.chunk, iv.text))
       rec.update({f"chance_{k}": v
                   for k, v in clip_scores.chance(run["state"], inserted, config).items()})
@@ -286,15 +305,15 @@ def score_condition(runs: Sequence[dict[str, Any]], clips: Sequence[tw.Clip],
     records.append(rec)
   keys = list(clip_scores.VISUAL_KEYS)
   if layout != "t2v":
-    keys += ["consistent", "unparseable"]
+    keys += ["consistent", "unparseable"] + (["uncovered"] if text_format.is_caption else [])
   if runs and "intervention" in runs[0]:
     keys += ["movement", "fire", "both", "chance_movement", "chance_fire", "chance_both",
              "kept_own", "feasible"]
   summary = clip_scores.summarise(records, keys, num_resamples, seed)
   if runs and "intervention" in runs[0]:
     by_action: dict[str, list] = {}
-    for r in records:
-      by_action.setdefault(r["inserted"], []).append(r)
+    for r in records:  # a forced caption counts under its first action
+      by_action.setdefault(r.get("plan", [r["inserted"]])[0], []).append(r)
     summary["by_inserted_action"] = {
         text: {"n": len(rs), **{k: float(np.mean([r[k] for r in rs]))
                                 for k in ("movement", "fire", "both", "chance_both")}}
@@ -318,7 +337,10 @@ def evaluate(generator: Generator, clips: Sequence[tw.Clip], *,
   (default: zero, exact frames) are used and no ceiling is reported. reference: true
   clips, other than `clips`, whose read actions plausibility compares with (default:
   `clips` themselves). The t2v layout gets no intervention conditions (no text
-  channel). Returns the scores.json document minus the run's settings.
+  channel), nor do captions placed after the chunks they describe. A caption run
+  (`generator.text_format`) intervenes at the caption that plans each time's chunk
+  (`caption_scores.caption_plan`). Returns the scores.json document minus the run's
+  settings.
   """
   if not clips:
     raise EvalError("--num_clips: at least one clip is needed")
@@ -327,11 +349,19 @@ def evaluate(generator: Generator, clips: Sequence[tw.Clip], *,
     raise EvalError("clips must have equally many chunks")
   doc: dict[str, Any] = {"layout": generator.layout, "num_clips": len(clips), "num_chunks": k,
                          "clip_seeds": [c.seed for c in clips]}
+  fmt = getattr(generator, "text_format", caption_scores.ACTION_TEXTS)
+  doc["text_format"] = dataclasses.asdict(fmt)
   if generator.layout == "t2v":
     plan = {"chunks": {}}
     doc["interventions"] = {"skipped": "the t2v layout has no text channel to intervene on"}
+  elif not fmt.can_intervene:
+    plan = {"chunks": {}}
+    doc["interventions"] = {"skipped": "captions placed after the chunks they describe "
+                            "('report') cover chunks already generated when forced"}
   else:
     plan = intervention_chunks(times, k, config.fps, config.frames_per_chunk)
+    if fmt.is_caption:
+      plan = caption_scores.caption_plan(plan, fmt)
     doc["interventions"] = plan
   reference = clips if reference is None else reference
   truth_reads = [clip_scores.read_actions(c.frames, config) for c in reference]
@@ -349,7 +379,7 @@ def evaluate(generator: Generator, clips: Sequence[tw.Clip], *,
     doc["tolerances"] = {**tolerances, "fitted_on": None}
   runs = run_protocol(generator, clips, plan["chunks"], seed, config)
   score = lambda rs, free: score_condition(rs, clips, free, generator.layout, tolerances,
-                                           truth_reads, config, num_resamples, seed)
+                                           truth_reads, config, num_resamples, seed, fmt)
   doc["conditions"] = {name: score(rs, runs["free"]) for name, rs in runs.items()}
   if ceiling_runs is not None:
     doc["ceiling"] = {name: score(rs, ceiling_runs["free"]) for name, rs in ceiling_runs.items()}
@@ -361,142 +391,7 @@ def evaluate(generator: Generator, clips: Sequence[tw.Clip], *,
   return doc
 
 
-# --------------------------------------------------------------------------- outputs
-
-def write_sheet(path: str, runs: Sequence[dict[str, Any]], clips: Sequence[tw.Clip],
-                title: str, limit: int = SHEET_CLIPS, scale: int = 2) -> str:
-  """PNG of the first `limit` clips of a condition, one strip each: the first frame, then
-  each chunk's last frame with its text and the oracle's reading under it; the
-  intervened chunk is framed in red and its text starred."""
-  from PIL import Image, ImageDraw, ImageFont
-  font = ImageFont.load_default()
-  runs = list(runs)[:limit]
-  k = len(runs[0]["generated"].texts) if runs else 0
-  size = (runs[0]["generated"].frames.shape[1] if runs else 64) * scale
-  cell, head, foot = size + 6, 16, 30
-  sheet = Image.new("RGB", ((1 + k) * cell + 4, 18 + len(runs) * (head + size + foot)),
-                    (255, 255, 255))
-  draw = ImageDraw.Draw(sheet)
-  draw.text((4, 3), title, fill=(0, 0, 0), font=font)
-  for row, (run, clip) in enumerate(zip(runs, clips)):
-    y0 = 18 + row * (head + size + foot)
-    g = run["generated"]
-    iv = run.get("intervention")
-    draw.text((4, y0 + 2), f"clip {clip.seed}" + (
-        f"   inserted at chunk {iv.chunk}: '{iv.text}' (own: '{iv.own_text}')" if iv else ""),
-        fill=(0, 0, 0), font=font)
-    for col in range(1 + k):
-      frame = g.frames[0 if col == 0 else 4 * col]
-      x, y = 3 + col * cell, y0 + head
-      if iv is not None and col == iv.chunk + 1:
-        draw.rectangle([x - 3, y - 3, x + size + 2, y + size + 2], fill=(220, 0, 0))
-      sheet.paste(Image.fromarray(frame).resize((size, size), Image.NEAREST), (x, y))
-      if col == 0:
-        lines = ["first frame"]
-      else:
-        mark = "*" if iv is not None and col == iv.chunk + 1 else ""
-        lines = [f"{mark}[{col - 1}] {g.texts[col - 1]}"[:size // 6],
-                 f"read {_read_text(run['read'][col - 1])}"[:size // 6]]
-      for n, line in enumerate(lines):
-        draw.text((x, y + size + 3 + 12 * n), line, fill=(0, 0, 0), font=font)
-  # The toy world's palette and the labels fit 256 colours: a quarter of the RGB file's
-  # size, which matters for sheets committed with results.
-  sheet.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
-  return path
-
-
-def _jsonable(x: Any) -> Any:
-  """NaN -> None (strict JSON), numpy scalars -> Python."""
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    return None if not np.isfinite(x) else float(x)
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, np.bool_):
-    return bool(x)
-  return x
-
-
-def write_outputs(out_dir: str, doc: dict[str, Any], clips: Sequence[tw.Clip]) -> list[str]:
-  """scores.json and sheet_<condition>.png (model) / ceiling_sheet_<condition>.png."""
-  os.makedirs(out_dir, exist_ok=True)
-  doc = dict(doc)
-  runs, ceiling_runs = doc.pop("_runs"), doc.pop("_ceiling_runs", None)
-  paths = [os.path.join(out_dir, "scores.json")]
-  with open(paths[0], "w") as f:
-    json.dump(_jsonable(doc), f, indent=1, allow_nan=False)
-  for who, rs in (("model", runs), ("ceiling", ceiling_runs)):
-    for name, cond in (rs or {}).items():
-      stem = "sheet" if who == "model" else "ceiling_sheet"
-      paths.append(write_sheet(os.path.join(out_dir, f"{stem}_{name}.png"), cond, clips,
-                               f"{who}: {name}"))
-  return paths
-
-
 # --------------------------------------------------------------------------- the command
-
-def _builder_config(cfg: Any):
-  """The run's toy-world TFDS builder config (cfg.data.toy_world), None if it has none."""
-  from data_pipelines import toy_world_tfds
-  data = cfg.get("data") or {}
-  tw_cfg = data.get("toy_world")
-  tw_cfg = dict(tw_cfg.to_dict() if hasattr(tw_cfg, "to_dict") else tw_cfg or {})
-  name = tw_cfg.pop("name", "custom")
-  if not tw_cfg:
-    return next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == name), None)
-  try:
-    return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="run", **tw_cfg)
-  except (TypeError, ValueError) as e:
-    raise EvalError(f"data.toy_world of the run's config: {e}") from e
-
-
-def trained_num_chunks(cfg: Any) -> int | None:
-  """Chunks per clip the run was trained on (cfg.data.toy_world), None if not known."""
-  builder = _builder_config(cfg)
-  return None if builder is None else int(builder.num_chunks)
-
-
-def used_seed_ranges(cfg: Any, data_dir: str | None) -> list[tuple[str, int, int]]:
-  """[(what, first, end)] toy-world seed ranges the run's data and VAE were built from."""
-  from data_pipelines import toy_world_tfds
-  out = [("the project's training seeds", 0, TRAINING_SEED_BOUND)]
-  b = _builder_config(cfg)
-  if b is not None:
-    off = toy_world_tfds.VALIDATION_SEED_OFFSET
-    out += [("the TFDS train split", b.base_seed, b.base_seed + b.num_train),
-            ("the TFDS validation split", b.base_seed + off, b.base_seed + off + b.num_validation)]
-  vae_cfg = os.path.join(data_dir or "", "vae", "config.json")
-  if data_dir and os.path.exists(vae_cfg):
-    with open(vae_cfg) as f:
-      t = json.load(f).get("train", {})
-    if {"train_seed_start", "num_steps", "batch_size"} <= set(t):
-      start = int(t["train_seed_start"])
-      # Steps use start + step * batch + [0, batch); latent statistics the first stats_clips.
-      out.append(("the VAE's training clips", start, start + max(
-          int(t["num_steps"]) * int(t["batch_size"]), int(t.get("stats_clips", 0)))))
-    if {"eval_seed_start", "eval_clips"} <= set(t):
-      out.append(("the VAE's held-out clips", int(t["eval_seed_start"]),
-                  int(t["eval_seed_start"]) + int(t["eval_clips"])))
-  return out
-
-
-def held_out_seeds(first_seed: int, count: int, cfg: Any,
-                   data_dir: str | None = None) -> list[int]:
-  """Seeds first_seed .. first_seed + count - 1, after checking that no seed range the
-  run used reaches them (`used_seed_ranges`). Raises EvalError naming --first_seed."""
-  if first_seed < 0 or count < 1:
-    raise EvalError(f"--first_seed must be >= 0 and --num_clips >= 1, got {first_seed}, "
-                    f"{count}")
-  end = first_seed + count
-  for what, lo, hi in used_seed_ranges(cfg, data_dir):
-    if first_seed < hi and lo < end:
-      raise EvalError(f"--first_seed: evaluation seeds [{first_seed}, {end}) overlap "
-                      f"{what} [{lo}, {hi}); pick seeds no split reaches")
-  return list(range(first_seed, end))
-
 
 def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
         checkpoint: int | None = None, cfg_scale: float = 2.0, ode_steps: int = 16,
@@ -505,24 +400,32 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
         num_resamples: int = 2000, num_reference: int = 128, uncond: str = "mask",
         assets: Any = None) -> list[str]:
   """The command: restores the run, evaluates model and ceiling, writes --out. Returns paths."""
-  from tv2tv_jax import generate
+  from tv2tv_jax import run_state
   if batch < 1 or num_clips < 1:
     raise EvalError(f"--batch and --num_clips must be >= 1, got {batch}, {num_clips}")
-  assets = assets or generate.load_assets(workdir, checkpoint)
+  assets = assets or run_state.load_assets(workdir, checkpoint)
   cfg = assets.run.cfg
   k = num_chunks or trained_num_chunks(cfg)
   if not k:
     raise EvalError("--num_chunks: the run's config has no data.toy_world.num_chunks; "
                     "give the clip length")
-  data_dir = generate.data_dir_of(workdir, cfg)
+  data_dir = run_state.data_dir_of(workdir, cfg)
   num_reference = max(num_reference, 0)
   seeds = held_out_seeds(first_seed, num_clips + num_reference, cfg, data_dir)
   clips = [tw.generate_clip(s, k) for s in seeds[:num_clips]]
   reference = [tw.generate_clip(s, k) for s in seeds[num_clips:]] or None
   prompt = (cfg.get("data") or {}).get("prompt", "toy world")
+  fmt = eval_io.text_format(cfg)
+  # A caption describes up to `every` chunks, so it may outgrow the 16 tokens an action
+  # text never reaches (the longest of 2048 training clips: 4, 9, 19, 35, 55 tokens at
+  # every = 1, 2, 4, 8, 16). The cap applies to every chunk's text and sizes the KV cache
+  # the sampler attends over, so it is not larger than that needs; at most the row's
+  # whole text budget.
+  max_text = 16 if not fmt.is_caption else min(int(assets.run.exp.seq.text_len),
+                                               max(16, 6 * fmt.every))
   model = ModelGenerator(assets, prompt, cfg_scale=cfg_scale, ode_steps=ode_steps, batch=batch,
-                         uncond=uncond)
-  ceiling = ToyWorldGenerator(model.layout,
+                         uncond=uncond, max_text_tokens=max_text, text_format=fmt)
+  ceiling = ToyWorldGenerator(model.layout, text_format=fmt,
                               reconstruct=lambda fs: vae_reconstruct(assets, fs, batch))
   doc = evaluate(model, clips, times=times, ceiling=ceiling, reference=reference, seed=seed,
                  num_resamples=num_resamples)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-from tv2tv_jax import synthetic, workdirs
-from tv2tv_jax.config import ConfigError, Experiment
+from tv2tv_jax import synthetic
+from tv2tv_jax.config import PREPARED_SOURCES, ConfigError, Experiment
 
 # Evaluation batches are drawn from a seed range disjoint from training's.
 _EVAL_SEED_BASE = 10 ** 9
@@ -91,46 +90,27 @@ def skipped_examples(state: Any) -> int:
   return 0
 
 
-def toy_world_data_dir(cfg: Any, workdir: str | os.PathLike | None) -> str:
-  """The toy-world data directory: `data.data_dir`, else <workdir>/toy_world_data, else
-  <system temp dir>/tv2tv_toy_world_data; always a local path.
+def data_dir(cfg: Any, workdir: str | os.PathLike | None) -> str:
+  """The run's prepared data directory (`prepared.default_data_dir`)."""
+  from data_pipelines import prepared  # local: heavy imports
+  return prepared.default_data_dir(cfg.get("data") or {}, workdir)
 
-  Raises workdirs.WorkdirError naming `data.data_dir` when it (or the default under a
-  gs:// work directory) is not local: the data stages (TFDS ArrayRecord build, VAE,
-  tokenizer) read and write with local file I/O.
+
+def _prepared_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None):
+  """The pipeline config of the run's prepared data directory, checked once per process.
+
+  Raises prepared.NotPreparedError (a ConfigError naming data.data_dir and the prepare
+  command) when the directory is not completely prepared: the input code reads prepared
+  data, it never builds any.
   """
-  data_cfg = cfg.get("data") or {}
-  if data_cfg.get("data_dir"):
-    data_dir = os.fspath(data_cfg["data_dir"])
-  elif workdir:
-    data_dir = os.fspath(workdirs.as_path(workdir) / "toy_world_data")
-  else:
-    # No work directory given (a caller of the older signature): a shared cache in the
-    # system temp directory; stage markers keep it correct across configs.
-    data_dir = os.path.join(tempfile.gettempdir(), "tv2tv_toy_world_data")
-  return workdirs.require_local(
-      data_dir, "data.data_dir", "the toy-world data stages (defaulting to "
-      "<workdir>/toy_world_data) use local file I/O; set data.data_dir to a local path")
-
-
-def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None):
-  """Prepares the toy-world data stages (cached) and returns the pipeline config.
-
-  The data directory is `toy_world_data_dir(cfg, workdir)`. Process 0 runs
-  the missing stages; the others wait for it at a barrier and then read the same files.
-  """
-  from data_pipelines import main_job, tokenizer as tokenizer_lib  # local: heavy imports
-  data_dir = toy_world_data_dir(cfg, workdir)
-  # The training stream and the evaluation batches of one run ask for the same stages:
-  # check (and log) them once per process.
-  key = (data_dir, repr(cfg), exp)
+  from data_pipelines import prepared, tokenizer as tokenizer_lib  # local: heavy imports
+  where = data_dir(cfg, workdir)
+  # The training stream and the evaluation batches of one run read the same directory:
+  # check it once per process.
+  key = (where, repr(cfg), exp)
   if key not in _PREPARED:
-    if jax.process_index() == 0:
-      main_job.prepare_toy_world(data_dir, cfg)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("toy_world_data_prepared")
-    pcfg = main_job.pipeline_config(data_dir, cfg)
+    prepared.check_prepared(where)
+    pcfg = prepared.pipeline_config(where, cfg.get("data") or {})
     tokenizer_lib.check_compatible(tokenizer_lib.load_tokenizer(pcfg.tokenizer_path), exp)
     _PREPARED[key] = pcfg
   return _PREPARED[key]
@@ -139,10 +119,10 @@ def _toy_world_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | 
 _PREPARED: dict = {}  # (data dir, config, experiment) -> pipeline config, this process
 
 
-def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None, split: str,
-                      train: bool):
+def _prepared_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None, split: str,
+                     train: bool):
   from data_pipelines import grain_pipeline  # local: grain is only needed for this source
-  pcfg = _toy_world_pipeline(exp, cfg, workdir)
+  pcfg = _prepared_pipeline(exp, cfg, workdir)
   if not train:  # evaluation: a fixed, unshuffled pass over validation, in this process
     pcfg = dataclasses.replace(pcfg, num_workers=0)
   ds = grain_pipeline.make_dataset(pcfg, split, exp.seq, exp.model, exp.train.batch_size,
@@ -151,35 +131,37 @@ def _toy_world_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | No
   return grain_pipeline.GrainBatches(ds)
 
 
+def _source(cfg: Any) -> str:
+  return (cfg.get("data") or {}).get("source", "synthetic")
+
+
 def make_train_input(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None = None):
   """The configured training stream (see `data.source`).
 
-  `workdir`: the run's work directory; 'toy_world' caches its data stages under it
-  unless `data.data_dir` is set.
+  `workdir`: the run's work directory; the prepared sources read `data_dir(cfg, workdir)`.
   """
   data_cfg = cfg.get("data") or {}
-  source = data_cfg.get("source", "synthetic")
+  source = _source(cfg)
   if source == "synthetic":
     return SyntheticBatches(exp, data_cfg, seed=exp.train.seed)
-  if source == "toy_world":
-    return _toy_world_stream(exp, cfg, workdir, "train", train=True)
-  raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic, toy_world")
+  if source in PREPARED_SOURCES:
+    return _prepared_stream(exp, cfg, workdir, "train", train=True)
+  raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic, "
+                    f"{', '.join(PREPARED_SOURCES)}")
 
 
 def data_identity(exp: Experiment, cfg: Any,
                   workdir: str | os.PathLike | None = None) -> tuple[dict[str, str], str]:
-  """(identity, where) of the prepared data the configured source reads.
-
-  'toy_world': `main_job.data_identity` of its data directory (prepared first, as
-  `make_train_input` does); 'synthetic': ({}, '') -- its batches follow from the config
-  alone, which `resume_check` compares.
+  """(identity, where) of the prepared data the configured source reads
+  (`prepared.data_identity` of its directory, checked to be prepared); ({}, '') for
+  'synthetic', whose batches follow from the config alone, which `resume_check` compares.
   """
-  if (cfg.get("data") or {}).get("source") != "toy_world":
+  if _source(cfg) not in PREPARED_SOURCES:
     return {}, ""
-  from data_pipelines import main_job  # local: heavy imports
-  _toy_world_pipeline(exp, cfg, workdir)
-  data_dir = toy_world_data_dir(cfg, workdir)
-  return main_job.data_identity(data_dir), data_dir
+  from data_pipelines import prepared  # local: heavy imports
+  _prepared_pipeline(exp, cfg, workdir)
+  where = data_dir(cfg, workdir)
+  return prepared.data_identity(where), where
 
 
 def make_eval_batches(exp: Experiment, cfg: Any,
@@ -187,11 +169,11 @@ def make_eval_batches(exp: Experiment, cfg: Any,
                       ) -> list[dict[str, np.ndarray]]:
   """`train.eval_batches` held-out batches (this process's rows), fixed for the run.
 
-  'toy_world': the first batches of the validation split, unshuffled (repeated if the
-  split holds fewer).
+  Prepared sources: the first batches of the validation split, unshuffled (repeated if
+  the split holds fewer).
   """
-  if (cfg.get("data") or {}).get("source") == "toy_world":
-    stream = _toy_world_stream(exp, cfg, workdir, "validation", train=False)
+  if _source(cfg) in PREPARED_SOURCES:
+    stream = _prepared_stream(exp, cfg, workdir, "validation", train=False)
     return [next(stream) for _ in range(exp.train.eval_batches)]
   data_cfg = dict(cfg.get("data") or {}, synthetic_batches=0)
   stream = SyntheticBatches(exp, data_cfg, seed=_EVAL_SEED_BASE + exp.train.seed)

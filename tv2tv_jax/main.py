@@ -1,4 +1,5 @@
-r"""Trains TV2TV from an experiment config (resuming from the work directory if it can).
+r"""Prepares the data, trains TV2TV from an experiment config (resuming from the work
+directory if it can), and samples after training if the config asks.
 
     python -m tv2tv_jax.main --config=experiments/toy_world.py:quick --workdir=/tmp/run \
         [--config.train.num_steps=100 ...] [--distributed | --coordinator_address=...] \
@@ -8,6 +9,9 @@ Resuming refuses a config that changes what the checkpoints mean (`resume_check`
 the fields; --allow_config_change names the ones changed on purpose.
 
 --workdir may be a gs:// URI (docs/launch.md, "A work directory every worker sees").
+Sources read from a prepared data directory (`data.data_dir`) are prepared first, on
+process 0 (`data_pipelines.preparation`, the stages of `python -m tv2tv_jax.prepare`,
+cached): the README's toy-world command runs the whole chain.
 """
 
 import re
@@ -16,8 +20,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from tv2tv_jax import (config as config_lib, distributed, resume_check, run_lock, trainer,
-                       workdirs)
+from tv2tv_jax import (config as config_lib, distributed, inputs, resume_check, run_lock,
+                       trainer, workdirs)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
@@ -69,15 +73,24 @@ def check_config(cfg) -> None:
   """Checks the config before any process setup, data stage or compile.
 
   Besides the experiment's fields (`config.experiment_from_config_dict`, which the
-  trainer repeats), the VAE config that the toy-world data stages would train is
-  resolved now: a bad `data.vae_overrides` value would otherwise surface only after
-  the dataset is built, named as the VAE's own field (`train.warmup_steps`).
+  trainer repeats), the data preparation is checked now (`preparation.check_config`): a
+  VAE recipe that cannot train would otherwise surface only after the dataset is built.
   """
   config_lib.experiment_from_config_dict(cfg)
-  data = cfg.get("data") or {}
-  if data.get("source") == "toy_world":
-    from data_pipelines import main_job  # local: only this source needs it
-    main_job.check_vae_config(cfg)
+  if (cfg.get("data") or {}).get("source") in config_lib.PREPARED_SOURCES:
+    from data_pipelines import preparation  # local: only prepared sources need it
+    preparation.check_config(cfg)
+
+
+def prepare_data(cfg, workdir: str) -> None:
+  """Runs the data preparation (cached stages, `data_pipelines.preparation`) into the
+  run's data directory, every process taking its part (process 0 the building stages,
+  all of them the latent encode): the trainer only reads prepared data."""
+  if (cfg.get("data") or {}).get("source") not in config_lib.PREPARED_SOURCES:
+    return
+  from data_pipelines import preparation  # local: heavy imports
+  preparation.prepare(inputs.data_dir(cfg, workdir), cfg, process_index=jax.process_index(),
+                      process_count=jax.process_count())
 
 
 def main(argv):
@@ -87,6 +100,7 @@ def main(argv):
   try:
     check_config(cfg)  # first: fails before a multi-host start waits for its peers
     distributed.setup_process()
+    prepare_data(cfg, _WORKDIR.value)
     records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
   except (config_lib.ConfigError, resume_check.ResumeError, run_lock.WorkdirLockedError,
           workdirs.WorkdirError) as e:
@@ -97,11 +111,11 @@ def main(argv):
   sample = cfg.get("sample") or {}
   print("done:", trainer.final_summary(records))
   if sample.get("after_training") and jax.process_index() == 0:
-    from tv2tv_jax import generate  # local: the sampler is only needed here
-    interventions = generate.parse_interventions(sample.interventions)
-    paths = generate.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
-                                     sample.num_chunks, sample.cfg_scale, sample.ode_steps,
-                                     sample.seed)
+    from tv2tv_jax import video_samples  # local: the sampler is only needed here
+    interventions = video_samples.parse_interventions(sample.interventions)
+    paths = video_samples.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,
+                                          sample.num_chunks, sample.cfg_scale,
+                                          sample.ode_steps, sample.seed)
     print("sample (chunk texts, forced ones marked, in the .json):", *paths, sep="\n  ")
 
 

@@ -36,6 +36,10 @@ SAFE_TO_CHANGE = (
     "model.attention_impl", "model.remat",  # same function, another kernel / memory plan
     "data.num_workers", "data.data_dir",  # where and how fast, not what (see the dataset
                                           # identity the checkpoint records)
+    # How the prepared data is made (the VAE recipe, the raw files, the builder config,
+    # the tokenizer to copy): what it is, the data identity compares.
+    "data.vae", "data.vae_variant", "data.vae_overrides", "data.vae_dir", "data.manual_dir",
+    "data.builder_config", "data.tokenizer_path",
     "sample", "init",  # after training / only at a fresh start
 )
 

@@ -5,7 +5,7 @@ r"""The toy-world study in one command: TV2TV against T2V and Think2V (docs/resu
 
 Stages, each cached in the work directory, so running the command again resumes:
   1. data: build the toy world, train the VAE, encode latents, train the tokenizer
-     (`data_pipelines.main_job`), once, in <workdir>/data, shared by every arm;
+     (`data_pipelines.preparation`), once, in <workdir>/data, shared by every arm;
   2. per arm and seed (study.arms x study.seeds): train with that layout and seed into
      <workdir>/runs/<arm>_s<seed> (the trainer resumes from its newest checkpoint, with
      its data-iterator state, so a killed run continues exactly);
@@ -149,14 +149,14 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
   text channel, runs free). Each frame carries its chunk's text and the oracle's reading.
   """
   from data_pipelines import clip_scores, toy_world as tw
-  from tv2tv_jax import generate, generation_eval
+  from tv2tv_jax import generation_eval, run_state
   ev = cfg.study.eval
   k = int(cfg.data.toy_world.num_chunks)
   chunk = min(generation_eval.intervention_chunks(ev.times, k)["chunks"].values())
   clip = tw.generate_clip(generation_eval.FIRST_HELD_OUT_SEED, k)
   runs, clips = [], []
   for arm in arms:
-    assets = generate.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
+    assets = run_state.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
     gen = generation_eval.ModelGenerator(assets, cfg.data.prompt, cfg_scale=ev.cfg_scale,
                                          ode_steps=ev.ode_steps, batch=1,
                                          uncond=_eval_settings(cfg)["uncond"])
@@ -180,7 +180,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
   data_dir: where the data stages are cached (default <workdir>/data); an ablation that
   changes no data stage setting can share another study's.
   """
-  from data_pipelines import main_job
+  from data_pipelines import preparation
   check_config(cfg)
   arms = list(arms or cfg.study.arms)
   seeds = [int(s) for s in (seeds if seeds is not None else cfg.study.seeds)]
@@ -191,7 +191,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
   data_dir = data_dir or os.path.join(workdir, "data")
   t0 = time.time()
   # The data stages depend only on data and model settings, identical across arms.
-  main_job.prepare_toy_world(data_dir, arm_config(cfg, arms[0], seeds[0], data_dir), log=log)
+  preparation.prepare(data_dir, arm_config(cfg, arms[0], seeds[0], data_dir), log=log)
   log(f"data stages: {time.time() - t0:.0f}s")
   for seed in seeds:  # seed-major: a partial study has every arm of its first seeds
     for arm in arms:

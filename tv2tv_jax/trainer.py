@@ -22,7 +22,7 @@ One process writes a work directory at a time: the run holds `<workdir>/LOCK`
 (`run_lock`) and a second start is refused, naming the holder.
 
 `workdir` is a local path or a gs:// URI (`tv2tv_jax.workdirs`); what cannot use a
-bucket (the toy-world data directory) is refused before anything is built.
+bucket (the prepared data directory) is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tv2tv_jax import (checkpoints, evaluation, flops, inputs, llama_init, metric_logging,
+from tv2tv_jax import (checkpoints, flops, heldout_losses, inputs, llama_init, metric_logging,
                        resume_check, run_lock, sharding, train_step, workdirs)
 from tv2tv_jax import config as config_lib
 from tv2tv_jax.model import TV2TV
@@ -79,7 +79,7 @@ class Run:
                                  tx=train_step.make_optimizer(self.exp.optim))
 
   def eval_fn(self):
-    return evaluation.make_eval_fn(self.model, self.exp, self.mesh, self.rules,
+    return heldout_losses.make_eval_fn(self.model, self.exp, self.mesh, self.rules,
                                    self.shardings.params)
 
 
@@ -87,13 +87,13 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """The run's work directory as an epath.Path, checked before anything is built.
 
   Raises workdirs.WorkdirError naming the flag or field: a scheme other than gs://, a
-  gs:// directory without the packages to reach it, or a toy-world data directory that
-  is not local (`data.data_dir`; it defaults to <workdir>/toy_world_data).
+  gs:// directory without the packages to reach it, or a prepared data directory that
+  is not local (`data.data_dir`; see `inputs.data_dir` for its default).
   """
   wd = workdirs.as_path(workdir, "--workdir")
   workdirs.check_reachable(wd, "--workdir")
-  if (cfg.get("data") or {}).get("source") == "toy_world":
-    inputs.toy_world_data_dir(cfg, wd)
+  if (cfg.get("data") or {}).get("source") in config_lib.PREPARED_SOURCES:
+    inputs.data_dir(cfg, wd)
   return wd
 
 
@@ -228,7 +228,7 @@ def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], No
         # or the inputs are to blame, the held-out batches tell: if those parameters give
         # non-finite held-out losses, a checkpoint of them (or later) is poisoned and is
         # moved aside, so a resume starts before the trouble; else the inputs went bad.
-        held_out = evaluation.evaluate(eval_fn, state.params, eval_batches, tc.eval_times,
+        held_out = heldout_losses.evaluate(eval_fn, state.params, eval_batches, tc.eval_times,
                                        mesh)
         params_bad = not all(np.isfinite(float(v)) for v in held_out.values())
         poisoned = [s for s in ckpt.all_steps() if s >= first_bad - 1] if params_bad else []
@@ -266,10 +266,10 @@ def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], No
             + (f"  bad examples {bad_examples}" if bad_examples else ""),
             final=done == tc.num_steps)
       if (tc.eval_every and done % tc.eval_every == 0) or done == tc.num_steps:
-        ev = evaluation.evaluate(eval_fn, state.params, eval_batches, tc.eval_times, mesh)
+        ev = heldout_losses.evaluate(eval_fn, state.params, eval_batches, tc.eval_times, mesh)
         logger.write(done, ev)
         records.append({"step": done, **ev})
-        logger.message(f"eval @ {done}: {evaluation.format_eval(ev)}")
+        logger.message(f"eval @ {done}: {heldout_losses.format_eval(ev)}")
       if (tc.save_every and done % tc.save_every == 0) or done == tc.num_steps:
         if consecutive_bad:
           # Keep the last checkpoint before the trouble as the newest one.

@@ -15,8 +15,8 @@ reaches the bucket everywhere:
 
 `check_reachable` fails early, naming the flag, when those packages are missing. Only
 local paths and gs:// are accepted (other schemes fail in `as_path`). Local-only,
-because they hand paths to libraries that open files themselves: the toy-world data
-directory (TFDS ArrayRecord build, VAE, tokenizer; see `inputs.toy_world_data_dir`) and
+because they hand paths to libraries that open files themselves: the prepared data
+directory (TFDS ArrayRecord build, VAE, tokenizer; see `inputs.data_dir`) and
 `tv2tv_jax.generate` (which `main` refuses to run after training into a gs:// workdir).
 """
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -353,6 +353,25 @@ class LatentStats:
   @classmethod
   def from_json(cls, d: Mapping[str, Any]) -> "LatentStats":
     return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+
+def latent_stats(latent_batches: Iterable[Any]) -> LatentStats:
+  """Per-channel mean/std pooled over every position of the batches (each f32[..., C]),
+  accumulated in float64. The std is floored so that a dead channel cannot blow up
+  normalised latents."""
+  total = total_sq = 0.0
+  count = 0
+  for z in latent_batches:
+    z = np.asarray(z, np.float64)
+    z = z.reshape(-1, z.shape[-1])
+    total = total + z.sum(0)
+    total_sq = total_sq + np.square(z).sum(0)
+    count += z.shape[0]
+  if not count:
+    raise ValueError("latent statistics need at least one latent")
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 1e-12))
+  return LatentStats(mean.astype(np.float32), np.maximum(std, 1e-4).astype(np.float32))
 
 
 def normalize(latents: jax.Array, stats: LatentStats) -> jax.Array:

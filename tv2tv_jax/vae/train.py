@@ -6,7 +6,7 @@ r"""Trains the video VAE on toy-world clips; evaluates held-out PSNR; saves and 
 Writes into the work directory (a local path or a gs:// URI, `tv2tv_jax.workdirs`):
   config.json         the full experiment config
   metrics.jsonl       one JSON object per logged step (loss, recon, kl, psnr, grad norm, lr, clips/s)
-  vae_config.json     the frozen VAEConfig (what `load_tokenizer` rebuilds the model from)
+  vae_config.json     the frozen VAEConfig (what `video_tokenizer.load_tokenizer` rebuilds the model from)
   params.msgpack      the trained parameters (flax msgpack serialisation)
   latent_stats.json   per-channel mean/std of latent means over `stats_clips` training clips
   eval.json           held-out PSNR (clips from `eval_seed_start`, never trained on)
@@ -27,7 +27,6 @@ import time
 from typing import Any, Iterable, Iterator, Mapping
 
 import flax
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,12 +37,13 @@ from tv2tv_jax import workdirs
 from tv2tv_jax.config import ConfigError
 from tv2tv_jax.vae import model as vae_model
 from tv2tv_jax.vae.model import LatentStats, VAEConfig, VideoVAE
+from tv2tv_jax.vae.video_tokenizer import reconstruct, save, to_float, to_uint8
 
 RECON_LOSSES = ("l1", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class VAETrainConfig:
   """Optimisation, data seeds and evaluation of one VAE run (validated on construction)."""
   batch_size: int = 8  # clips per step
   clip_chunks: int = 2  # k: training clips have 1 + 4k frames
@@ -95,15 +95,15 @@ class TrainConfig:
             f"[{self.train_seed_start}, {last_train_seed})")
 
 
-def configs_from_config_dict(cfg: Mapping[str, Any]) -> tuple[VAEConfig, TrainConfig]:
-  """(VAEConfig, TrainConfig) from an experiment ConfigDict with sections `vae` and `train`."""
+def configs_from_config_dict(cfg: Mapping[str, Any]) -> tuple[VAEConfig, VAETrainConfig]:
+  """(VAEConfig, VAETrainConfig) from an experiment ConfigDict with sections `vae` and `train`."""
   vae_cfg = vae_model.vae_config_from_dict(cfg["vae"])
   values = dict(cfg["train"].to_dict() if hasattr(cfg["train"], "to_dict") else cfg["train"])
-  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  names = {f.name for f in dataclasses.fields(VAETrainConfig)}
   unknown = sorted(set(values) - names)
   if unknown:
-    raise ConfigError(f"train.{unknown[0]}", f"unknown field; TrainConfig has {sorted(names)}")
-  train_cfg = TrainConfig(**values)
+    raise ConfigError(f"train.{unknown[0]}", f"unknown field; VAETrainConfig has {sorted(names)}")
+  train_cfg = VAETrainConfig(**values)
   world = toy_world.ToyWorldConfig()
   if vae_cfg.frame_size != world.size or vae_cfg.in_channels != 3:
     raise ConfigError("vae.frame_size", f"toy-world clips are {world.size}x{world.size} RGB; "
@@ -112,16 +112,6 @@ def configs_from_config_dict(cfg: Mapping[str, Any]) -> tuple[VAEConfig, TrainCo
 
 
 # --------------------------------------------------------------------------- data
-
-def to_float(frames: np.ndarray) -> np.ndarray:
-  """uint8[..., 3] in [0, 255] -> f32[..., 3] in [-1, 1]."""
-  return frames.astype(np.float32) / 127.5 - 1.0
-
-
-def to_uint8(frames: Any) -> np.ndarray:
-  """f32[..., 3] (about [-1, 1]) -> uint8[..., 3], clipped and rounded."""
-  return np.clip(np.round((np.asarray(frames) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
 
 def clip_frames(seeds: Iterable[int], num_chunks: int) -> np.ndarray:
   """Toy-world clips as one batch: f32[len(seeds), 1 + 4 * num_chunks, 64, 64, 3] in [-1, 1]."""
@@ -142,13 +132,13 @@ def clip_batch(seeds: Iterable[int], num_chunks: int) -> tuple[np.ndarray, np.nd
   return frames, fg
 
 
-def step_seeds(cfg: TrainConfig, step: int) -> range:
+def step_seeds(cfg: VAETrainConfig, step: int) -> range:
   """The clip seeds of training step `step` (deterministic, disjoint across steps)."""
   start = cfg.train_seed_start + step * cfg.batch_size
   return range(start, start + cfg.batch_size)
 
 
-def train_batches(cfg: TrainConfig, start_step: int = 0
+def train_batches(cfg: VAETrainConfig, start_step: int = 0
                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(frames, foreground) batches (`clip_batch`) for steps start_step, start_step + 1, ...,
   generated `prefetch` ahead in a thread.
@@ -183,13 +173,13 @@ def train_batches(cfg: TrainConfig, start_step: int = 0
 # --------------------------------------------------------------------------- training
 
 @flax.struct.dataclass
-class TrainState:
+class VAETrainState:
   step: jax.Array  # int32[]
   params: Any
   opt_state: Any
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: VAETrainConfig) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW on a linear-warmup cosine schedule."""
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
@@ -198,9 +188,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 
-def create_train_state(vae_cfg: VAEConfig, cfg: TrainConfig, rng: jax.Array) -> TrainState:
+def create_train_state(vae_cfg: VAEConfig, cfg: VAETrainConfig, rng: jax.Array) -> VAETrainState:
   params = vae_model.init_params(vae_cfg, rng, 1 + vae_cfg.temporal_factor * cfg.clip_chunks)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return VAETrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=make_optimizer(cfg).init(params))
 
 
@@ -209,7 +199,7 @@ def psnr_from_mse(mse: Any) -> Any:
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
 
 
-def make_train_step(vae_cfg: VAEConfig, cfg: TrainConfig):
+def make_train_step(vae_cfg: VAEConfig, cfg: VAETrainConfig):
   """jit((state, frames f32[B, 1+4k, H, W, 3], foreground bool[B, 1+4k, H, W], rng)
   -> (state, metrics)); the state is donated.
 
@@ -236,13 +226,13 @@ def make_train_step(vae_cfg: VAEConfig, cfg: TrainConfig):
     return loss, {"loss": loss, "recon": rec, "kl": kl, "psnr": psnr_from_mse(mse),
                   "latent_std": jnp.mean(jnp.exp(0.5 * logvar))}
 
-  def step(state: TrainState, frames: jax.Array, foreground: jax.Array, rng: jax.Array):
+  def step(state: VAETrainState, frames: jax.Array, foreground: jax.Array, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, frames, foreground, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule_lr(state.step))
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return VAETrainState(state.step + 1, params, opt_state), metrics
 
   return jax.jit(step, donate_argnums=0)
 
@@ -253,7 +243,7 @@ def _clip_mse(recon: jax.Array, frames: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jnp.clip(recon, -1.0, 1.0) - frames), axis=(1, 2, 3, 4))
 
 
-def evaluate(vae_cfg: VAEConfig, params: Any, cfg: TrainConfig) -> dict[str, float]:
+def evaluate(vae_cfg: VAEConfig, params: Any, cfg: VAETrainConfig) -> dict[str, float]:
   """Held-out reconstruction quality (latent means, no sampling) on `eval_clips` clips.
 
   Returns psnr_mean (mean of per-clip PSNR), psnr_min, psnr_global (from the pooled MSE),
@@ -287,93 +277,18 @@ def evaluate(vae_cfg: VAEConfig, params: Any, cfg: TrainConfig) -> dict[str, flo
           "oracle_both": agree["both"], "oracle_valid_frames": float(np.mean(valid))}
 
 
-def reconstruct(params: Any, frames: Any, vae_cfg: VAEConfig) -> jax.Array:
-  """decode(encode(frames)) with latent means: f32[B, 1+4k, H, W, 3] -> same shape."""
-  return vae_model.decode(params, vae_model.encode(params, frames, vae_cfg), vae_cfg)
-
-
 def compute_latent_stats(vae_cfg: VAEConfig, params: Any, seeds: Iterable[int],
                          num_chunks: int, batch: int = 8) -> LatentStats:
   """Per-channel mean/std of latent means over toy-world clips `seeds` (1 + 4*num_chunks frames)."""
   seeds = list(seeds)
-  total = np.zeros(vae_cfg.latent_channels)
-  total_sq = np.zeros(vae_cfg.latent_channels)
-  count = 0
-  for i in range(0, len(seeds), batch):
-    z = np.asarray(vae_model.encode(params, clip_frames(seeds[i:i + batch], num_chunks),
-                                    vae_cfg), np.float64).reshape(-1, vae_cfg.latent_channels)
-    total += z.sum(0)
-    total_sq += np.square(z).sum(0)
-    count += z.shape[0]
-  mean = total / count
-  # Floor the std so that a dead channel cannot blow up normalised latents.
-  std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 1e-12))
-  return LatentStats(mean.astype(np.float32), np.maximum(std, 1e-4).astype(np.float32))
-
-
-# --------------------------------------------------------------------------- save / load
-
-def save(workdir: str | os.PathLike, vae_cfg: VAEConfig, params: Any,
-         stats: LatentStats | None = None) -> None:
-  """Writes vae_config.json, params.msgpack and (if given) latent_stats.json into workdir
-  (local or gs://)."""
-  wd = workdirs.as_path(workdir)
-  wd.mkdir(parents=True, exist_ok=True)
-  (wd / "vae_config.json").write_text(json.dumps(dataclasses.asdict(vae_cfg), indent=2))
-  (wd / "params.msgpack").write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-  if stats is not None:
-    (wd / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
-
-
-@dataclasses.dataclass(frozen=True)
-class VideoTokenizer:
-  """A trained VAE: config, params and (optional) latent statistics, ready to use.
-
-  encode(frames f32[B, 1+4k, H, W, 3] in [-1, 1]) -> latent means f32[B, 1+k, h, w, C],
-  normalised per channel when `normalized` (needs stats); decode is the inverse direction.
-  """
-  config: VAEConfig
-  params: Any
-  stats: LatentStats | None = None
-
-  def encode(self, frames: Any, normalized: bool = False) -> jax.Array:
-    z = vae_model.encode(self.params, jnp.asarray(frames, jnp.float32), self.config)
-    return vae_model.normalize(z, self._stats()) if normalized else z
-
-  def decode(self, latents: Any, normalized: bool = False) -> jax.Array:
-    z = jnp.asarray(latents, jnp.float32)
-    z = vae_model.denormalize(z, self._stats()) if normalized else z
-    return vae_model.decode(self.params, z, self.config)
-
-  def _stats(self) -> LatentStats:
-    if self.stats is None:
-      raise ValueError("this tokenizer has no latent statistics (latent_stats.json)")
-    return self.stats
-
-
-def load_tokenizer(workdir: str | os.PathLike) -> VideoTokenizer:
-  """Rebuilds the VAEConfig and restores params (and stats, if saved) written by `save`
-  into `workdir` (local or gs://)."""
-  wd = workdirs.as_path(workdir)
-  vae_cfg = vae_model.vae_config_from_dict(json.loads((wd / "vae_config.json").read_text()))
-  # Restoring into the abstract init tree checks every name and shape of the file.
-  target = jax.eval_shape(lambda: vae_model.init_params(vae_cfg, jax.random.key(0)))
-  params = flax.serialization.from_bytes(target, (wd / "params.msgpack").read_bytes())
-  for want, got in zip(jax.tree.leaves(target), jax.tree.leaves(params)):
-    if want.shape != got.shape:
-      raise ValueError(f"params.msgpack does not match vae_config.json: {got.shape} vs "
-                       f"{want.shape}")
-  params = jax.tree.map(jnp.asarray, params)
-  stats = None
-  path = wd / "latent_stats.json"
-  if path.exists():
-    stats = LatentStats.from_json(json.loads(path.read_text()))
-  return VideoTokenizer(vae_cfg, params, stats)
+  return vae_model.latent_stats(
+      vae_model.encode(params, clip_frames(seeds[i:i + batch], num_chunks), vae_cfg)
+      for i in range(0, len(seeds), batch))
 
 
 # --------------------------------------------------------------------------- the loop
 
-def train(cfg: Any, workdir: str | os.PathLike, log=print) -> dict[str, Any]:
+def train_vae(cfg: Any, workdir: str | os.PathLike, log=print) -> dict[str, Any]:
   """Trains, evaluates held-out PSNR, computes latent stats, saves; returns a summary dict.
 
   Args:
@@ -447,7 +362,7 @@ def _main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = train(_CONFIG.value, _WORKDIR.value)
+  summary = train_vae(_CONFIG.value, _WORKDIR.value)
   print("done:", json.dumps(summary["eval"]))
 
 

@@ -1,0 +1,403 @@
+r"""Data preparation: raw source -> a prepared data directory (`data_pipelines.prepared`).
+
+    python -m tv2tv_jax.prepare --config=experiments/toy_world.py:quick --data_dir=/tmp/data
+
+runs the missing stages of the configured source (`data.source`) into the data directory,
+each cached and resumable:
+
+  tfds       the TFDS dataset: the toy world's builder (`data.toy_world`), or the CS:GO /
+             captioned-video builder (`data.builder_config`) over the raw files in
+             `data.manual_dir`
+  vae        the video tokenizer: trained here on toy-world clips (`data.vae`, an
+             `experiments/vae_toy_world.py` config), or copied from a trained VAE
+             directory (`data.vae_dir`) for the other sources
+  latents    every split encoded with that VAE (`data_pipelines.latent_dataset`)
+  tokenizer  tokenizer.json: copied from `data.tokenizer_path` (e.g. Llama-3's), else a
+             character-level BPE trained on the dataset's texts
+
+Each stage's marker (`stage_<name>.json`) is written last and records the stage's
+settings, which nest those of the stages upstream of it; so a finished stage is skipped,
+and a stage whose settings changed (or whose upstream stage was redone) is built again,
+its previous output moved to `superseded/<time>/` (checkpoints trained on it may still
+need it; nothing is deleted). Only an unfinished build is removed.
+
+`python -m tv2tv_jax.main` calls `prepare` before training, so the README's command runs the
+whole chain; the trainer itself only reads a prepared directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from data_pipelines import prepared
+from data_pipelines.prepared import LATENTS, TOKENIZER, VAE
+from tv2tv_jax.config import PREPARED_SOURCES
+
+STAGES = ("tfds", "vae", "latents", "tokenizer")
+
+
+def _section(cfg: Any, name: str) -> dict[str, Any]:
+  sec = cfg.get(name) if hasattr(cfg, "get") else None
+  if sec is None:
+    return {}
+  return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
+
+
+def _jsonable(x: Any) -> Any:
+  return json.loads(json.dumps(x, default=str))
+
+
+def _tree_hash(path: str) -> str:
+  files = [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
+  return prepared._hash_files(files, path, True)  # pylint: disable=protected-access
+
+
+def tokenizer_source(cfg: Any) -> str:
+  """The tokenizer.json preparation copies: `data.tokenizer_path`, else the one beside the
+  Llama weights (`<init.llama_dir>/tokenizer.json`); "" when neither is set (the
+  tokenizer is then trained on the dataset's texts)."""
+  data, init = _section(cfg, "data"), _section(cfg, "init")
+  if data.get("tokenizer_path"):
+    return data["tokenizer_path"]
+  llama_dir = init.get("llama_dir") or ""
+  return f"{llama_dir.rstrip('/')}/tokenizer.json" if llama_dir else ""
+
+
+def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
+  """What each stage's output depends on (its own settings and its upstream stages')."""
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  source = data.get("source", "synthetic")
+  if source == "toy_world":
+    tfds = {"toy_world": data.get("toy_world") or {}}
+    placement = _sports_placement(data)
+    if placement is not None:
+      # Sports captions moved from after to before the chunks they describe, and a config
+      # may leave the placement to the default (or name a registered config): a stage
+      # built under the old default recorded no placement and must not pass for a new
+      # one. Dense settings stay as they were, so their cached stages stay valid.
+      tfds["caption_placement"] = placement
+    # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so
+    # a resized dataset keeps the trained VAE. Its resolved config (latent channels
+    # applied) is the setting: a recipe that changed must not reuse the old VAE.
+    vae = {"config": vae_config(cfg).to_dict()}
+  else:
+    tfds = {source: {"builder_config": data.get("builder_config", ""),
+                     "manual_dir": os.path.abspath(data.get("manual_dir") or "")}}
+    vae_dir = data.get("vae_dir") or ""
+    vae = {"vae_dir": os.path.abspath(vae_dir),
+           "content": _tree_hash(vae_dir) if os.path.isdir(vae_dir) else ""}
+  latents = {"tfds": tfds, "vae": vae}
+  tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
+               "prompt": data.get("prompt", "")}
+  path = tokenizer_source(cfg)
+  if path:
+    tokenizer = {"tokenizer_path": os.path.abspath(path),
+                 "content": prepared._hash_files([path], os.path.dirname(path) or ".", True)
+                 if os.path.exists(path) else ""}
+  return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
+
+
+# data.source -> the builder's name in latent_encode.BUILDERS.
+_BUILDER_OF_SOURCE = {"toy_world": "toy_world", "csgo": "csgo_dust2",
+                      "captioned_video": "captioned_video"}
+
+
+def _builder(cfg: Any, tfds_dir: str):
+  """The configured source's TFDS builder, writing into tfds_dir: the toy world's config
+  from `data.toy_world`, the others' from `data.builder_config`."""
+  import importlib
+  from data_pipelines import latent_encode
+  data = _section(cfg, "data")
+  source = data.get("source")
+  if source not in _BUILDER_OF_SOURCE:
+    raise prepared.NotPreparedError("data.source", f"{source!r} has no preparation; one of "
+                                    f"{PREPARED_SOURCES}")
+  name = _BUILDER_OF_SOURCE[source]
+  module, cls_name = latent_encode.BUILDERS[name]
+  builder_cls = getattr(importlib.import_module(module), cls_name)
+  fields = data.get("toy_world" if source == "toy_world" else "builder_config") or {}
+  config = _builder_config(type(builder_cls.BUILDER_CONFIGS[0]), fields)
+  return latent_encode.load_builder(name, config, tfds_dir)
+
+
+def _builder_config(cls, value: dict[str, Any]):
+  """A builder config from a mapping: {name} alone selects a registered config (none: the
+  builder's default); more of `cls`'s fields build a custom one, so an experiment can ask
+  for the frame size and clip length it trains on."""
+  fields = dict(value)
+  name = fields.pop("name", None)
+  if not fields:
+    return name
+  return cls(name=name or "custom", description="from the experiment config", **fields)
+
+
+def _sports_placement(data: dict[str, Any]) -> str | None:
+  """The caption placement of a sports-mode toy world (None for dense data)."""
+  from data_pipelines import toy_world_tfds
+  config = _builder_config(toy_world_tfds.ToyWorldBuilderConfig, data.get("toy_world") or {})
+  if isinstance(config, str) or config is None:  # a registered config, by name
+    config = next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == config),
+                  None)
+  if config is None or config.caption_mode != "sports":
+    return None
+  return config.caption_placement
+
+
+def vae_config(cfg: Any) -> ml_collections.ConfigDict:
+  """The toy world's VAE experiment config (`data.vae`), with the flow model's latent
+  channels: the spatial size follows from the VAE's downsampling of the frames and is
+  checked against model.latent_shape downstream."""
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  vcfg = ml_collections.ConfigDict(data.get("vae") or {})
+  if "vae" in vcfg:
+    vcfg.vae.latent_channels = int(model["latent_shape"][-1])
+  return vcfg
+
+
+def check_config(cfg: Any) -> None:
+  """Raises config.ConfigError naming the field when the configured preparation cannot
+  run: before any stage runs, since a VAE config that cannot train would otherwise fail
+  after the dataset is built, and a missing input after minutes of work."""
+  from tv2tv_jax import config as config_lib
+  data = _section(cfg, "data")
+  source = data.get("source", "synthetic")
+  if source not in PREPARED_SOURCES:
+    raise config_lib.ConfigError("data.source", f"{source!r} needs no preparation; "
+                                 f"preparation knows {PREPARED_SOURCES}")
+  if source == "toy_world":
+    config_lib.check_vae_section(vae_config(cfg), "data.vae")
+    return
+  for field in ("manual_dir", "vae_dir"):
+    if not data.get(field) or not os.path.isdir(data[field]):
+      raise config_lib.ConfigError(f"data.{field}", f"must be an existing folder for "
+                                   f"data.source={source!r}, got {data.get(field)!r}")
+  path = tokenizer_source(cfg)
+  if path and not os.path.isfile(path):
+    raise config_lib.ConfigError("data.tokenizer_path", f"{path} is not a file (set "
+                                 f"data.tokenizer_path, or init.llama_dir holding one)")
+
+
+def _done(data_dir: str, stage: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+  path = os.path.join(data_dir, f"stage_{stage}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    marker = json.load(f)
+  return marker if marker.get("settings") == settings else None
+
+
+def _mark(data_dir: str, stage: str, settings: dict[str, Any], **info) -> dict[str, Any]:
+  marker = {"settings": settings, **_jsonable(info)}
+  tmp = os.path.join(data_dir, f".stage_{stage}.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(marker, f, indent=2)
+  os.replace(tmp, os.path.join(data_dir, f"stage_{stage}.json"))  # atomic: no half markers
+  return marker
+
+
+# Each stage's output inside the data directory.
+_OUTPUTS = {"tfds": "tfds", "vae": VAE, "latents": LATENTS, "tokenizer": TOKENIZER}
+
+
+def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]) -> None:
+  """Moves a finished stage's output and marker to superseded/<stamp>/ before a rebuild:
+  checkpoints trained on them may still need them (never deleted here)."""
+  dst = os.path.join(data_dir, "superseded", stamp)
+  os.makedirs(dst, exist_ok=True)
+  for name in (_OUTPUTS[stage], f"stage_{stage}.json"):
+    src = os.path.join(data_dir, name)
+    if os.path.exists(src):
+      os.replace(src, os.path.join(dst, name))
+  log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
+
+
+def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: Any,
+                log: Callable[[str], None] = print) -> bool:
+  """Copies a finished stage (output and marker) from another data directory, so that
+  `prepare` finds it cached instead of building it again.
+
+  Only when `source_dir` finished `stage` with exactly the settings `cfg` gives it (which
+  nest every upstream stage's settings) and `data_dir` holds neither that stage's output
+  nor its marker (a half-built or differently-built stage there is left alone). E.g. two
+  toy worlds whose captions differ share the VAE, which trains on frames only.
+  Returns whether it copied.
+  """
+  settings = stage_settings(cfg)[stage]
+  src_out, dst_out = (os.path.join(d, _OUTPUTS[stage]) for d in (source_dir, data_dir))
+  marker = os.path.join(data_dir, f"stage_{stage}.json")
+  if (os.path.abspath(source_dir) == os.path.abspath(data_dir)
+      or _done(source_dir, stage, settings) is None
+      or os.path.exists(dst_out) or os.path.exists(marker)):
+    return False
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = dst_out + ".adopting"
+  shutil.rmtree(tmp, ignore_errors=True)
+  if os.path.isdir(src_out):
+    shutil.copytree(src_out, tmp)
+  else:
+    shutil.copyfile(src_out, tmp)
+  os.replace(tmp, dst_out)
+  # The marker last, as a build writes it: a copy cut short is never taken for finished.
+  shutil.copyfile(os.path.join(source_dir, f"stage_{stage}.json"), marker + ".tmp")
+  os.replace(marker + ".tmp", marker)
+  log(f"data stage {stage}: copied from {source_dir} (same settings)")
+  return True
+
+def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
+  from data_pipelines import latent_dataset, tokenizer as tokenizer_lib
+  data, model = _section(cfg, "data"), _section(cfg, "model")
+  src = latent_dataset.data_source(os.path.join(data_dir, LATENTS), "train")
+  texts = [t for i in range(len(src)) for t in latent_dataset.parse_record(src[i])["texts"] if t]
+  corpus = texts + [data.get("prompt", "")]
+  if data.get("source") == "toy_world":
+    corpus = tokenizer_lib.toy_world_corpus() + corpus  # every action, seen or not
+  tok = tokenizer_lib.train_bpe([t for t in corpus if t], int(model["vocab_size"]),
+                                byte_level=False)
+  tok.save(path)
+  return tok.vocab_size
+
+
+def _clear_unfinished(data_dir: str, stage: str, settings: dict[str, Any]) -> None:
+  """Removes what an unfinished build of `stage` left, unless it can be resumed.
+
+  TFDS would reuse a half-built dataset of the same name and version with the old sizes,
+  and a copied VAE would nest into the old copy: both go. An unfinished encode resumes
+  (finished shards are kept) only if it was started with these very settings, which it
+  records in latents/.prepare_settings.json before it writes anything.
+  """
+  out = os.path.join(data_dir, _OUTPUTS[stage])
+  if not os.path.isdir(out):
+    return
+  if stage == "latents":
+    path = os.path.join(out, ".prepare_settings.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        if json.load(f) == settings:
+          return
+  shutil.rmtree(out)
+
+
+def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None],
+           process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
+  """Builds one stage into data_dir; returns what its marker records besides settings.
+  Only the latents stage is shared by every process (each encodes its own shards)."""
+  from data_pipelines import latent_dataset, latent_encode
+  data = _section(cfg, "data")
+  tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, VAE)
+  if stage == "tfds":
+    import tensorflow_datasets as tfds  # local: heavy import
+    builder = _builder(cfg, tfds_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=data.get("manual_dir") or None))
+    return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
+  if stage == "vae":
+    if data.get("source") == "toy_world":
+      from tv2tv_jax.vae import train as vae_train
+      return {"eval": vae_train.train_vae(vae_config(cfg), vae_dir, log=log)["eval"]}
+    shutil.copytree(data["vae_dir"], vae_dir)
+    return {"copied_from": os.path.abspath(data["vae_dir"])}
+  if stage == "latents":
+    out = os.path.join(data_dir, LATENTS)
+    if process_index == 0:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, ".prepare_settings.json"), "w") as f:
+        json.dump(stage_settings(cfg)["latents"], f)
+    _barrier("latents_begin", process_count)
+    meta = latent_encode.encode_tfds(_builder(cfg, tfds_dir), latent_dataset.vae_encoder(vae_dir),
+                                     out, process_index=process_index,
+                                     process_count=process_count, log=log)
+    return {"splits": {s: {"num_records": v["num_records"], "skipped": len(v["skipped"])}
+                       for s, v in meta["splits"].items()}}
+  path, source = os.path.join(data_dir, TOKENIZER), tokenizer_source(cfg)
+  if source:
+    shutil.copyfile(source, path)
+    return {"copied_from": os.path.abspath(source)}
+  return {"vocab_size": _train_tokenizer(data_dir, cfg, path)}
+
+
+def _barrier(name: str, process_count: int) -> None:
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # local: only several processes need it
+    multihost_utils.sync_global_devices(f"prepare_{name}")
+
+
+def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
+            process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
+  """Runs the missing stages (module docstring) into `data_dir` (created).
+
+  With several processes (every host of a pod running the same command), process 0 runs
+  the tfds, vae and tokenizer stages and holds the directory's lock; the latent encode is
+  shared, each process encoding its own shards (`latent_encode`); the others wait at
+  barriers. The directory must be one every process sees.
+
+  Args:
+    cfg: the experiment ConfigDict (sections data and model).
+    process_index / process_count: this process among those preparing together.
+  Returns:
+    {stage: its marker} for every stage (process 0; the others return {}).
+  Raises:
+    config.ConfigError naming the field, before any stage runs, when the configured
+    preparation cannot run (`check_config`); run_lock.WorkdirLockedError when another
+    live process prepares the same directory.
+  """
+  from tv2tv_jax import run_lock
+  check_config(cfg)
+  if process_index:
+    return _prepare_stages(data_dir, cfg, log, process_index, process_count)
+  os.makedirs(data_dir, exist_ok=True)
+  # One preparer per data directory (several runs may share one): <data_dir>/LOCK.
+  with run_lock.WorkdirLock(data_dir, log):
+    return _prepare_stages(data_dir, cfg, log, process_index, process_count)
+
+
+def _prepare_stages(data_dir: str, cfg: Any, log: Callable[[str], None], process_index: int,
+                    process_count: int) -> dict[str, Any]:
+  settings = stage_settings(cfg)
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  markers = {}
+  for stage in STAGES:
+    shared = stage == "latents"
+    # Every process learns from the markers (a directory they all see) whether the stage
+    # is done: the ones before it were finished by process 0 ahead of the barrier.
+    _barrier(f"{stage}_check", process_count)
+    # Settings nest their upstream stages' settings, so a changed stage invalidates
+    # exactly the stages downstream of it.
+    marker = _done(data_dir, stage, settings[stage])
+    if marker is not None:
+      log(f"data stage {stage}: cached ({marker.get('seconds', 0):.1f}s when built)")
+      markers[stage] = marker
+      continue
+    if process_index and not shared:
+      continue
+    t0 = time.time()
+    if process_index == 0:
+      if os.path.exists(os.path.join(data_dir, f"stage_{stage}.json")):
+        _supersede(data_dir, stage, stamp, log)  # finished with other settings: keep it
+      else:
+        _clear_unfinished(data_dir, stage, settings[stage])
+    info = _build(stage, data_dir, cfg, log, process_index, process_count)
+    if process_index:
+      continue
+    info["seconds"] = time.time() - t0
+    markers[stage] = _mark(data_dir, stage, settings[stage], **info)
+    log(f"data stage {stage}: built in {info['seconds']:.1f}s "
+        f"{json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
+  _barrier("done", process_count)
+  return markers if process_index == 0 else {}
+
+
+def stage_timings(data_dir: str) -> dict[str, float]:
+  """Seconds each finished stage took when it was built."""
+  out = {}
+  for stage in STAGES:
+    path = os.path.join(data_dir, f"stage_{stage}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        out[stage] = json.load(f).get("seconds")
+  return out
