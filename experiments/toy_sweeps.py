@@ -6,9 +6,9 @@ and evaluates an arm (`tv2tv_jax/sweep.py`). Both sweeps may share one work dire
 identical data stages, VAE and runs are then built once.
 
     python -m tv2tv_jax.sweep --config=experiments/toy_sweeps.py:density \
-        --workdir=/tmp/toy_sweeps --results=docs/results/sweep_density
+        --workdir=<sweep dir> --results=docs/results/sweep_density
     python -m tv2tv_jax.sweep --config=experiments/toy_sweeps.py:error \
-        --workdir=/tmp/toy_sweeps --results=docs/results/sweep_error
+        --workdir=<sweep dir> --results=docs/results/sweep_error
 
 Variants (the part after the colon):
   density  TV2TV trained on the toy world's caption mode with a caption every 1, 2, 4, 8,

@@ -3,7 +3,7 @@ density and caption errors"): each point a name and overrides of the study confi
 point and seed trained and evaluated exactly as the study does an arm (`study.run_arm`).
 
     python -m tv2tv_jax.sweep --config=experiments/toy_sweeps.py:density \
-        --workdir=/tmp/toy_sweeps [--results=docs/results/sweep_density] \
+        --workdir=<sweep dir> [--results=docs/results/sweep_density] \
         [--points=every1,every2] [--seeds=0] [--vae_from=<another data dir>] [--commit]
 
 The config is the study's (experiments/toy_study.py) plus a `sweep` section: name, seeds,
