@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 from data_pipelines import grain_pipeline
 from tv2tv_jax import workdirs
-from tv2tv_jax.config import ConfigError
+from tv2tv_jax.config import REAL_SOURCES, ConfigError
 
 LATENTS, TOKENIZER, VAE = "latents", "tokenizer.json", "vae"
 
@@ -38,9 +38,10 @@ class NotPreparedError(ConfigError):
 
 
 def default_data_dir(data: Mapping[str, Any], workdir: str | os.PathLike | None) -> str:
-  """The prepared directory of a run: `data.data_dir`, else <workdir>/toy_world_data for
-  the toy world and <workdir>/data for the other sources, else (no work directory)
-  <system temp dir>/tv2tv_<source>_data. Always a local path.
+  """The prepared directory of a run: `data.data_dir`, else <workdir>/data for the real
+  sources (CS:GO, captioned video) and <workdir>/toy_world_data for the toy world and
+  synthetic runs (whose generation reads the toy world's tokenizers), else (no work
+  directory) <system temp dir>/tv2tv_<source>_data. Always a local path.
 
   Raises workdirs.WorkdirError naming `data.data_dir` when it (or the default under a
   gs:// work directory) is not local: the preparation stages and the tokenizers use local
@@ -51,7 +52,7 @@ def default_data_dir(data: Mapping[str, Any], workdir: str | os.PathLike | None)
     data_dir = os.fspath(data["data_dir"])
   elif workdir:
     # The toy world's name predates the other sources; runs and docs refer to it.
-    name = "toy_world_data" if source == "toy_world" else "data"
+    name = "data" if source in REAL_SOURCES else "toy_world_data"
     data_dir = os.fspath(workdirs.as_path(workdir) / name)
   else:
     data_dir = os.path.join(tempfile.gettempdir(), f"tv2tv_{source}_data")

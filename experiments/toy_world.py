@@ -69,7 +69,7 @@ def _base() -> ml_collections.ConfigDict:
       synthetic_batches=0,
       max_examples_per_row=3, max_text_len=3,
       # 'toy_world', 'csgo', 'captioned_video': the trainer reads the prepared directory
-      # data_dir ('' = <workdir>/toy_world_data for the toy world, <workdir>/data else),
+      # data_dir ('' = <workdir>/toy_world_data here, <workdir>/data for CS:GO and video),
       # which `python -m tv2tv_jax.prepare` (and `main`, before training) builds
       # (data_pipelines/preparation.py).
       data_dir="",

@@ -75,6 +75,8 @@ def test_default_data_dir_is_one_rule(tmp_path):
   wd = str(tmp_path / "run")
   assert prepared.default_data_dir({"source": "toy_world"}, wd) == \
       os.path.join(wd, "toy_world_data")
+  assert prepared.default_data_dir({"source": "synthetic"}, wd) == \
+      os.path.join(wd, "toy_world_data")  # where generation finds the toy tokenizers
   assert prepared.default_data_dir({"source": "csgo"}, wd) == os.path.join(wd, "data")
   assert prepared.default_data_dir({"source": "csgo", "data_dir": "/x/y"}, wd) == "/x/y"
 

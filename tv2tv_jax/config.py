@@ -21,7 +21,9 @@ DTYPES = ("float32", "bfloat16")
 # `data.source` values `inputs.make_train_input` reads.
 # data.source: 'synthetic' needs no data; the others read a prepared data directory
 # (data_pipelines.prepared), built by `python -m tv2tv_jax.prepare`.
-PREPARED_SOURCES = ("toy_world", "csgo", "captioned_video")
+# Recorded video (not the procedural toy world).
+REAL_SOURCES = ("csgo", "captioned_video")
+PREPARED_SOURCES = ("toy_world",) + REAL_SOURCES
 DATA_SOURCES = ("synthetic",) + PREPARED_SOURCES
 
 

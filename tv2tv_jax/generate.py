@@ -17,9 +17,9 @@ together, as the rows of one batch, into sample_<k>.*.
 chunk whose frames span that time, `outputs.chunk_at_time`; the first frame's own
 1/fps seconds map to chunk 0).
 
-Without --first_frame the first frame of toy-world clip `seed` is used for a toy-world
-run, and for other sources the first latent of validation clip `seed` of the run's
-prepared data (the models are trained with a given first frame).
+Without --first_frame a CS:GO or captioned-video run starts from the first latent of
+validation clip `seed` of its prepared data, any other from the first frame of toy-world
+clip `seed` (the models are trained with a given first frame).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tv2tv_jax import workdirs
+from tv2tv_jax.config import REAL_SOURCES
 from tv2tv_jax.run_state import Assets, GenerateError, load_assets
 from tv2tv_jax.sampling import outputs
 
@@ -77,16 +78,16 @@ def decode_text(assets: Assets, ids: Any) -> str:
 def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.ndarray, str]:
   """The normalised first-frame latent f32[h, w, c] and a description of its source.
 
-  first_frame: None (frame 0 of toy-world clip `seed` for a toy-world run; for other
-  sources the first latent of validation clip `seed` (modulo the split's size) of the
-  run's prepared data), a .png / .npy path, or an array: uint8[H, W, 3] frame at the
+  first_frame: None (for CS:GO and captioned-video runs the first latent of validation
+  clip `seed` (modulo the split's size) of the run's prepared data; else frame 0 of
+  toy-world clip `seed`), a .png / .npy path, or an array: uint8[H, W, 3] frame at the
   VAE's frame size, or f32[h, w, c] normalised latent.
   """
   from tv2tv_jax.vae import video_tokenizer
   latent_shape = tuple(assets.run.exp.model.latent_shape)
   size = assets.video.config.frame_size
   source = "array"
-  if first_frame is None and (assets.run.cfg.get("data") or {}).get("source") != "toy_world":
+  if first_frame is None and (assets.run.cfg.get("data") or {}).get("source") in REAL_SOURCES:
     first_frame, source = _validation_first_latent(assets, seed)
   elif first_frame is None:
     from data_pipelines import toy_world
