@@ -16,6 +16,7 @@ world needs only the one command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -44,10 +45,12 @@ def main(argv):
     workdirs.require_local(data_dir, "--data_dir", "preparation writes with local file I/O")
     preparation.check_config(cfg)  # before a multi-host start waits for its peers
     distributed.setup_process()
-    # The stages log to stderr; stdout carries only the JSON summary.
-    markers = preparation.prepare(data_dir, cfg, log=lambda s: print(s, file=sys.stderr),
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    # The stages (and the libraries they call, e.g. TFDS's progress lines) write to
+    # stderr; stdout carries only the JSON summary, for scripts.
+    with contextlib.redirect_stdout(sys.stderr):
+      markers = preparation.prepare(data_dir, cfg, log=print,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
   except (config_lib.ConfigError, run_lock.WorkdirLockedError, workdirs.WorkdirError) as e:
     raise SystemExit(f"error: {e}") from e
   if jax.process_index() == 0:
