@@ -359,6 +359,8 @@ def test_captioned_video_path_outside_the_input_folder_is_refused(tmp_path, file
                                "train"))
 
 
+# Slow tier: h5py and PyAV read through Python file objects here (minutes on 2 busy cores).
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["csgo", "captioned"])
 def test_sources_in_a_bucket_build_like_local_ones(tmp_path, fake_gcs, kind):
   """Dataflow workers read gs:// inputs: h5py and PyAV get file objects (tfds_common.
