@@ -55,7 +55,7 @@ def _jsonable(x: Any) -> Any:
 
 def _tree_hash(path: str) -> str:
   files = [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
-  return prepared._hash_files(files, path, True)  # pylint: disable=protected-access
+  return prepared.hash_files(files, path, True)
 
 
 def tokenizer_source(cfg: Any) -> str:
@@ -98,7 +98,7 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
   path = tokenizer_source(cfg)
   if path:
     tokenizer = {"tokenizer_path": os.path.abspath(path),
-                 "content": prepared._hash_files([path], os.path.dirname(path) or ".", True)
+                 "content": prepared.hash_files([path], os.path.dirname(path) or ".", True)
                  if os.path.exists(path) else ""}
   return _jsonable({"tfds": tfds, "vae": vae, "latents": latents, "tokenizer": tokenizer})
 

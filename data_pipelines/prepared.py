@@ -82,7 +82,8 @@ def check_prepared(data_dir: str, field: str = "data.data_dir") -> None:
                            f"--config=<the run's config> --data_dir={data_dir}` first")
 
 
-def _hash_files(paths: list[str], root: str, content: bool) -> str:
+def hash_files(paths: list[str], root: str, content: bool) -> str:
+  """16-hex hash of `paths` (relative to `root`, sorted): by content, or by size only."""
   h = hashlib.sha256()
   for path in sorted(paths):
     h.update(os.path.relpath(path, root).encode() + b"\0")
@@ -117,13 +118,13 @@ def data_identity(data_dir: str) -> dict[str, str]:
     # never the temporary files of an encode in progress.
     for root, _, files in os.walk(latent_dir):
       paths += [os.path.join(root, n) for n in files if not n.startswith(".")]
-  out = {k: _hash_files(p, data_dir, content) for k, (p, content) in parts.items()
+  out = {k: hash_files(p, data_dir, content) for k, (p, content) in parts.items()
          if all(os.path.exists(x) for x in p)}
   if paths:
     meta = [p for p in paths if p.endswith(".json")]
     records = [p for p in paths if not p.endswith(".json")]
-    out["latents"] = hashlib.sha256((_hash_files(meta, data_dir, True)
-                                     + _hash_files(records, data_dir, False)).encode()
+    out["latents"] = hashlib.sha256((hash_files(meta, data_dir, True)
+                                     + hash_files(records, data_dir, False)).encode()
                                     ).hexdigest()[:16]
   return out
 
