@@ -8,7 +8,6 @@ layer (the plan-less `attend`), bit for bit: the same kernels run on the same ta
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -19,7 +18,7 @@ from tv2tv_jax.attention import kernel, kernel_plan
 from tv2tv_jax.attention.kernel_forward import BlockSizes
 from tv2tv_jax.model import TV2TV
 
-from test_kernel import draw_meta, qkvo
+from test_kernel import draw_meta, qkvo, sharded_case
 
 # Distinct dk/dv blocks (two tables per plan) and several blocks per row of the tiny model.
 SMALL_BLOCKS = BlockSizes(8, 16, 16, 8)
@@ -140,15 +139,7 @@ def test_xla_has_no_plan_and_a_plan_must_fit():
 
 
 def test_sharded_plan_is_split_by_rows_and_equals_tables_per_shard(small_blocks):
-  if jax.device_count() < 8:
-    pytest.fail("tests/conftest.py should give 8 fake CPU devices")
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  _, meta = draw_meta(4, "tv2tv", 2, 4, 2, 3, 2, 0.5, rows=4)
-  b, length = meta.segment_ids.shape
-  q, k, v, do = qkvo(2, b, length, length, 4, 2, 16)
-  x_sh = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-  q, k, v, do = (jax.device_put(x, x_sh) for x in (q, k, v, do))
+  mesh, meta, q, k, v, do = sharded_case()
 
   def step(q, k, v, do, use_plan):
     plan = attention.prepare(meta, "pallas") if use_plan else None
