@@ -201,16 +201,21 @@ def test_defaults_follow_the_mesh_being_traced_for():
     assert default_block_sizes() == kernel.DEFAULT_BLOCK_SIZES["cpu"]
 
 
-def test_sharded_over_batch_and_heads_on_8_devices():
+def sharded_case():
+  """A (data, fsdp, tensor) = (2, 2, 2) mesh of the 8 fake devices, a 4-row SeqMeta, and
+  q, k, v, do placed with rows over (data, fsdp) and heads over tensor."""
   if jax.device_count() < 8:
     pytest.fail("tests/conftest.py should give 8 fake CPU devices")
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   _, meta = draw_meta(4, "tv2tv", 2, 4, 2, 3, 2, 0.5, rows=4)
   b, length = meta.segment_ids.shape
-  q, k, v, do = qkvo(2, b, length, length, 4, 2, 16)
   x_sh = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
-  q, k, v, do = (jax.device_put(x, x_sh) for x in (q, k, v, do))
+  return mesh, meta, *(jax.device_put(x, x_sh) for x in qkvo(2, b, length, length, 4, 2, 16))
+
+
+def test_sharded_over_batch_and_heads_on_8_devices():
+  mesh, meta, q, k, v, do = sharded_case()
   bs = BlockSizes(16, 16, 16, 16)
   fn = kernel.sharded_splash_attention(mesh, block_sizes=bs)
   got = jax.jit(lambda q, k, v, do: fwd_and_grads(lambda *a: fn(*a, meta), q, k, v, do))(

@@ -26,13 +26,14 @@ from tv2tv_jax.video_unet import VideoDownsampler, VideoUpsampler
 class MoTLayer(nn.Module):
   """One Mixture-of-Transformers layer.
 
-  carry: (x_text [B, T, D], x_video [B, V, D]); meta: SeqMeta of [B, T + V].
+  carry: (x_text [B, T, D], x_video [B, V, D]); meta: SeqMeta of [B, T + V];
+  plan: `attention.prepare(meta, cfg.attention_impl)`, shared by every layer.
   Returns the updated carry (and None, for nn.scan).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, meta: masks.SeqMeta):
+  def __call__(self, carry, meta: masks.SeqMeta, plan=None):
     x_txt, x_vid = carry
     c = self.cfg
     text, video = layers.TowerLayer(c, name="text"), layers.TowerLayer(c, name="video")
@@ -43,7 +44,7 @@ class MoTLayer(nn.Module):
     k = layers.apply_rope(jnp.concatenate([k_t, k_v], axis=1), meta.positions, c.rope_theta,
                           c.rope_scaling)
     v = jnp.concatenate([v_t, v_v], axis=1)
-    o = attention.attend(q, k, v, meta, impl=c.attention_impl)
+    o = attention.attend(q, k, v, meta, impl=c.attention_impl, plan=plan)
     n_txt = x_txt.shape[1]
     x_txt = text.finish(x_txt, o[:, :n_txt])
     x_vid = video.finish(x_vid, o[:, n_txt:])
@@ -53,21 +54,26 @@ class MoTLayer(nn.Module):
 
 
 class MoTStack(nn.Module):
-  """`num_layers` MoT layers, scanned (stacked params on a leading `layers` axis) or unrolled."""
+  """`num_layers` MoT layers, scanned (stacked params on a leading `layers` axis) or unrolled.
+
+  The attention plan (the kernel's block tables) depends on `meta` only: built here
+  once per forward and broadcast to every layer, not rebuilt in each.
+  """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_txt, x_vid, meta):
     c = self.cfg
+    plan = attention.prepare(meta, c.attention_impl)
     layer_cls = nn.remat(MoTLayer, prevent_cse=not c.scan_layers) if c.remat else MoTLayer
     if c.scan_layers:
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,), length=c.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})(c, name="layers")
-      (x_txt, x_vid), _ = stack((x_txt, x_vid), meta)
+      (x_txt, x_vid), _ = stack((x_txt, x_vid), meta, plan)
     else:
       for i in range(c.num_layers):
-        (x_txt, x_vid), _ = layer_cls(c, name=f"layer_{i}")((x_txt, x_vid), meta)
+        (x_txt, x_vid), _ = layer_cls(c, name=f"layer_{i}")((x_txt, x_vid), meta, plan)
     return x_txt, x_vid
 
 

@@ -6,6 +6,8 @@ metadata (`masks.visible`), not a static mask:
 1. `block_table.block_table` classifies every (q-block, kv-block) pair of every
    row as EMPTY / PARTIAL / FULL from per-block summaries of the metadata and
    lists, per q-block, the kv-blocks to visit (and the transpose for dk/dv);
+   `kernel_plan.make_plan` bundles the tables with the packed metadata, once per
+   step when the model asks for it (`attention.prepare`), for every layer;
 2. the forward kernel (`kernel_forward`) runs an online softmax over the listed
    kv-blocks only (scalar prefetch drives the DMAs); PARTIAL blocks evaluate
    `masks.visible` on the two blocks' metadata tiles, FULL blocks skip the mask;
@@ -28,12 +30,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from tv2tv_jax import masks
-from tv2tv_jax.attention import block_table as bt
 from tv2tv_jax.attention import register
 from tv2tv_jax.attention.kernel_backward import dkv_call, dq_call
 from tv2tv_jax.attention.kernel_forward import (DEFAULT_BLOCK_SIZES, BlockSizes,
                                                 default_block_sizes, default_interpret,
-                                                forward_call, pack_meta)
+                                                forward_call)
+from tv2tv_jax.attention.kernel_plan import KernelPlan, make_plan, self_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,36 @@ def _to_kernel_layout(x, length):
   return jnp.swapaxes(x, 1, 2)
 
 
+def plan_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: KernelPlan, *,
+                   interpret: bool | None = None, scale: float | None = None) -> jax.Array:
+  """Attention of queries to keys under a prebuilt `KernelPlan`, differentiable.
+
+  Args:
+    q: [B, Lq, H, dh]; k, v: [B, Lk, Hkv, dh], f32 or bf16 (Hkv divides H); q not pre-scaled;
+      Lq, Lk the plan's `lq`, `lk`.
+    plan: from `kernel_plan.make_plan` (or `self_plan`) on these queries' and keys' slots.
+    interpret: Pallas interpret mode (default: True on CPU); a `pltpu.InterpretParams`
+      simulates TPU semantics (DMA, races, NaN-filled uninitialised memory) on CPU.
+    scale: logit scale (default 1/sqrt(dh)).
+  Returns:
+    [B, Lq, H, dh] in q's dtype; a query that sees no key gets exact zeros.
+  """
+  b, lq, h, dh = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  if h % hkv:
+    raise ValueError(f"{hkv} kv heads do not divide {h} query heads")
+  if (lq, lk) != (plan.lq, plan.lk):
+    raise ValueError(f"q/k lengths {(lq, lk)} differ from the plan's {(plan.lq, plan.lk)}")
+  interpret = default_interpret() if interpret is None else interpret
+  if isinstance(interpret, (bool, int)):
+    interpret = bool(interpret)
+  static = _Static(interpret=interpret, scale=float(dh ** -0.5 if scale is None else scale))
+  lq_pad, lk_pad = plan.q_meta.shape[1], plan.k_meta_t.shape[2]
+  out = _core(_to_kernel_layout(q, lq_pad), _to_kernel_layout(k, lk_pad),
+              _to_kernel_layout(v, lk_pad), plan.q_meta, plan.k_meta_t, plan.tables, static)
+  return jnp.swapaxes(out, 1, 2)[:, :lq]
+
+
 def attention_from_fields(q: jax.Array, k: jax.Array, v: jax.Array, q_fields: masks.SlotFields,
                           k_fields: masks.SlotFields, *, block_sizes: BlockSizes | None = None,
                           interpret: bool | None = None, scale: float | None = None) -> jax.Array:
@@ -85,46 +117,26 @@ def attention_from_fields(q: jax.Array, k: jax.Array, v: jax.Array, q_fields: ma
       between distinct slots; they only matter for padding self-edges).
     block_sizes: kernel tiles (default: `default_block_sizes()` for device 0), clamped
       to the sequence; lengths are padded to a multiple of the blocks with padding slots.
-    interpret: Pallas interpret mode (default: True on CPU); a `pltpu.InterpretParams`
-      simulates TPU semantics (DMA, races, NaN-filled uninitialised memory) on CPU.
-    scale: logit scale (default 1/sqrt(dh)).
+    interpret, scale: as in `plan_attention`.
   Returns:
     [B, Lq, H, dh] in q's dtype; a query that sees no key gets exact zeros.
   """
-  b, lq, h, dh = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
-  if h % hkv:
-    raise ValueError(f"{hkv} kv heads do not divide {h} query heads")
-  bs = (block_sizes or default_block_sizes()).clamp(lq, lk)
-  interpret = default_interpret() if interpret is None else interpret
-  if isinstance(interpret, (bool, int)):
-    interpret = bool(interpret)
-  static = _Static(interpret=interpret, scale=float(dh ** -0.5 if scale is None else scale))
-  mq, mk = math.lcm(bs.block_q, bs.block_q_dkv), math.lcm(bs.block_kv, bs.block_kv_dkv)
-  qf, kf = bt.pad_fields(q_fields, mq), bt.pad_fields(k_fields, mk)
-  lq_pad, lk_pad = qf.segment.shape[1], kf.segment.shape[1]
-  t_fwd = bt.block_table(qf, kf, bs.block_q, bs.block_kv)
-  if (bs.block_q_dkv, bs.block_kv_dkv) == (bs.block_q, bs.block_kv):
-    t_dkv = t_fwd
-  else:
-    t_dkv = bt.block_table(qf, kf, bs.block_q_dkv, bs.block_kv_dkv)
-  q_meta = pack_meta(qf)
-  k_meta_t = jnp.swapaxes(pack_meta(kf), 1, 2)
-  out = _core(_to_kernel_layout(q, lq_pad), _to_kernel_layout(k, lk_pad),
-              _to_kernel_layout(v, lk_pad), q_meta, k_meta_t, (t_fwd, t_dkv), static)
-  return jnp.swapaxes(out, 1, 2)[:, :lq]
+  plan = make_plan(q_fields, k_fields, block_sizes)
+  return plan_attention(q, k, v, plan, interpret=interpret, scale=scale)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.SeqMeta, *,
-                     block_sizes: BlockSizes | None = None,
-                     interpret: bool | None = None) -> jax.Array:
+                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                     plan: KernelPlan | None = None) -> jax.Array:
   """TV2TV self-attention over packed rows; same contract as `reference_attention`.
 
   q: [B, L, H, dh], k/v: [B, L, Hkv, dh] (f32 or bf16), meta: SeqMeta of [B, L].
+  plan: `kernel_plan.self_plan(meta, block_sizes)` built once by the caller (then
+    `block_sizes` is unused); built here when None.
   Returns [B, L, H, dh] in q's dtype. Differentiable in q, k, v (custom VJP).
   """
-  f = meta.fields()
-  return attention_from_fields(q, k, v, f, f, block_sizes=block_sizes, interpret=interpret)
+  plan = self_plan(meta, block_sizes) if plan is None else plan
+  return plan_attention(q, k, v, plan, interpret=interpret)
 
 
 def _usable(mesh, names: Sequence[str], size: int) -> tuple[str, ...]:
@@ -137,46 +149,92 @@ def _usable(mesh, names: Sequence[str], size: int) -> tuple[str, ...]:
   return tuple(used)
 
 
+def _batch_spec(mesh, batch_axes: Sequence[str], rows: int):
+  """The mesh axes (or None) that split `rows` rows, as a PartitionSpec entry."""
+  return _usable(mesh, batch_axes, rows) or None
+
+
 def sharded_splash_attention(mesh, batch_axes: Sequence[str] = ("data", "fsdp"),
                              head_axis: str | None = "tensor", *,
                              block_sizes: BlockSizes | None = None,
                              interpret: bool | None = None):
-  """`fn(q, k, v, meta) -> out` running `splash_attention` inside `jax.shard_map`.
+  """`fn(q, k, v, meta, plan=None) -> out` running the kernel inside `jax.shard_map`.
 
   Rows are split over `batch_axes` and heads over `head_axis` (query and kv heads
-  alike, so each shard keeps whole GQA groups); every shard builds its own block
-  table from its rows' metadata, and no collective is needed. Axes that are not in
-  the mesh, or do not divide the batch / both head counts, are left replicated.
+  alike, so each shard keeps whole GQA groups). Without a plan every shard builds its
+  own from its rows' metadata (`splash_attention`); a plan (`sharded_self_plan`, or
+  any `self_plan` of the whole batch) is split over the same batch axes, its arrays
+  being batch-leading. No collective is needed. Axes that are not in the mesh, or do
+  not divide the batch / both head counts, are left replicated.
   mesh: a `jax.sharding.Mesh` or `AbstractMesh`.
   """
-  def fn(q, k, v, meta):
-    b_axes = _usable(mesh, batch_axes, q.shape[0])
+  def fn(q, k, v, meta, plan=None):
+    batch = _batch_spec(mesh, batch_axes, q.shape[0])
     h_axes = _usable(mesh, [head_axis] if head_axis else [], math.gcd(q.shape[2], k.shape[2]))
-    batch = b_axes if b_axes else None
     head = h_axes[0] if h_axes else None
     x_spec = P(batch, None, head, None)
-    inner = functools.partial(splash_attention, block_sizes=block_sizes, interpret=interpret)
-    return jax.shard_map(inner, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P(batch, None)),
-                         out_specs=x_spec, check_vma=False)(q, k, v, meta)
+    if plan is None:
+      inner = functools.partial(splash_attention, block_sizes=block_sizes, interpret=interpret)
+      return jax.shard_map(inner, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P(batch, None)),
+                           out_specs=x_spec, check_vma=False)(q, k, v, meta)
+    inner = functools.partial(plan_attention, interpret=interpret)
+    # P(batch) is a prefix of the whole plan: every array split by rows, the rest replicated.
+    return jax.shard_map(inner, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, P(batch)),
+                         out_specs=x_spec, check_vma=False)(q, k, v, plan)
   return fn
 
 
-def registered_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                         meta: masks.SeqMeta) -> jax.Array:
+def sharded_self_plan(mesh, batch_axes: Sequence[str] = ("data", "fsdp"), *,
+                      block_sizes: BlockSizes | None = None):
+  """`fn(meta) -> KernelPlan`: `self_plan` built per shard inside `jax.shard_map`.
+
+  Each shard summarises and classifies only its own rows (as the kernel call did when
+  it built its table itself), so the SPMD partitioner never sees the table's sorts and
+  reductions; the plan comes back split over `batch_axes`, ready for
+  `sharded_splash_attention(mesh, batch_axes)`.
+  """
+  def fn(meta):
+    batch = _batch_spec(mesh, batch_axes, meta.segment_ids.shape[0])
+    build = functools.partial(self_plan, block_sizes=block_sizes)
+    return jax.shard_map(build, mesh=mesh, in_specs=(P(batch, None),), out_specs=P(batch),
+                         check_vma=False)(meta)
+  return fn
+
+
+def _ambient_mesh():
+  """The mesh being traced under (`jax.set_mesh`), or None when absent or one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def registered_plan(meta: masks.SeqMeta) -> KernelPlan:
+  """The 'pallas' implementation of `attention.prepare`: the step's `self_plan`.
+
+  Under a mesh with more than one device it is built per shard (`sharded_self_plan`).
+  """
+  mesh = _ambient_mesh()
+  return self_plan(meta) if mesh is None else sharded_self_plan(mesh)(meta)
+
+
+def registered_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.SeqMeta,
+                         plan: KernelPlan | None = None) -> jax.Array:
   """The 'pallas' implementation of `attention.attend`.
 
   Under a mesh (`jax.set_mesh`) with more than one device it runs inside
   `shard_map` over the ('data', 'fsdp') batch axes and the 'tensor' head axis
   (those present), since a bare Pallas call would be replicated by the SPMD
-  partitioner; otherwise it calls `splash_attention` directly.
+  partitioner; otherwise it calls `splash_attention` directly. `plan`
+  (`registered_plan(meta)`) skips building the block tables here.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return splash_attention(q, k, v, meta)
-  return sharded_splash_attention(mesh)(q, k, v, meta)
+  mesh = _ambient_mesh()
+  if mesh is None:
+    return splash_attention(q, k, v, meta, plan=plan)
+  return sharded_splash_attention(mesh)(q, k, v, meta, plan=plan)
 
 
-register("pallas", registered_attention)
+register("pallas", registered_attention, prepare=registered_plan)
 
-__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "attention_from_fields", "default_block_sizes",
-           "registered_attention", "sharded_splash_attention", "splash_attention"]
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "KernelPlan", "attention_from_fields",
+           "default_block_sizes", "make_plan", "plan_attention", "registered_attention",
+           "registered_plan", "self_plan", "sharded_self_plan", "sharded_splash_attention",
+           "splash_attention"]
