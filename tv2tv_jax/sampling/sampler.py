@@ -21,7 +21,9 @@ forced (intervention) or sampled until EOF or `max_text_tokens` (EOF forced), wi
 BOF and EOS banned (the plan has exactly num_chunks items), then EOF; an item after
 a forced one is sampled conditioned on it. Then the chunks (BOF, ODE, clean chunk,
 EOF) with no text between them; chunk i's text in the transcript is plan item i.
-EOF is sampled nowhere but in the Think2V plan.
+EOF is sampled nowhere but in the Think2V plan. The loop is the same for every
+layout; a layout is its two text phases (`_LAYOUT_PHASES`): what it writes before
+chunk 0, and chunk i's text.
 
 Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
 every running row writes its text (rows that already hit BOF write nothing while
@@ -48,15 +50,16 @@ means the row writes nothing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tv2tv_jax import flow
-from tv2tv_jax.config import Experiment
+from tv2tv_jax.config import LAYOUTS, Experiment, ModelConfig, SequenceConfig
 from tv2tv_jax.sampling import plan_free, window
 from tv2tv_jax.sampling.cached_backend import CacheFullError, CachedBackend
 from tv2tv_jax.sampling.decoding import (Request, RequestError, SamplerConfig, check_config,
@@ -112,6 +115,7 @@ class _Row:
   stop: str = "chunk_budget"
   trailing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
   done: bool = False
+  plan: list = dataclasses.field(default_factory=list)  # think2v: (text, forced) per item
 
   def generation(self, latent_shape) -> Generation:
     shape = (0, *latent_shape)
@@ -121,7 +125,24 @@ class _Row:
                       trailing_text=self.trailing, stop_reason=self.stop)
 
 
-def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, stops):
+@dataclasses.dataclass
+class _Loop:
+  """What every phase of one `generate_batch` call reads: the backend, the rows, the
+  settings, and the tokens never sampled (`banned`: chunk text, `plan_banned`: plan items)."""
+  backend: Any
+  rows: list[_Row]
+  sc: SamplerConfig
+  seq: SequenceConfig
+  banned: tuple
+  plan_banned: tuple
+
+  def write_marker(self, tok: int, active, plan: int) -> None:
+    """Writes the one token `tok` (BOF / EOF) with plan id `plan` to the active rows."""
+    self.backend.append_text([np.asarray([tok], np.int32) if a else None for a in active],
+                             [plan] * len(self.rows))
+
+
+def _write_text(loop: _Loop, active, item: int, banned, stops):
   """Writes text item `item` (text_item, plan id item + 1) of every active row.
 
   Rows with `item` in their interventions write that text, all in one pass; the
@@ -130,10 +151,11 @@ def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, sto
   written: the caller writes what ends the text) or hold `sc.max_text_tokens`
   tokens. A row that stopped writes nothing while others continue.
 
-  rows: [_Row] * B; active: [bool] * B; banned, stops: tuples of token ids.
+  active: [bool] * B; banned, stops: tuples of token ids.
   Returns (texts [list[int]] * B, forced [bool] * B, stop [int | None] * B): the stop
   token a row drew, None where its text was forced or cut at the budget.
   """
+  rows, sc, backend = loop.rows, loop.sc, loop.backend
   nb = len(rows)
   texts = [[] for _ in rows]
   forced = [False] * nb
@@ -170,73 +192,125 @@ def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, sto
   return texts, forced, stop
 
 
+# Each layout's text, in two phases: what it writes after the prompt (and first frame)
+# before chunk 0, `before(loop, num_items)`, and chunk i's text, `chunk_text(loop, i,
+# active) -> (texts [list[int]] * B, forced [bool] * B)`, written before chunk i's BOF.
+# `chunk_text` may end rows (clearing them in `active`; the loop then writes nothing more
+# for them).
+
+
+def _nothing_before(loop: _Loop, num_items: int) -> None:
+  """tv2tv, t2v: chunk 0 follows the prompt (and first frame) at once."""
+
+
+def _write_plan(loop: _Loop, num_items: int) -> None:
+  """think2v: the whole plan first, item by item, each closed by EOF (`sequence`): item i is
+  forced or sampled until EOF or the budget, with BOF and EOS banned (the plan has exactly
+  num_chunks items). Each row keeps its items (`_Row.plan`) as its chunks' texts."""
+  for i in range(num_items):
+    active = [i < r.req.num_chunks for r in loop.rows]
+    texts, forced, _ = _write_text(loop, active, i, loop.plan_banned, (loop.seq.eof_id,))
+    loop.write_marker(loop.seq.eof_id, active, 0)
+    for b, r in enumerate(loop.rows):
+      if active[b]:
+        r.plan.append((texts[b], forced[b]))
+
+
+def _no_chunk_text(loop: _Loop, i: int, active):
+  """t2v: no text; BOF follows at once."""
+  return [[] for _ in loop.rows], [False] * len(loop.rows)
+
+
+def _plan_item(loop: _Loop, i: int, active):
+  """think2v: nothing is written; chunk i's text in the transcript is plan item i."""
+  texts = [list(r.plan[i][0]) if a else [] for r, a in zip(loop.rows, active)]
+  return texts, [bool(a and r.plan[i][1]) for r, a in zip(loop.rows, active)]
+
+
+def _sample_chunk_text(loop: _Loop, i: int, active):
+  """tv2tv: text_i forced or sampled until BOF, EOS or the budget. A row that draws EOS
+  stops: what it sampled before is its trailing text, and it leaves `active`."""
+  texts, forced, stop = _write_text(loop, active, i, loop.banned,
+                                    (loop.seq.bof_id, loop.seq.eos_id))
+  for b, r in enumerate(loop.rows):
+    if stop[b] == loop.seq.eos_id:
+      active[b] = False
+      r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
+  return texts, forced
+
+
+_Phases = collections.namedtuple("_Phases", ["before", "chunk_text"])
+_LAYOUT_PHASES = {"tv2tv": _Phases(_nothing_before, _sample_chunk_text),
+                  "t2v": _Phases(_nothing_before, _no_chunk_text),
+                  "think2v": _Phases(_write_plan, _plan_item)}
+if set(_LAYOUT_PHASES) != set(LAYOUTS):
+  raise ImportError(f"sampler phases are defined for {sorted(_LAYOUT_PHASES)}, the layouts "
+                    f"are {sorted(LAYOUTS)}")
+
+
+def _write_prompts(loop: _Loop) -> None:
+  """The prompts, then the first frames (rows that have one) as clean chunks, each closed
+  by EOF (`sequence`: EOF's logits give the first token of text_0)."""
+  nb = len(loop.rows)
+  loop.backend.append_text([r.req.prompt for r in loop.rows], [0] * nb)
+  has_frame = [r.req.first_frame is not None for r in loop.rows]
+  if any(has_frame):
+    loop.backend.append_chunk([r.req.first_frame for r in loop.rows], None)
+    loop.write_marker(loop.seq.eof_id, has_frame, 0)
+
+
+def _write_chunk(loop: _Loop, i: int, active, model: ModelConfig, grid) -> np.ndarray:
+  """BOF_i, the ODE of chunk i, the clean chunk, EOF, for the active rows.
+
+  grid: f32[m + 1], `flow.time_grid`. Returns f32[B, h, w, c] (rows not active: ignore).
+  """
+  rows = loop.rows
+  # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
+  loop.write_marker(loop.seq.bof_id, active, i + 1)
+  x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
+  # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
+  ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
+  if any(ode):
+    x = loop.backend.denoise(x, i, ode, loop.sc, grid)
+  x = np.array(x, np.float32)
+  for b, r in enumerate(rows):
+    if active[b] and i in r.req.replacements:
+      x[b] = r.req.replacements[i]
+  loop.backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
+  loop.write_marker(loop.seq.eof_id, active, 0)
+  return x
+
+
 def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
                    sc: SamplerConfig) -> list[Generation]:
-  """Runs the loop of the module docstring for len(requests) rows of `backend`.
+  """Runs the loop of the module docstring for len(requests) rows of `backend`: the
+  prompts and first frames, the layout's text before the chunks, then per chunk the
+  layout's chunk text, BOF, the ODE, the clean chunk and EOF.
 
   Raises RequestError (naming the field, prefixed `requests[b].` in a batch).
   """
   seq, model = exp.seq, exp.model
   check_config(sc, model)
   rows = [_Row(r) for r in _check_all(requests, exp, sc)]
-  nb = len(rows)
   # Never sample pad, nor ids the tokenizer lacks. Chunk text: never EOF (the loop
   # writes it after each chunk). Think2V plan items: EOF ends an item; never BOF or
   # EOS (the plan has exactly num_chunks items, and the chunks follow it).
   unknown = tuple(range(sc.text_vocab or model.vocab_size, model.vocab_size))
-  banned = (seq.pad_id, seq.eof_id) + unknown
-  plan_banned = (seq.pad_id, seq.bof_id, seq.eos_id) + unknown
-  marker = lambda tok, active: [np.asarray([tok], np.int32) if a else None for a in active]
-  backend.append_text([r.req.prompt for r in rows], [0] * nb)
-  if any(r.req.first_frame is not None for r in rows):
-    backend.append_chunk([r.req.first_frame for r in rows], None)
-    backend.append_text([np.asarray([seq.eof_id], np.int32) if r.req.first_frame is not None
-                         else None for r in rows], [0] * nb)
+  loop = _Loop(backend, rows, sc, seq, banned=(seq.pad_id, seq.eof_id) + unknown,
+               plan_banned=(seq.pad_id, seq.bof_id, seq.eos_id) + unknown)
+  phases = _LAYOUT_PHASES[sc.layout]
   grid = np.asarray(flow.time_grid(sc.steps, sc.shift), np.float32)
   last = max(r.req.num_chunks for r in rows)
-  plans = [[] for _ in rows]  # think2v: (text, forced) of each plan item
-  if sc.layout == "think2v":
-    # The whole plan first, item by item, each closed by EOF (`sequence`); then chunks.
-    for i in range(last):
-      active = [i < r.req.num_chunks for r in rows]
-      texts, forced, _ = _write_text(backend, rows, active, i, sc, plan_banned,
-                                     (seq.eof_id,))
-      backend.append_text(marker(seq.eof_id, active), [0] * nb)
-      for b in range(nb):
-        if active[b]:
-          plans[b].append((texts[b], forced[b]))
+  _write_prompts(loop)
+  phases.before(loop, last)
   for i in range(last):
     active = [not r.done and i < r.req.num_chunks for r in rows]
     if not any(active):
       break
-    texts = [[] for _ in rows]
-    forced = [False] * nb
-    if sc.layout == "think2v":
-      for b in range(nb):
-        if active[b]:
-          texts[b], forced[b] = plans[b][i]
-    elif sc.layout == "tv2tv":
-      texts, forced, stop = _write_text(backend, rows, active, i, sc, banned,
-                                        (seq.bof_id, seq.eos_id))
-      for b, r in enumerate(rows):
-        if stop[b] == seq.eos_id:
-          active[b] = False
-          r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
+    texts, forced = phases.chunk_text(loop, i, active)
     if not any(active):
       break
-    # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
-    backend.append_text(marker(seq.bof_id, active), [i + 1] * nb)
-    x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
-    # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
-    ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
-    if any(ode):
-      x = backend.denoise(x, i, ode, sc, grid)
-    x = np.array(x, np.float32)
-    for b, r in enumerate(rows):
-      if active[b] and i in r.req.replacements:
-        x[b] = r.req.replacements[i]
-    backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
-    backend.append_text(marker(seq.eof_id, active), [0] * nb)
+    x = _write_chunk(loop, i, active, model, grid)
     for b, r in enumerate(rows):
       if active[b]:
         r.chunks.append(x[b])
