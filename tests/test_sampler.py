@@ -11,8 +11,9 @@ import pytest
 
 from tv2tv_jax import flow, masks, sequence, train_step
 from tv2tv_jax.model import TV2TV
-from tv2tv_jax.sampling import decoding, kv_cache, recompute, sampler
+from tv2tv_jax.sampling import decoding, kv_cache, recompute, sampler, window
 from tv2tv_jax.sampling.decoding import Request, RequestError, SamplerConfig
+import mask_recorder  # CachedBackend recording every pass's attention mask
 
 PROMPT = [5, 6, 7]
 
@@ -217,7 +218,7 @@ def test_think2v_intervention_at_item_k_keeps_the_items_before_k(setup):
 
 
 def _generate_recorded(model, params, exp, req, sc):
-  backend = sampler.CachedBackend(model, params, exp, record=True)
+  backend = mask_recorder.RecordingBackend(model, params, exp)
   return backend, sampler.generate(backend, req, exp, sc)
 
 
@@ -513,7 +514,8 @@ def test_sliding_window_keeps_prompt_and_matches_recompute_of_the_window(setup):
   n = exp.model.tokens_per_chunk
   sc = dataclasses.replace(SC, sliding_window=True, capacity=28, cfg_scale=1.0)
   req = dataclasses.replace(REQ, first_frame=_first_frame(exp), num_chunks=4, interventions={})
-  backend = sampler.CachedBackend(model, params, exp, sc.capacity, window=True)
+  backend = window.SlidingWindow(lambda: sampler.CachedBackend(model, params, exp, sc.capacity),
+                                 exp.seq.eof_id)
   gen = sampler.generate(backend, req, exp, sc)
   assert len(gen.chunks) == 4 and backend.slides and sum(backend.slides) >= 1
   assert int(backend.cache.length[0]) <= sc.capacity

@@ -40,7 +40,7 @@ from tv2tv_jax.sampling.decoding import SamplerConfig
 class PlanFreeBackend:
   """The sampler backend (`sampler` module docstring) over a main and a shadow backend.
 
-  main, shadow: two `sampler.CachedBackend`s of the same rows and capacity (the shadow
+  main, shadow: two `cached_backend.CachedBackend`s of the same rows and capacity (the shadow
   needs no more room than the main cache). bof_id: the BOF token (`SequenceConfig.bof_id`).
   The loop's plan text (plan id > 0 and not BOF) goes to the main cache only; every other
   write goes to both. Logits come from the main cache.

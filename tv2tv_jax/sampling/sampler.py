@@ -1,4 +1,4 @@
-"""The TV2TV generation loop (batched over requests) and its KV-cached backend.
+"""The TV2TV generation loop (batched over requests) and `sample`, its entry point.
 
 Loop (docs/design.md, section 6), per chunk i, for every request still running:
   text_i: forced (intervention) or sampled token by token from the logits of the
@@ -21,7 +21,9 @@ forced (intervention) or sampled until EOF or `max_text_tokens` (EOF forced), wi
 BOF and EOS banned (the plan has exactly num_chunks items), then EOF; an item after
 a forced one is sampled conditioned on it. Then the chunks (BOF, ODE, clean chunk,
 EOF) with no text between them; chunk i's text in the transcript is plan item i.
-EOF is sampled nowhere but in the Think2V plan.
+EOF is sampled nowhere but in the Think2V plan. The loop is the same for every
+layout; a layout is its two text phases (`_LAYOUT_PHASES`): what it writes before
+chunk 0, and chunk i's text.
 
 Several requests run as the rows of one batch, in lockstep by chunk: at chunk i
 every running row writes its text (rows that already hit BOF write nothing while
@@ -30,8 +32,9 @@ go the same way (rows that ended item i write nothing until all have, then EOF).
 What a row generates depends only on its own request and seed (`test_sampler`
 checks a batch against each request run alone).
 
-The loop talks to a batched *backend* of B rows (`CachedBackend` here;
-`RowwiseBackend` over per-row `recompute.RecomputeBackend`s is the from-scratch
+The loop talks to a batched *backend* of B rows (`cached_backend.CachedBackend`,
+wrapped by `window.SlidingWindow` or `plan_free.PlanFreeBackend` when the settings
+ask; `RowwiseBackend` over per-row `recompute.RecomputeBackend`s is the from-scratch
 oracle) through these calls, so that both make identical decisions from
 identical randomness and differ only in how outputs are computed. A `None` entry
 means the row writes nothing.
@@ -47,23 +50,20 @@ means the row writes nothing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tv2tv_jax import flow, masks, sequence
-from tv2tv_jax.config import Experiment
-from tv2tv_jax.sampling import kv_cache, plan_free
+from tv2tv_jax import flow
+from tv2tv_jax.config import LAYOUTS, Experiment, ModelConfig, SequenceConfig
+from tv2tv_jax.sampling import plan_free, window
+from tv2tv_jax.sampling.cached_backend import CacheFullError, CachedBackend
 from tv2tv_jax.sampling.decoding import (Request, RequestError, SamplerConfig, check_config,
                                          check_request, chunk_noise, next_token, text_key)
-
-
-class CacheFullError(RuntimeError):
-  """The KV cache has no room for the next write (and no sliding window)."""
 
 
 @dataclasses.dataclass
@@ -115,6 +115,7 @@ class _Row:
   stop: str = "chunk_budget"
   trailing: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
   done: bool = False
+  plan: list = dataclasses.field(default_factory=list)  # think2v: (text, forced) per item
 
   def generation(self, latent_shape) -> Generation:
     shape = (0, *latent_shape)
@@ -124,7 +125,24 @@ class _Row:
                       trailing_text=self.trailing, stop_reason=self.stop)
 
 
-def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, stops):
+@dataclasses.dataclass
+class _Loop:
+  """What every phase of one `generate_batch` call reads: the backend, the rows, the
+  settings, and the tokens never sampled (`banned`: chunk text, `plan_banned`: plan items)."""
+  backend: Any
+  rows: list[_Row]
+  sc: SamplerConfig
+  seq: SequenceConfig
+  banned: tuple
+  plan_banned: tuple
+
+  def write_marker(self, tok: int, active, plan: int) -> None:
+    """Writes the one token `tok` (BOF / EOF) with plan id `plan` to the active rows."""
+    self.backend.append_text([np.asarray([tok], np.int32) if a else None for a in active],
+                             [plan] * len(self.rows))
+
+
+def _write_text(loop: _Loop, active, item: int, banned, stops):
   """Writes text item `item` (text_item, plan id item + 1) of every active row.
 
   Rows with `item` in their interventions write that text, all in one pass; the
@@ -133,10 +151,11 @@ def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, sto
   written: the caller writes what ends the text) or hold `sc.max_text_tokens`
   tokens. A row that stopped writes nothing while others continue.
 
-  rows: [_Row] * B; active: [bool] * B; banned, stops: tuples of token ids.
+  active: [bool] * B; banned, stops: tuples of token ids.
   Returns (texts [list[int]] * B, forced [bool] * B, stop [int | None] * B): the stop
   token a row drew, None where its text was forced or cut at the budget.
   """
+  rows, sc, backend = loop.rows, loop.sc, loop.backend
   nb = len(rows)
   texts = [[] for _ in rows]
   forced = [False] * nb
@@ -173,73 +192,125 @@ def _write_text(backend, rows, active, item: int, sc: SamplerConfig, banned, sto
   return texts, forced, stop
 
 
+# Each layout's text, in two phases: what it writes after the prompt (and first frame)
+# before chunk 0, `before(loop, num_items)`, and chunk i's text, `chunk_text(loop, i,
+# active) -> (texts [list[int]] * B, forced [bool] * B)`, written before chunk i's BOF.
+# `chunk_text` may end rows (clearing them in `active`; the loop then writes nothing more
+# for them).
+
+
+def _nothing_before(loop: _Loop, num_items: int) -> None:
+  """tv2tv, t2v: chunk 0 follows the prompt (and first frame) at once."""
+
+
+def _write_plan(loop: _Loop, num_items: int) -> None:
+  """think2v: the whole plan first, item by item, each closed by EOF (`sequence`): item i is
+  forced or sampled until EOF or the budget, with BOF and EOS banned (the plan has exactly
+  num_chunks items). Each row keeps its items (`_Row.plan`) as its chunks' texts."""
+  for i in range(num_items):
+    active = [i < r.req.num_chunks for r in loop.rows]
+    texts, forced, _ = _write_text(loop, active, i, loop.plan_banned, (loop.seq.eof_id,))
+    loop.write_marker(loop.seq.eof_id, active, 0)
+    for b, r in enumerate(loop.rows):
+      if active[b]:
+        r.plan.append((texts[b], forced[b]))
+
+
+def _no_chunk_text(loop: _Loop, i: int, active):
+  """t2v: no text; BOF follows at once."""
+  return [[] for _ in loop.rows], [False] * len(loop.rows)
+
+
+def _plan_item(loop: _Loop, i: int, active):
+  """think2v: nothing is written; chunk i's text in the transcript is plan item i."""
+  texts = [list(r.plan[i][0]) if a else [] for r, a in zip(loop.rows, active)]
+  return texts, [bool(a and r.plan[i][1]) for r, a in zip(loop.rows, active)]
+
+
+def _sample_chunk_text(loop: _Loop, i: int, active):
+  """tv2tv: text_i forced or sampled until BOF, EOS or the budget. A row that draws EOS
+  stops: what it sampled before is its trailing text, and it leaves `active`."""
+  texts, forced, stop = _write_text(loop, active, i, loop.banned,
+                                    (loop.seq.bof_id, loop.seq.eos_id))
+  for b, r in enumerate(loop.rows):
+    if stop[b] == loop.seq.eos_id:
+      active[b] = False
+      r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
+  return texts, forced
+
+
+_Phases = collections.namedtuple("_Phases", ["before", "chunk_text"])
+_LAYOUT_PHASES = {"tv2tv": _Phases(_nothing_before, _sample_chunk_text),
+                  "t2v": _Phases(_nothing_before, _no_chunk_text),
+                  "think2v": _Phases(_write_plan, _plan_item)}
+if set(_LAYOUT_PHASES) != set(LAYOUTS):
+  raise ImportError(f"sampler phases are defined for {sorted(_LAYOUT_PHASES)}, the layouts "
+                    f"are {sorted(LAYOUTS)}")
+
+
+def _write_prompts(loop: _Loop) -> None:
+  """The prompts, then the first frames (rows that have one) as clean chunks, each closed
+  by EOF (`sequence`: EOF's logits give the first token of text_0)."""
+  nb = len(loop.rows)
+  loop.backend.append_text([r.req.prompt for r in loop.rows], [0] * nb)
+  has_frame = [r.req.first_frame is not None for r in loop.rows]
+  if any(has_frame):
+    loop.backend.append_chunk([r.req.first_frame for r in loop.rows], None)
+    loop.write_marker(loop.seq.eof_id, has_frame, 0)
+
+
+def _write_chunk(loop: _Loop, i: int, active, model: ModelConfig, grid) -> np.ndarray:
+  """BOF_i, the ODE of chunk i, the clean chunk, EOF, for the active rows.
+
+  grid: f32[m + 1], `flow.time_grid`. Returns f32[B, h, w, c] (rows not active: ignore).
+  """
+  rows = loop.rows
+  # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
+  loop.write_marker(loop.seq.bof_id, active, i + 1)
+  x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
+  # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
+  ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
+  if any(ode):
+    x = loop.backend.denoise(x, i, ode, loop.sc, grid)
+  x = np.array(x, np.float32)
+  for b, r in enumerate(rows):
+    if active[b] and i in r.req.replacements:
+      x[b] = r.req.replacements[i]
+  loop.backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
+  loop.write_marker(loop.seq.eof_id, active, 0)
+  return x
+
+
 def generate_batch(backend, requests: Sequence[Request], exp: Experiment,
                    sc: SamplerConfig) -> list[Generation]:
-  """Runs the loop of the module docstring for len(requests) rows of `backend`.
+  """Runs the loop of the module docstring for len(requests) rows of `backend`: the
+  prompts and first frames, the layout's text before the chunks, then per chunk the
+  layout's chunk text, BOF, the ODE, the clean chunk and EOF.
 
   Raises RequestError (naming the field, prefixed `requests[b].` in a batch).
   """
   seq, model = exp.seq, exp.model
   check_config(sc, model)
   rows = [_Row(r) for r in _check_all(requests, exp, sc)]
-  nb = len(rows)
   # Never sample pad, nor ids the tokenizer lacks. Chunk text: never EOF (the loop
   # writes it after each chunk). Think2V plan items: EOF ends an item; never BOF or
   # EOS (the plan has exactly num_chunks items, and the chunks follow it).
   unknown = tuple(range(sc.text_vocab or model.vocab_size, model.vocab_size))
-  banned = (seq.pad_id, seq.eof_id) + unknown
-  plan_banned = (seq.pad_id, seq.bof_id, seq.eos_id) + unknown
-  marker = lambda tok, active: [np.asarray([tok], np.int32) if a else None for a in active]
-  backend.append_text([r.req.prompt for r in rows], [0] * nb)
-  if any(r.req.first_frame is not None for r in rows):
-    backend.append_chunk([r.req.first_frame for r in rows], None)
-    backend.append_text([np.asarray([seq.eof_id], np.int32) if r.req.first_frame is not None
-                         else None for r in rows], [0] * nb)
+  loop = _Loop(backend, rows, sc, seq, banned=(seq.pad_id, seq.eof_id) + unknown,
+               plan_banned=(seq.pad_id, seq.bof_id, seq.eos_id) + unknown)
+  phases = _LAYOUT_PHASES[sc.layout]
   grid = np.asarray(flow.time_grid(sc.steps, sc.shift), np.float32)
   last = max(r.req.num_chunks for r in rows)
-  plans = [[] for _ in rows]  # think2v: (text, forced) of each plan item
-  if sc.layout == "think2v":
-    # The whole plan first, item by item, each closed by EOF (`sequence`); then chunks.
-    for i in range(last):
-      active = [i < r.req.num_chunks for r in rows]
-      texts, forced, _ = _write_text(backend, rows, active, i, sc, plan_banned,
-                                     (seq.eof_id,))
-      backend.append_text(marker(seq.eof_id, active), [0] * nb)
-      for b in range(nb):
-        if active[b]:
-          plans[b].append((texts[b], forced[b]))
+  _write_prompts(loop)
+  phases.before(loop, last)
   for i in range(last):
     active = [not r.done and i < r.req.num_chunks for r in rows]
     if not any(active):
       break
-    texts = [[] for _ in rows]
-    forced = [False] * nb
-    if sc.layout == "think2v":
-      for b in range(nb):
-        if active[b]:
-          texts[b], forced[b] = plans[b][i]
-    elif sc.layout == "tv2tv":
-      texts, forced, stop = _write_text(backend, rows, active, i, sc, banned,
-                                        (seq.bof_id, seq.eos_id))
-      for b, r in enumerate(rows):
-        if stop[b] == seq.eos_id:
-          active[b] = False
-          r.done, r.stop, r.trailing = True, "eos", np.asarray(texts[b], np.int32)
+    texts, forced = phases.chunk_text(loop, i, active)
     if not any(active):
       break
-    # BOF_i carries chunk i's plan id: a CFG-dropped noisy copy must not see it (`masks`).
-    backend.append_text(marker(seq.bof_id, active), [i + 1] * nb)
-    x = jnp.stack([chunk_noise(r.req.seed, i, tuple(model.latent_shape)) for r in rows])
-    # A replaced chunk skips the ODE (its noise is still drawn: nothing else shifts).
-    ode = [a and i not in r.req.replacements for a, r in zip(active, rows)]
-    if any(ode):
-      x = backend.denoise(x, i, ode, sc, grid)
-    x = np.array(x, np.float32)
-    for b, r in enumerate(rows):
-      if active[b] and i in r.req.replacements:
-        x[b] = r.req.replacements[i]
-    backend.append_chunk([x[b] if a else None for b, a in enumerate(active)], i)
-    backend.append_text(marker(seq.eof_id, active), [0] * nb)
+    x = _write_chunk(loop, i, active, model, grid)
     for b, r in enumerate(rows):
       if active[b]:
         r.chunks.append(x[b])
@@ -296,249 +367,14 @@ class RowwiseBackend:
         row.append_chunk(latent, chunk)
 
 
-# Module-level jits with the (hashable, compared by value) model static, so every
-# backend of the same model shares the compiled steps.
-
-
-def _append_text_last(model, params, cache, tokens, meta, count, last):
-  """kv_cache.append_text, keeping per row the logits of its last written token
-  (`last` f32[B, V] for rows that wrote nothing)."""
-  cache, logits = kv_cache.append_text(model, params, cache, tokens, meta, count)
-  end = logits[jnp.arange(tokens.shape[0]), jnp.maximum(count - 1, 0)]
-  return cache, jnp.where(count[:, None] > 0, end.astype(jnp.float32), last)
-
-
-_APPEND_TEXT = jax.jit(_append_text_last, static_argnums=0)
-_APPEND_CLEAN = jax.jit(kv_cache.append_clean, static_argnums=0)
-_VELOCITY = jax.jit(kv_cache.noisy_velocity, static_argnums=0)
-_DENOISE = jax.jit(kv_cache.denoise, static_argnums=(0, 7))
-
-
-class CachedBackend:
-  """Backend over a `kv_cache.KVCache` of `batch` rows (CFG tiles each row to two).
-
-  Per row it keeps the logical-order and RoPE-position cursors of the example being
-  written, mirroring `sequence.layout_example`: a generated chunk's noisy copy
-  takes n orders and its clean copy the next n, both at the same positions.
-  With `record=True` it keeps every attention mask row 0 used (`records`), for tests.
-  With `window=True` (one row only) a write that does not fit slides the window
-  (`_slide`): the prompt and first frame stay, the oldest whole chunks go, the
-  cache is rebuilt.
-  """
-
-  def __init__(self, model, params, exp: Experiment, capacity: int | None = None,
-               record: bool = False, window: bool = False, batch: int = 1):
-    if window and batch != 1:
-      raise ValueError("the sliding window rebuilds one row's cache: it needs batch=1")
-    self.model, self.params, self.exp = model, params, exp
-    n = exp.model.tokens_per_chunk
-    self.n, self.batch = n, batch
-    self.capacity = capacity or exp.seq.text_len + exp.seq.max_chunks * n
-    self.cache = kv_cache.init_cache(exp.model, batch, self.capacity)
-    # Host mirrors of the cursors and of cache.length (no device sync to check room).
-    self.order = np.zeros(batch, np.int64)
-    self.pos = np.zeros(batch, np.int64)
-    self.used = np.zeros(batch, np.int64)
-    self._logits = jnp.zeros((batch, exp.model.vocab_size), jnp.float32)
-    self.record = record
-    self.records: list[dict[str, Any]] = []
-    self.window = window
-    self.pieces: list[tuple] = []  # what was written, for rebuilding after a slide
-    self.slides: list[int] = []  # chunks dropped by each slide
-    self._append_text = functools.partial(_APPEND_TEXT, model)
-    self._append_clean = functools.partial(_APPEND_CLEAN, model)
-    self._velocity = functools.partial(_VELOCITY, model)
-
-  # Chunk-copy ids only need to be distinct and non-zero (the mask compares them).
-  @staticmethod
-  def _noisy_id(chunk: int) -> int:
-    return 2 * chunk + 2
-
-  @staticmethod
-  def _clean_id(chunk: int | None) -> int:
-    return 1 if chunk is None else 2 * chunk + 3
-
-  def _meta(self, count: np.ndarray, width: int, modality, chunk_id, order0: np.ndarray,
-            plan, drops=(False,)):
-    """SeqMeta of [B·r, width] (r = len(drops); row b·r + j is row b with drops[j]):
-    count[b] consecutive slots of row b from logical order order0[b], then padding."""
-    r = len(drops)
-    ar = np.arange(width, dtype=np.int64)[None]
-    valid = ar < np.asarray(count)[:, None]
-    full = lambda v: np.broadcast_to(np.asarray(v, np.int64).reshape(-1, 1),
-                                     (self.batch, width))
-    cols = dict(segment_ids=valid, modality=np.where(valid, modality, sequence.PAD),
-                chunk_ids=full(chunk_id) * valid, positions=(self.pos[:, None] + ar) * valid,
-                order=(np.asarray(order0)[:, None] + ar) * valid,
-                plan_ids=full(plan) * valid)
-    rep = lambda a: jnp.asarray(np.repeat(np.asarray(a, np.int32), r, axis=0))
-    drop = np.tile(np.asarray(drops, bool), self.batch)[:, None] & valid.repeat(r, axis=0)
-    return masks.SeqMeta(**{k: rep(v) for k, v in cols.items()}, cfg_drop=jnp.asarray(drop))
-
-  def _size(self, piece) -> int:
-    return len(piece[1]) if piece[0] == "text" else self.n
-
-  def _room(self, count: np.ndarray):
-    """Makes room for count[b] more slots per row: slides the window, or raises."""
-    if np.all(self.used + count <= self.capacity):
-      return
-    if not self.window:
-      b = int(np.argmax(self.used + count - self.capacity))
-      raise CacheFullError(f"KV cache full: row {b} has {self.used[b]} of {self.capacity} "
-                           f"slots used, {count[b]} more needed (raise "
-                           f"SamplerConfig.capacity or set SamplerConfig.sliding_window)")
-    self._slide(int(count[0]))
-
-  def _units(self):
-    """Splits the written pieces into (prefix, complete chunk units, open tail).
-
-    prefix: the prompt, and the first frame with its EOF; a unit: text_i, BOF, clean_i, EOF.
-    """
-    pieces = list(self.pieces)
-    k = 3 if len(pieces) > 1 and pieces[1][0] == "clean" and pieces[1][2] is None else 1
-    prefix, units, cur = pieces[:k], [], []
-    eof = self.exp.seq.eof_id
-    for piece in pieces[k:]:
-      cur.append(piece)
-      if (piece[0] == "text" and piece[1].tolist() == [eof] and len(cur) > 1
-          and cur[-2][0] == "clean"):
-        units.append(cur)
-        cur = []
-    return prefix, units, cur
-
-  def _slide(self, count: int):
-    """Drops the oldest whole chunks (text_i · BOF · clean_i · EOF), keeping the prompt
-    and first frame, and rebuilds the cache by re-running what is kept from scratch:
-    every kept key depends on its context, so dropped context means new keys, and
-    positions / orders restart contiguously (RoPE only sees offsets)."""
-    prefix, units, tail = self._units()
-    size = lambda ps: sum(self._size(p) for p in ps)
-    dropped = 0
-    while units and size(prefix + [p for u in units for p in u] + tail) + count > self.capacity:
-      units.pop(0)
-      dropped += 1
-    kept = prefix + [p for u in units for p in u] + tail
-    if size(kept) + count > self.capacity:
-      raise CacheFullError(f"KV cache full: the prompt, first frame and current chunk need "
-                           f"{size(kept)} + {count} slots, more than the capacity "
-                           f"{self.capacity}, even after dropping every earlier chunk")
-    self.slides.append(dropped)
-    self.cache = kv_cache.init_cache(self.exp.model, 1, self.capacity)
-    self.order[:] = self.pos[:] = self.used[:] = 0
-    for piece in kept:
-      if piece[0] == "text":
-        self._write_text([piece[1]], [piece[2]])
-      else:
-        self._write_clean([piece[1]], piece[2])
-    self.pieces = kept
-
-  def _keep(self, kind: str, q_meta: masks.SeqMeta, cache: kv_cache.KVCache):
-    """Records row 0's mask (and, for CFG, its unconditional copy) when `record`."""
-    if not self.record:
-      return
-    reps = q_meta.segment_ids.shape[0] // cache.batch
-    m = np.asarray(kv_cache.attention_mask(cache.tile(reps) if reps > 1 else cache, q_meta))
-    used = int(self.used[0])
-    valid = np.asarray(q_meta.segment_ids[0]) > 0
-    q_order = np.asarray(q_meta.order[0])[valid]
-    self.records.append({
-        "kind": kind, "drop": np.asarray(q_meta.cfg_drop[:reps, 0]),
-        "q_order": q_order,
-        "k_order": np.concatenate([np.asarray(cache.meta.order[0, :used]), q_order]),
-        "k_modality": np.asarray(cache.meta.modality[0, :used]),
-        "mask": np.concatenate([m[:reps, valid, :used],
-                                m[:reps][:, valid][:, :, self.capacity:][:, :, valid]], axis=2),
-        "unused_visible": bool(m[:reps, valid, used:self.capacity].any())})
-
-  @staticmethod
-  def _counts(items) -> np.ndarray:
-    return np.asarray([0 if t is None else len(t) for t in items], np.int64)
-
-  def append_text(self, tokens, plans) -> None:
-    tokens = [None if t is None else np.asarray(t, np.int32) for t in tokens]
-    count = self._counts(tokens)
-    if not count.any():
-      return
-    self._room(count)
-    if self.window:
-      self.pieces.append(("text", tokens[0], plans[0]))
-    self._write_text(tokens, plans)
-
-  def _write_text(self, tokens, plans) -> None:
-    count = self._counts(tokens)
-    width = int(count.max())
-    block = np.full((self.batch, width), self.exp.seq.pad_id, np.int32)
-    for b, t in enumerate(tokens):
-      if t is not None:
-        block[b, :len(t)] = t
-    meta = self._meta(count, width, sequence.TEXT, 0, self.order, plans)
-    self._keep("text", meta, self.cache)
-    self.cache, self._logits = self._append_text(self.params, self.cache, jnp.asarray(block),
-                                                 meta, jnp.asarray(count, jnp.int32),
-                                                 self._logits)
-    self.order += count
-    self.pos += count
-    self.used += count
-
-  def logits(self, rows=None) -> jax.Array:
-    """f32[B, V]: each row's next-token logits (computed when its text was written)."""
-    return self._logits
-
-  def _noisy_meta(self, chunk: int, reps: int) -> masks.SeqMeta:
-    drops = (False, True)[:reps]
-    count = np.full(self.batch, self.n)
-    return self._meta(count, self.n, sequence.NOISY, self._noisy_id(chunk), self.order,
-                      chunk + 1, drops)
-
-  def velocities(self, x: jax.Array, t: float, chunk: int, reps: int) -> jax.Array:
-    """One velocity evaluation: x f32[B, h, w, c] -> f32[B, reps, h, w, c]."""
-    meta = self._noisy_meta(chunk, reps)
-    self._keep("noisy", meta, self.cache)
-    xs = jnp.repeat(jnp.asarray(x, jnp.float32), reps, axis=0)
-    v = self._velocity(self.params, self.cache, xs,
-                       jnp.full((reps * self.batch,), t, jnp.float32), meta)
-    return v.reshape(self.batch, reps, *v.shape[1:])
-
-  def denoise(self, x: jax.Array, chunk: int, rows, sc: SamplerConfig, grid) -> jax.Array:
-    """All rows integrate chunk `chunk` in one jitted loop (rows not asked are ignored)."""
-    meta = self._noisy_meta(chunk, 1 if sc.cfg_scale == 1.0 else 2)
-    self._keep("noisy", meta, self.cache)
-    return _DENOISE(self.model, self.params, self.cache, jnp.asarray(x, jnp.float32),
-                    jnp.asarray(grid, jnp.float32), meta,
-                    jnp.asarray(sc.cfg_scale, jnp.float32), sc.solver)
-
-  def append_chunk(self, latents, chunk: int | None) -> None:
-    count = np.asarray([0 if l is None else self.n for l in latents], np.int64)
-    if not count.any():
-      return
-    self._room(count)
-    if self.window:
-      self.pieces.append(("clean", latents[0], chunk))
-    self._write_clean(latents, chunk)
-
-  def _write_clean(self, latents, chunk: int | None) -> None:
-    count = np.asarray([0 if l is None else self.n for l in latents], np.int64)
-    shape = tuple(self.exp.model.latent_shape)
-    block = np.stack([np.zeros(shape, np.float32) if l is None else np.asarray(l, np.float32)
-                      for l in latents])
-    # A generated chunk's clean copy follows its noisy copy in logical order.
-    order0 = self.order + (0 if chunk is None else self.n)
-    meta = self._meta(count, self.n, sequence.CLEAN, self._clean_id(chunk), order0, 0)
-    self._keep("clean", meta, self.cache)
-    self.cache = self._append_clean(self.params, self.cache, jnp.asarray(block), meta,
-                                    jnp.asarray(count, jnp.int32))
-    wrote = count > 0
-    self.order = np.where(wrote, order0 + self.n, self.order)
-    self.pos += count
-    self.used += count
-
-
 def sample(model, params, exp: Experiment, request: Request | Sequence[Request],
            sc: SamplerConfig = SamplerConfig()) -> Generation | list[Generation]:
   """Generates with the KV cache (the entry point): see `generate_batch`.
 
   request: one Request (returns a Generation) or a list of them, generated together
   as the rows of one batch (returns a list; the sliding window needs a single request).
+  With `sc.sliding_window` the cache is a `window.SlidingWindow` (a full cache drops the
+  oldest chunks instead of raising CacheFullError).
   With `sc.uncond == 'plan_free'` (and cfg_scale != 1) the CFG branch comes from a second,
   plan-free cache (`plan_free.PlanFreeBackend`).
   """
@@ -550,11 +386,15 @@ def sample(model, params, exp: Experiment, request: Request | Sequence[Request],
   if sc.sliding_window and len(requests) > 1:
     raise RequestError("SamplerConfig.sliding_window rebuilds one request's cache: generate "
                        f"the {len(requests)} requests one at a time")
-  make = lambda: CachedBackend(model, params, exp, sc.capacity, window=sc.sliding_window,
-                               batch=len(requests))
-  backend = make()
-  if sc.uncond == "plan_free" and sc.cfg_scale != 1.0:
-    backend = plan_free.PlanFreeBackend(backend, make(), exp.seq.bof_id)
+  make = lambda: CachedBackend(model, params, exp, sc.capacity, batch=len(requests))
+  # check_config refuses the sliding window with the plan-free branch (it would not
+  # rebuild the shadow cache).
+  if sc.sliding_window:
+    backend = window.SlidingWindow(make, exp.seq.eof_id)
+  elif sc.uncond == "plan_free" and sc.cfg_scale != 1.0:
+    backend = plan_free.PlanFreeBackend(make(), make(), exp.seq.bof_id)
+  else:
+    backend = make()
   gens = generate_batch(backend, requests, exp, sc)
   return gens[0] if one else gens
 
