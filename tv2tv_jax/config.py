@@ -64,6 +64,29 @@ def check_key_path(cfg: Any, path: str) -> None:
     node, done = node[part], done + [part]
 
 
+def apply_config_arg(cfg: Any, arg: str | None, variants: Mapping[str, Any], *,
+                     layouts: tuple[str, ...] = LAYOUTS, default: str = "default") -> None:
+  """Applies an experiment file's `get_config(arg)` argument to its ConfigDict `cfg`.
+
+  `arg` is comma-separated parts (e.g. "quick", "quick,t2v", "cpu_test,think2v"): each a
+  key of `variants` (a function editing `cfg`, applied in order) or one of `layouts`,
+  which sets `cfg.seq.layout`. Empty or None means `default`. Every experiment file that
+  takes a variant (and a layout) parses it here, so the accepted spellings and the error
+  are the same everywhere; pass `layouts=()` for a file without layouts.
+
+  Raises ValueError naming the unknown part, the variants and the layouts.
+  """
+  for part in (arg or default).split(","):
+    part = part.strip()
+    if part in variants:
+      variants[part](cfg)
+    elif part in layouts:
+      cfg["seq"]["layout"] = part
+    else:
+      raise ValueError(f"unknown config variant {part!r}; variants {sorted(variants)}"
+                       + (f", layouts {list(layouts)}" if layouts else ""))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes of the Mixture-of-Transformers and its video in/out U-Nets.

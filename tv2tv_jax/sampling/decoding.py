@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tv2tv_jax import sequence
-from tv2tv_jax.config import ModelConfig, SequenceConfig
+from tv2tv_jax.config import LAYOUTS, ModelConfig, SequenceConfig
 
 SOLVERS = ("euler", "heun")
-SAMPLE_LAYOUTS = ("tv2tv", "t2v", "think2v")
 UNCOND_BRANCHES = ("mask", "plan_free")  # SamplerConfig.uncond
 
 
@@ -102,8 +101,8 @@ def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
       (0 < sc.top_p <= 1, "top_p", f"must be in (0, 1], got {sc.top_p}"),
       (sc.max_text_tokens >= 0, "max_text_tokens", f"must be >= 0, got {sc.max_text_tokens}"),
       (sc.capacity is None or sc.capacity >= 1, "capacity", f"must be >= 1, got {sc.capacity}"),
-      (sc.layout in SAMPLE_LAYOUTS, "layout",
-       f"must be one of {SAMPLE_LAYOUTS}, got {sc.layout!r}"),
+      (sc.layout in LAYOUTS, "layout",
+       f"must be one of {LAYOUTS}, got {sc.layout!r}"),
       (sc.text_vocab is None or 0 < sc.text_vocab <= model.vocab_size, "text_vocab",
        f"must be in (0, {model.vocab_size}], got {sc.text_vocab}"),
       (sc.uncond in UNCOND_BRANCHES, "uncond",
