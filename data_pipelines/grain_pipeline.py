@@ -36,7 +36,10 @@ import numpy as np
 
 from data_pipelines import latent_dataset
 from tv2tv_jax import sequence
+from tv2tv_jax import config as config_lib
 from tv2tv_jax.config import ConfigError, ModelConfig, SequenceConfig
+
+_DATA = config_lib.DataConfig()  # the `data` section's defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +63,24 @@ class PipelineConfig:
   """
   latent_dir: str
   tokenizer_path: str
-  prompt: str = ""
-  shuffle_seed: int = 0
-  num_workers: int = 0
-  caption_every: int = 1
-  wrong_caption_rate: float = 0.0
-  plan_drop_rate: float = 0.0
-  max_open: int = 4
-  window: int = 64
+  # The `data` section's knobs, with its defaults (`config.DataConfig`, their one source).
+  prompt: str = _DATA.prompt
+  shuffle_seed: int = _DATA.shuffle_seed
+  num_workers: int = _DATA.num_workers
+  caption_every: int = _DATA.caption_every
+  wrong_caption_rate: float = _DATA.wrong_caption_rate
+  plan_drop_rate: float = _DATA.plan_drop_rate
+  max_open: int = _DATA.max_open
+  window: int = _DATA.window
 
   def __post_init__(self):
-    if self.caption_every < 1:
-      raise ConfigError("data.caption_every", f"must be >= 1, got {self.caption_every}")
-    if not 0.0 <= self.wrong_caption_rate <= 1.0:
-      raise ConfigError("data.wrong_caption_rate", f"must be in [0, 1], got "
-                        f"{self.wrong_caption_rate}")
-    if not 0.0 <= self.plan_drop_rate <= 1.0:
-      raise ConfigError("data.plan_drop_rate", f"must be in [0, 1], got "
-                        f"{self.plan_drop_rate}")
-    if self.num_workers < 0 or self.max_open < 1 or self.window < 1:
-      raise ConfigError("data", "num_workers >= 0, max_open >= 1 and window >= 1 required")
+    # Checked as the `data` section is (ConfigError naming data.<field>): a pipeline may
+    # be built directly, not from an experiment config.
+    config_lib.data_config({f: getattr(self, f) for f in PIPELINE_DATA_FIELDS})
+
+
+# PipelineConfig's fields that come from the `data` section.
+PIPELINE_DATA_FIELDS = tuple(f.name for f in dataclasses.fields(PipelineConfig))[2:]
 
 
 @dataclasses.dataclass(frozen=True)

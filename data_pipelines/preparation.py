@@ -37,16 +37,13 @@ import ml_collections
 
 from data_pipelines import prepared
 from data_pipelines.prepared import LATENTS, TOKENIZER, VAE
-from tv2tv_jax.config import PREPARED_SOURCES
+from tv2tv_jax import config as config_lib
+from tv2tv_jax.config import PREPARED_SOURCES, RunConfig
 
 STAGES = ("tfds", "vae", "latents", "tokenizer")
 
-
-def _section(cfg: Any, name: str) -> dict[str, Any]:
-  sec = cfg.get(name) if hasattr(cfg, "get") else None
-  if sec is None:
-    return {}
-  return sec.to_dict() if hasattr(sec, "to_dict") else dict(sec)
+# The public functions take the run's `config.RunConfig` (sections data, model and init);
+# a raw config (ConfigDict or dict) is parsed, and so checked, first.
 
 
 def _jsonable(x: Any) -> Any:
@@ -58,23 +55,24 @@ def _tree_hash(path: str) -> str:
   return prepared.hash_files(files, path, True)
 
 
-def tokenizer_source(cfg: Any) -> str:
+def tokenizer_source(cfg: RunConfig | Any) -> str:
   """The tokenizer.json preparation copies: `data.tokenizer_path`, else the one beside the
   Llama weights (`<init.llama_dir>/tokenizer.json`); "" when neither is set (the
   tokenizer is then trained on the dataset's texts)."""
-  data, init = _section(cfg, "data"), _section(cfg, "init")
-  if data.get("tokenizer_path"):
-    return data["tokenizer_path"]
-  llama_dir = init.get("llama_dir") or ""
+  cfg = config_lib.as_run_config(cfg)
+  if cfg.data.tokenizer_path:
+    return cfg.data.tokenizer_path
+  llama_dir = cfg.init.llama_dir
   return f"{llama_dir.rstrip('/')}/tokenizer.json" if llama_dir else ""
 
 
-def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
+def stage_settings(cfg: RunConfig | Any) -> dict[str, dict[str, Any]]:
   """What each stage's output depends on (its own settings and its upstream stages')."""
-  data, model = _section(cfg, "data"), _section(cfg, "model")
-  source = data.get("source", "synthetic")
+  cfg = config_lib.as_run_config(cfg)
+  data, model = cfg.data, cfg.exp.model
+  source = data.source
   if source == "toy_world":
-    tfds = {"toy_world": data.get("toy_world") or {}}
+    tfds = {"toy_world": data.toy_world.to_dict()}
     placement = _sports_placement(data)
     if placement is not None:
       # Sports captions moved from after to before the chunks they describe, and a config
@@ -87,14 +85,14 @@ def stage_settings(cfg: Any) -> dict[str, dict[str, Any]]:
     # applied) is the setting: a recipe that changed must not reuse the old VAE.
     vae = {"config": vae_config(cfg).to_dict()}
   else:
-    tfds = {source: {"builder_config": data.get("builder_config", ""),
-                     "manual_dir": os.path.abspath(data.get("manual_dir") or "")}}
-    vae_dir = data.get("vae_dir") or ""
+    tfds = {source: {"builder_config": data.builder_config.to_dict(),
+                     "manual_dir": os.path.abspath(data.manual_dir)}}
+    vae_dir = data.vae_dir
     vae = {"vae_dir": os.path.abspath(vae_dir),
            "content": _tree_hash(vae_dir) if os.path.isdir(vae_dir) else ""}
   latents = {"tfds": tfds, "vae": vae}
-  tokenizer = {"latents": latents, "vocab_size": int(model["vocab_size"]),
-               "prompt": data.get("prompt", "")}
+  tokenizer = {"latents": latents, "vocab_size": int(model.vocab_size),
+               "prompt": data.prompt}
   path = tokenizer_source(cfg)
   if path:
     tokenizer = {"tokenizer_path": os.path.abspath(path),
@@ -108,21 +106,21 @@ _BUILDER_OF_SOURCE = {"toy_world": "toy_world", "csgo": "csgo_dust2",
                       "captioned_video": "captioned_video"}
 
 
-def _builder(cfg: Any, tfds_dir: str):
+def _builder(cfg: RunConfig, tfds_dir: str):
   """The configured source's TFDS builder, writing into tfds_dir: the toy world's config
   from `data.toy_world`, the others' from `data.builder_config`."""
   import importlib
   from data_pipelines import latent_encode
-  data = _section(cfg, "data")
-  source = data.get("source")
+  data = cfg.data
+  source = data.source
   if source not in _BUILDER_OF_SOURCE:
     raise prepared.NotPreparedError("data.source", f"{source!r} has no preparation; one of "
                                     f"{PREPARED_SOURCES}")
   name = _BUILDER_OF_SOURCE[source]
   module, cls_name = latent_encode.BUILDERS[name]
   builder_cls = getattr(importlib.import_module(module), cls_name)
-  fields = data.get("toy_world" if source == "toy_world" else "builder_config") or {}
-  config = _builder_config(type(builder_cls.BUILDER_CONFIGS[0]), fields)
+  fields = data.toy_world if source == "toy_world" else data.builder_config
+  config = _builder_config(type(builder_cls.BUILDER_CONFIGS[0]), fields.to_dict())
   return latent_encode.load_builder(name, config, tfds_dir)
 
 
@@ -137,36 +135,34 @@ def _builder_config(cls, value: dict[str, Any]):
   return cls(name=name or "custom", description="from the experiment config", **fields)
 
 
-def _sports_placement(data: dict[str, Any]) -> str | None:
+def _sports_placement(data: config_lib.DataConfig) -> str | None:
   """The caption placement of a sports-mode toy world (None for dense data)."""
   from data_pipelines import toy_world_tfds
-  config = _builder_config(toy_world_tfds.ToyWorldBuilderConfig, data.get("toy_world") or {})
-  if isinstance(config, str) or config is None:  # a registered config, by name
-    config = next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == config),
-                  None)
+  config = toy_world_tfds.resolve_config(data.toy_world)
   if config is None or config.caption_mode != "sports":
     return None
   return config.caption_placement
 
 
-def vae_config(cfg: Any) -> ml_collections.ConfigDict:
+def vae_config(cfg: RunConfig | Any) -> ml_collections.ConfigDict:
   """The toy world's VAE experiment config (`data.vae`), with the flow model's latent
   channels: the spatial size follows from the VAE's downsampling of the frames and is
-  checked against model.latent_shape downstream."""
-  data, model = _section(cfg, "data"), _section(cfg, "model")
-  vcfg = ml_collections.ConfigDict(data.get("vae") or {})
+  checked against model.latent_shape downstream. A ConfigDict: the VAE trainer's own
+  config (`tv2tv_jax.vae.train`, a command of its own) and what its config.json records."""
+  cfg = config_lib.as_run_config(cfg)
+  vcfg = ml_collections.ConfigDict(cfg.data.vae.to_dict())
   if "vae" in vcfg:
-    vcfg.vae.latent_channels = int(model["latent_shape"][-1])
+    vcfg.vae.latent_channels = int(cfg.exp.model.latent_shape[-1])
   return vcfg
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: RunConfig | Any) -> None:
   """Raises config.ConfigError naming the field when the configured preparation cannot
   run: before any stage runs, since a VAE config that cannot train would otherwise fail
   after the dataset is built, and a missing input after minutes of work."""
-  from tv2tv_jax import config as config_lib
-  data = _section(cfg, "data")
-  source = data.get("source", "synthetic")
+  cfg = config_lib.as_run_config(cfg)
+  data = cfg.data
+  source = data.source
   if source not in PREPARED_SOURCES:
     raise config_lib.ConfigError("data.source", f"{source!r} needs no preparation; "
                                  f"preparation knows {PREPARED_SOURCES}")
@@ -174,9 +170,9 @@ def check_config(cfg: Any) -> None:
     config_lib.check_vae_section(vae_config(cfg), "data.vae")
     return
   for field in ("manual_dir", "vae_dir"):
-    if not data.get(field) or not os.path.isdir(data[field]):
+    if not getattr(data, field) or not os.path.isdir(getattr(data, field)):
       raise config_lib.ConfigError(f"data.{field}", f"must be an existing folder for "
-                                   f"data.source={source!r}, got {data.get(field)!r}")
+                                   f"data.source={source!r}, got {getattr(data, field)!r}")
   path = tokenizer_source(cfg)
   if path and not os.path.isfile(path):
     raise config_lib.ConfigError("data.tokenizer_path", f"{path} is not a file (set "
@@ -217,7 +213,7 @@ def _supersede(data_dir: str, stage: str, stamp: str, log: Callable[[str], None]
   log(f"data stage {stage}: its settings changed; the previous build moved to {dst}")
 
 
-def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: Any,
+def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: RunConfig | Any,
                 log: Callable[[str], None] = print) -> bool:
   """Copies a finished stage (output and marker) from another data directory, so that
   `prepare` finds it cached instead of building it again.
@@ -249,15 +245,15 @@ def adopt_stage(data_dir: str, source_dir: str, stage: str, cfg: Any,
   log(f"data stage {stage}: copied from {source_dir} (same settings)")
   return True
 
-def _train_tokenizer(data_dir: str, cfg: Any, path: str) -> int:
+def _train_tokenizer(data_dir: str, cfg: RunConfig, path: str) -> int:
   from data_pipelines import latent_dataset, tokenizer as tokenizer_lib
-  data, model = _section(cfg, "data"), _section(cfg, "model")
+  data, model = cfg.data, cfg.exp.model
   src = latent_dataset.data_source(os.path.join(data_dir, LATENTS), "train")
   texts = [t for i in range(len(src)) for t in latent_dataset.parse_record(src[i])["texts"] if t]
-  corpus = texts + [data.get("prompt", "")]
-  if data.get("source") == "toy_world":
+  corpus = texts + [data.prompt]
+  if data.source == "toy_world":
     corpus = tokenizer_lib.toy_world_corpus() + corpus  # every action, seen or not
-  tok = tokenizer_lib.train_bpe([t for t in corpus if t], int(model["vocab_size"]),
+  tok = tokenizer_lib.train_bpe([t for t in corpus if t], int(model.vocab_size),
                                 byte_level=False)
   tok.save(path)
   return tok.vocab_size
@@ -283,25 +279,25 @@ def _clear_unfinished(data_dir: str, stage: str, settings: dict[str, Any]) -> No
   shutil.rmtree(out)
 
 
-def _build(stage: str, data_dir: str, cfg: Any, log: Callable[[str], None],
+def _build(stage: str, data_dir: str, cfg: RunConfig, log: Callable[[str], None],
            process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
   """Builds one stage into data_dir; returns what its marker records besides settings.
   Only the latents stage is shared by every process (each encodes its own shards)."""
   from data_pipelines import latent_dataset, latent_encode
-  data = _section(cfg, "data")
+  data = cfg.data
   tfds_dir, vae_dir = os.path.join(data_dir, "tfds"), os.path.join(data_dir, VAE)
   if stage == "tfds":
     import tensorflow_datasets as tfds  # local: heavy import
     builder = _builder(cfg, tfds_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=data.get("manual_dir") or None))
+        manual_dir=data.manual_dir or None))
     return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
   if stage == "vae":
-    if data.get("source") == "toy_world":
+    if data.source == "toy_world":
       from tv2tv_jax.vae import train as vae_train
       return {"eval": vae_train.train_vae(vae_config(cfg), vae_dir, log=log)["eval"]}
-    shutil.copytree(data["vae_dir"], vae_dir)
-    return {"copied_from": os.path.abspath(data["vae_dir"])}
+    shutil.copytree(data.vae_dir, vae_dir)
+    return {"copied_from": os.path.abspath(data.vae_dir)}
   if stage == "latents":
     out = os.path.join(data_dir, LATENTS)
     if process_index == 0:
@@ -327,7 +323,7 @@ def _barrier(name: str, process_count: int) -> None:
     multihost_utils.sync_global_devices(f"prepare_{name}")
 
 
-def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
+def prepare(data_dir: str, cfg: RunConfig | Any, log: Callable[[str], None] = print, *,
             process_index: int = 0, process_count: int = 1) -> dict[str, Any]:
   """Runs the missing stages (module docstring) into `data_dir` (created).
 
@@ -337,7 +333,7 @@ def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
   barriers. The directory must be one every process sees.
 
   Args:
-    cfg: the experiment ConfigDict (sections data and model).
+    cfg: the run's `config.RunConfig` (sections data, model, init), or a raw config.
     process_index / process_count: this process among those preparing together.
   Returns:
     {stage: its marker} for every stage (process 0; the others return {}).
@@ -347,6 +343,7 @@ def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
     live process prepares the same directory.
   """
   from tv2tv_jax import run_lock
+  cfg = config_lib.as_run_config(cfg)
   check_config(cfg)
   if process_index:
     return _prepare_stages(data_dir, cfg, log, process_index, process_count)
@@ -356,7 +353,7 @@ def prepare(data_dir: str, cfg: Any, log: Callable[[str], None] = print, *,
     return _prepare_stages(data_dir, cfg, log, process_index, process_count)
 
 
-def _prepare_stages(data_dir: str, cfg: Any, log: Callable[[str], None], process_index: int,
+def _prepare_stages(data_dir: str, cfg: RunConfig, log: Callable[[str], None], process_index: int,
                     process_count: int) -> dict[str, Any]:
   settings = stage_settings(cfg)
   stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 from data_pipelines import grain_pipeline
 from tv2tv_jax import workdirs
-from tv2tv_jax.config import REAL_SOURCES, ConfigError
+from tv2tv_jax import config as config_lib
+from tv2tv_jax.config import REAL_SOURCES, ConfigError, DataConfig
 
 LATENTS, TOKENIZER, VAE = "latents", "tokenizer.json", "vae"
 
@@ -37,7 +38,8 @@ class NotPreparedError(ConfigError):
   command that prepares it."""
 
 
-def default_data_dir(data: Mapping[str, Any], workdir: str | os.PathLike | None) -> str:
+def default_data_dir(data: DataConfig | Mapping[str, Any],
+                     workdir: str | os.PathLike | None) -> str:
   """The prepared directory of a run: `data.data_dir`, else <workdir>/data for the real
   sources (CS:GO, captioned video) and <workdir>/toy_world_data for the toy world and
   synthetic runs (whose generation reads the toy world's tokenizers), else (no work
@@ -45,11 +47,12 @@ def default_data_dir(data: Mapping[str, Any], workdir: str | os.PathLike | None)
 
   Raises workdirs.WorkdirError naming `data.data_dir` when it (or the default under a
   gs:// work directory) is not local: the preparation stages and the tokenizers use local
-  file I/O.
+  file I/O. `data`: the `data` section (a mapping is parsed, `config.data_config`).
   """
-  source = data.get("source", "synthetic")
-  if data.get("data_dir"):
-    data_dir = os.fspath(data["data_dir"])
+  data = config_lib.data_config(data)
+  source = data.source
+  if data.data_dir:
+    data_dir = os.fspath(data.data_dir)
   elif workdir:
     # The toy world's name predates the other sources; runs and docs refer to it.
     name = "data" if source in REAL_SOURCES else "toy_world_data"
@@ -129,14 +132,10 @@ def data_identity(data_dir: str) -> dict[str, str]:
   return out
 
 
-def pipeline_config(data_dir: str, data: Mapping[str, Any]) -> grain_pipeline.PipelineConfig:
-  """The Grain pipeline's config for a prepared directory and the `data` section's knobs."""
+def pipeline_config(data_dir: str, data: DataConfig) -> grain_pipeline.PipelineConfig:
+  """The Grain pipeline's config for a prepared directory and the `data` section's knobs
+  (`DataConfig` holds their defaults)."""
   return grain_pipeline.PipelineConfig(
       latent_dir=os.path.join(data_dir, LATENTS),
       tokenizer_path=os.path.join(data_dir, TOKENIZER),
-      prompt=data.get("prompt", ""), shuffle_seed=int(data.get("shuffle_seed", 0)),
-      num_workers=int(data.get("num_workers", 0)),
-      caption_every=int(data.get("caption_every", 1)),
-      wrong_caption_rate=float(data.get("wrong_caption_rate", 0.0)),
-      plan_drop_rate=float(data.get("plan_drop_rate", 0.0)),
-      max_open=int(data.get("max_open", 4)), window=int(data.get("window", 64)))
+      **{f: getattr(data, f) for f in grain_pipeline.PIPELINE_DATA_FIELDS})

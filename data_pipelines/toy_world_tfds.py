@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -183,6 +183,20 @@ class ToyWorld(ArrayRecordBuilder):
     for seed in seeds:
       ex = generate_example(seed, self.builder_config, split)
       yield ex["name"], ex
+
+
+def resolve_config(fields: Mapping[str, Any],
+                   description: str = "from the experiment config"
+                   ) -> ToyWorldBuilderConfig | None:
+  """The builder config an experiment's `data.toy_world` mapping gives: {name} alone (or
+  nothing) selects a registered config (None when none has that name); more fields build
+  a custom one (name 'custom' unless given). Raises TypeError / ValueError on fields the
+  builder config refuses."""
+  fields = dict(fields)
+  name = fields.pop("name", None)
+  if not fields:
+    return next((c for c in ToyWorld.BUILDER_CONFIGS if c.name == name), None)
+  return ToyWorldBuilderConfig(name=name or "custom", description=description, **fields)
 
 
 def main(argv=None):

@@ -43,6 +43,8 @@ prepares `data.data_dir` (default <workdir>/data) from the HDF5 files in
 
 import ml_collections
 
+from tv2tv_jax import config as config_lib
+
 from experiments import llama3_common as common
 
 
@@ -81,5 +83,5 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c.optim.update(total_steps=100_000)
   _six_seconds(c)
   c.data.update(source="csgo", prompt="cs:go deathmatch")
-  common.apply_variants(c, arg, _VARIANTS)
+  config_lib.apply_config_arg(c, arg, _VARIANTS)
   return c

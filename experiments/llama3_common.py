@@ -150,16 +150,3 @@ def check_tokenizer(c: ml_collections.ConfigDict):
   tok_lib.check_compatible(tok, c)
   return tok
 
-
-def apply_variants(c: ml_collections.ConfigDict, arg: str, variants: dict) -> None:
-  """Applies comma-separated variant names (`variants` keys, or a layout) to `c`."""
-  layouts = ("tv2tv", "t2v", "think2v")
-  for part in (arg or "default").split(","):
-    part = part.strip()
-    if part in variants:
-      variants[part](c)
-    elif part in layouts:
-      c.seq.layout = part
-    else:
-      raise ValueError(f"unknown config variant {part!r}; variants {sorted(variants)}, "
-                       f"layouts {list(layouts)}")

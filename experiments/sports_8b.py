@@ -37,6 +37,8 @@ with the VAE in `data.vae_dir`.
 
 import ml_collections
 
+from tv2tv_jax import config as config_lib
+
 from experiments import llama3_common as common
 
 
@@ -71,5 +73,5 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c = common.base(common.LLAMA_3_1_8B)
   _default(c)
   c.data.update(source="captioned_video", prompt="sports broadcast")
-  common.apply_variants(c, arg, _VARIANTS)
+  config_lib.apply_config_arg(c, arg, _VARIANTS)
   return c

@@ -18,6 +18,8 @@ model, data, steps, optimiser and seeds by construction.
 
 import ml_collections
 
+from tv2tv_jax import config as config_lib
+
 from experiments import toy_world
 
 
@@ -46,7 +48,7 @@ def _study(c: ml_collections.ConfigDict) -> None:
   c.sample.after_training = False
   # The study: arms x seeds, and the generation evaluation of every run.
   c.study = ml_collections.ConfigDict(dict(
-      arms=("tv2tv", "t2v", "think2v"), seeds=(0, 1, 2),
+      arms=config_lib.LAYOUTS, seeds=(0, 1, 2),
       # uncond: CFG's second branch, 'mask' or 'plan_free' (docs/model.md); plan_free
       # wants data.plan_drop_rate > 0.
       eval=dict(num_clips=32, batch=8, cfg_scale=3.0, ode_steps=16, times=(1.0, 3.0),

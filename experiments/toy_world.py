@@ -130,21 +130,12 @@ def _small(c):
 
 
 _VARIANTS = {"tiny": _tiny, "quick": _quick, "small": _small, "default": lambda c: None}
-_LAYOUTS = ("tv2tv", "t2v", "think2v")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-  """`arg`: a size variant, optionally followed by `,<layout>` (tv2tv, t2v, think2v)."""
+  """`arg`: a size variant, optionally followed by `,<layout>` (`config_lib.LAYOUTS`)."""
   c = _base()
-  for part in (arg or "default").split(","):
-    part = part.strip()
-    if part in _VARIANTS:
-      _VARIANTS[part](c)
-    elif part in _LAYOUTS:
-      c.seq.layout = part
-    else:
-      raise ValueError(f"unknown config variant {part!r}; sizes {sorted(_VARIANTS)}, "
-                       f"layouts {list(_LAYOUTS)}")
+  config_lib.apply_config_arg(c, arg, _VARIANTS)
   if c.seq.layout == "think2v":
     # Think2V closes every plan item with EOF: one more text slot per chunk (after the
     # size variant, whatever the order of the parts).

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tv2tv_jax import flops, sharding, train_step
+from tv2tv_jax import config as config_lib, flops, sharding, train_step
 from tv2tv_jax.attention import kernel_forward
 
 # --- topology names ------------------------------------------------------------------
@@ -171,12 +171,13 @@ def topology_devices(spec: TopologySpec) -> list:
 
 
 def topology_mesh(cfg, devices) -> jax.sharding.Mesh:
-  """The config's mesh (`mesh` section, -1 fills) on `devices`.
+  """The config's mesh (`mesh` section, -1 fills) on `devices`. `cfg`: a
+  `config.RunConfig` (a raw config is parsed).
 
   Multi-slice devices get a hybrid mesh: the slow data-centre network (DCN) between
   slices carries only the `data` axis (gradient all-reduce once a step), every other axis
   stays inside a slice on the fast inter-chip interconnect."""
-  mc = sharding.mesh_config(cfg.get("mesh"))
+  mc = config_lib.as_run_config(cfg).mesh
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
   if num_slices == 1:
     return sharding.make_mesh(mc, devices)
@@ -252,13 +253,13 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 def compile_report(cfg, spec: TopologySpec) -> dict[str, Any]:
   """Compiles the config's sharded train step for `spec`; returns the report (JSON-able)."""
-  from tv2tv_jax import config as config_lib
   from tv2tv_jax.model import TV2TV
   devices = topology_devices(spec)
-  exp = config_lib.experiment_from_config_dict(cfg)  # validates before any compile
+  cfg = config_lib.as_run_config(cfg)  # validates before any compile
+  exp = cfg.exp
   mesh = topology_mesh(cfg, devices)
   sharding.check_divisibility(exp, mesh)  # ConfigError naming the field
-  rules = sharding.rules_from_config(cfg)
+  rules = cfg.sharding_rules
   model = TV2TV(exp.model)
   shardings = sharding.state_shardings(model, exp, mesh, rules)
   state, batch, key = abstract_inputs(model, exp, mesh, shardings)  # eager work: no mesh
@@ -309,11 +310,11 @@ def param_shardings(cfg, mesh) -> dict[str, Any]:
 
   Returns {"mesh": {axis: size}, "params": {path: {"spec": PartitionSpec string,
   "shape": global shape, "shard_shape": per-device shape, "dtype": str}}}."""
-  from tv2tv_jax import config as config_lib
   from tv2tv_jax.model import TV2TV
-  exp = config_lib.experiment_from_config_dict(cfg)
+  cfg = config_lib.as_run_config(cfg)
+  exp = cfg.exp
   model = TV2TV(exp.model)
-  shardings = sharding.state_shardings(model, exp, mesh, sharding.rules_from_config(cfg))
+  shardings = sharding.state_shardings(model, exp, mesh, cfg.sharding_rules)
   abstract = jax.eval_shape(lambda r: nn.unbox(train_step.boxed_train_state(model, exp, r)),
                             jax.random.key(0))
   params = {}
@@ -401,6 +402,7 @@ def main(argv: list[str]) -> int:
   for axis in sharding.MESH_AXES:
     if fv[f"mesh.{axis}"].value is not None:
       cfg.mesh[axis] = fv[f"mesh.{axis}"].value
+  cfg = config_lib.run_config_from_config_dict(cfg)  # the ConfigDict stops here
   specs = [parse_topology(t, fv.num_slices) for t in fv.topology]
   if fv.golden_out:
     mesh = topology_mesh(cfg, topology_devices(specs[0]))

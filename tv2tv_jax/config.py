@@ -1,17 +1,26 @@
 """Frozen, typed configs built from an experiment's ConfigDict, validated before any compile.
 
-The ml-collections ConfigDict stops at the trainer: modules receive these frozen
-dataclasses. `experiment_from_config_dict` checks every constraint that would
-otherwise surface as a shape error deep inside a compile, and raises
-`ConfigError` whose message starts with the dotted name of the offending field.
+Every section the code reads is a frozen dataclass here, with the one definition of each
+default: the Experiment (model, seq, flow, loss, optim, train: what is trained) and the
+run's other sections (data, mesh, sharding_rules, init, sample), together a `RunConfig`.
+`run_config_from_config_dict` is the one place a ConfigDict (or a saved config.json)
+becomes them: the ml-collections ConfigDict stops at the commands that parse flags, and
+library modules take these. It checks every constraint that would otherwise surface as a
+shape error deep inside a compile, and raises `ConfigError` whose message starts with the
+dotted name of the offending field (an unknown one with the closest known name).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import numbers
 from typing import Any, Mapping
+
+from tv2tv_jax import axes
+# Re-exported: modules and tests name the error and the key check through this module.
+from tv2tv_jax.config_fields import (ConfigError, FrozenMapping, build_section,
+                                     check_key_path, did_you_mean, plain_dict, require,
+                                     require_count)
 
 LAYOUTS = ("tv2tv", "t2v", "think2v")
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -27,41 +36,27 @@ PREPARED_SOURCES = ("toy_world",) + REAL_SOURCES
 DATA_SOURCES = ("synthetic",) + PREPARED_SOURCES
 
 
-class ConfigError(ValueError):
-  """A config field holds a value the model cannot work with."""
+def apply_config_arg(cfg: Any, arg: str | None, variants: Mapping[str, Any], *,
+                     layouts: tuple[str, ...] = LAYOUTS, default: str = "default") -> None:
+  """Applies an experiment file's `get_config(arg)` argument to its ConfigDict `cfg`.
 
-  def __init__(self, field: str, message: str):
-    super().__init__(f"config field '{field}': {message}")
-    self.field = field
-    self.message = message  # without the field, for re-raising under another name
+  `arg` is comma-separated parts (e.g. "quick", "quick,t2v", "cpu_test,think2v"): each a
+  key of `variants` (a function editing `cfg`, applied in order) or one of `layouts`,
+  which sets `cfg.seq.layout`. Empty or None means `default`. Every experiment file that
+  takes a variant (and a layout) parses it here, so the accepted spellings and the error
+  are the same everywhere; pass `layouts=()` for a file without layouts.
 
-
-def did_you_mean(name: str, options) -> str:
-  """' (did you mean 'x'?)' for the closest of `options`, '' when none is close."""
-  close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_key_path(cfg: Any, path: str) -> None:
-  """Raises ConfigError naming the first part of dotted `path` that `cfg` lacks.
-
-  For command-line overrides (`--config.train.num_stepz=5`): ml_collections refuses an
-  unknown key with a bare KeyError deep in flag parsing; this names the dotted key, the
-  closest existing one and the keys the section has.
+  Raises ValueError naming the unknown part, the variants and the layouts.
   """
-  node, done = cfg, []
-  for part in path.split("."):
-    where = ".".join(done) or "the config"
-    if not (hasattr(node, "keys") and hasattr(node, "__getitem__")):
-      raise ConfigError(".".join(done), f"is a value ({node!r}), not a section: it has "
-                        f"no key {part!r}")
-    keys = sorted(node.keys())
-    if part not in keys:
-      close = difflib.get_close_matches(part, keys, n=1)
-      hint = f"did you mean {'.'.join(done + close)!r}? " if close else ""
-      raise ConfigError(".".join(done + [part]), f"unknown key; {hint}{where} has "
-                        f"{', '.join(keys)}")
-    node, done = node[part], done + [part]
+  for part in (arg or default).split(","):
+    part = part.strip()
+    if part in variants:
+      variants[part](cfg)
+    elif part in layouts:
+      cfg["seq"]["layout"] = part
+    else:
+      raise ValueError(f"unknown config variant {part!r}; variants {sorted(variants)}"
+                       + (f", layouts {list(layouts)}" if layouts else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,57 +219,30 @@ class Experiment:
     return s.text_len + (s.num_noisy + s.max_chunks) * self.model.tokens_per_chunk
 
 
-def _build(cls, section: str, values: Mapping[str, Any] | None):
-  values = dict(values or {})
-  names = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(names))
-  if unknown:
-    raise ConfigError(f"{section}.{unknown[0]}", f"unknown field"
-                      f"{did_you_mean(unknown[0], names)}; {cls.__name__} has "
-                      f"{sorted(names)}")
-  for key, value in values.items():
-    if isinstance(value, list):
-      values[key] = tuple(value)
-  return cls(**values)
-
-
-def _require(cond: bool, field: str, message: str):
-  if not cond:
-    raise ConfigError(field, message)
-
-
-def _require_count(value: Any, field: str, minimum: int, meaning: str = "") -> None:
-  """An integer >= minimum; a float or bool count would fail later inside range() or
-  numpy, far from the field that holds it."""
-  _require(isinstance(value, numbers.Integral) and not isinstance(value, bool)
-           and value >= minimum, field,
-           f"must be an integer >= {minimum}{meaning}, got {value!r}")
-
-
 def _validate_rope(m: ModelConfig) -> None:
-  _require(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
-  _require(m.rope_type in ROPE_TYPES, "model.rope_type",
-           f"one of {ROPE_TYPES}, got {m.rope_type!r} (other Hugging Face rope types, e.g. "
-           f"'linear', 'dynamic', 'yarn', are not implemented)")
+  require(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+  require(m.rope_type in ROPE_TYPES, "model.rope_type",
+          f"one of {ROPE_TYPES}, got {m.rope_type!r} (other Hugging Face rope types, e.g. "
+          f"'linear', 'dynamic', 'yarn', are not implemented)")
   scaling_fields = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                     "rope_original_max_position_embeddings")
   if m.rope_type == "default":
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for name in scaling_fields:
-      _require(getattr(m, name) == defaults[name], f"model.{name}",
-               f"is {getattr(m, name)} but is read only with model.rope_type='llama3' "
-               f"(rope_type is 'default'); set rope_type or leave it at {defaults[name]}")
+      require(getattr(m, name) == defaults[name], f"model.{name}",
+              f"is {getattr(m, name)} but is read only with model.rope_type='llama3' "
+              f"(rope_type is 'default'); set rope_type or leave it at {defaults[name]}")
     return
-  _require(m.rope_factor >= 1.0, "model.rope_factor", f"must be >= 1, got {m.rope_factor}")
-  _require(m.rope_low_freq_factor > 0, "model.rope_low_freq_factor",
-           f"must be positive, got {m.rope_low_freq_factor}")
-  _require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
-           f"must exceed rope_low_freq_factor={m.rope_low_freq_factor}, got "
-           f"{m.rope_high_freq_factor}")
+  require(m.rope_factor >= 1.0, "model.rope_factor", f"must be >= 1, got {m.rope_factor}")
+  require(m.rope_low_freq_factor > 0, "model.rope_low_freq_factor",
+          f"must be positive, got {m.rope_low_freq_factor}")
+  require(m.rope_high_freq_factor > m.rope_low_freq_factor, "model.rope_high_freq_factor",
+          f"must exceed rope_low_freq_factor={m.rope_low_freq_factor}, got "
+          f"{m.rope_high_freq_factor}")
   orig = m.rope_original_max_position_embeddings
-  _require(isinstance(orig, int) and not isinstance(orig, bool) and orig >= 1,
-           "model.rope_original_max_position_embeddings",
-           f"must be a positive integer, got {orig!r}")
+  require(isinstance(orig, int) and not isinstance(orig, bool) and orig >= 1,
+          "model.rope_original_max_position_embeddings",
+          f"must be a positive integer, got {orig!r}")
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -283,100 +251,115 @@ def validate(exp: Experiment) -> Experiment:
   for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "mlp_dim", "patch_size", "unet_channels", "unet_groups",
                "time_embed_dim"):
-    _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
-  _require_count(m.unet_blocks, "model.unet_blocks", 0)
-  _require(m.d_model % m.num_heads == 0, "model.num_heads",
-           f"num_heads={m.num_heads} does not divide d_model={m.d_model}")
-  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-           f"num_kv_heads={m.num_kv_heads} does not divide num_heads={m.num_heads}")
-  _require(m.head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
+    require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+  require_count(m.unet_blocks, "model.unet_blocks", 0)
+  require(m.d_model % m.num_heads == 0, "model.num_heads",
+          f"num_heads={m.num_heads} does not divide d_model={m.d_model}")
+  require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+          f"num_kv_heads={m.num_kv_heads} does not divide num_heads={m.num_heads}")
+  require(m.head_dim % 2 == 0, "model.head_dim", f"RoPE needs an even head_dim, got {m.head_dim}")
   _validate_rope(m)
-  _require(len(m.latent_shape) == 3 and all(int(v) > 0 for v in m.latent_shape),
-           "model.latent_shape", f"must be positive (h, w, c), got {m.latent_shape}")
+  require(len(m.latent_shape) == 3 and all(int(v) > 0 for v in m.latent_shape),
+          "model.latent_shape", f"must be positive (h, w, c), got {m.latent_shape}")
   h, w, _ = m.latent_shape
-  _require(h % m.patch_size == 0 and w % m.patch_size == 0, "model.latent_shape",
-           f"latent grid {h}x{w} is not divisible by patch_size={m.patch_size}")
-  _require(m.unet_channels % m.unet_groups == 0, "model.unet_groups",
-           f"unet_groups={m.unet_groups} does not divide unet_channels={m.unet_channels}")
-  _require(m.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even (sin/cos pairs)")
-  _require(m.dtype in DTYPES, "model.dtype", f"one of {DTYPES}, got {m.dtype!r}")
-  _require(m.param_dtype in DTYPES, "model.param_dtype", f"one of {DTYPES}, got {m.param_dtype!r}")
-  _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
-           f"one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+  require(h % m.patch_size == 0 and w % m.patch_size == 0, "model.latent_shape",
+          f"latent grid {h}x{w} is not divisible by patch_size={m.patch_size}")
+  require(m.unet_channels % m.unet_groups == 0, "model.unet_groups",
+          f"unet_groups={m.unet_groups} does not divide unet_channels={m.unet_channels}")
+  require(m.time_embed_dim % 2 == 0, "model.time_embed_dim", "must be even (sin/cos pairs)")
+  require(m.dtype in DTYPES, "model.dtype", f"one of {DTYPES}, got {m.dtype!r}")
+  require(m.param_dtype in DTYPES, "model.param_dtype", f"one of {DTYPES}, got {m.param_dtype!r}")
+  require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+          f"one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
 
-  _require(s.layout in LAYOUTS, "seq.layout", f"one of {LAYOUTS}, got {s.layout!r}")
+  require(s.layout in LAYOUTS, "seq.layout", f"one of {LAYOUTS}, got {s.layout!r}")
   specials = {"pad_id": s.pad_id, "bof_id": s.bof_id, "eof_id": s.eof_id, "eos_id": s.eos_id}
   for name, tok in specials.items():
-    _require(0 <= tok < m.vocab_size, f"seq.{name}",
-             f"{tok} is outside the vocabulary [0, {m.vocab_size})")
-  _require(len(set(specials.values())) == 4, "seq.bof_id",
-           f"special token ids must be distinct, got {specials}")
-  _require(s.max_chunks >= 1, "seq.max_chunks", f"must be >= 1, got {s.max_chunks}")
-  _require(0 <= s.noisy_chunks <= s.max_chunks, "seq.noisy_chunks",
-           f"must be in [0, max_chunks={s.max_chunks}] (0: max_chunks), got {s.noisy_chunks}")
+    require(0 <= tok < m.vocab_size, f"seq.{name}",
+            f"{tok} is outside the vocabulary [0, {m.vocab_size})")
+  require(len(set(specials.values())) == 4, "seq.bof_id",
+          f"special token ids must be distinct, got {specials}")
+  require(s.max_chunks >= 1, "seq.max_chunks", f"must be >= 1, got {s.max_chunks}")
+  require(0 <= s.noisy_chunks <= s.max_chunks, "seq.noisy_chunks",
+          f"must be in [0, max_chunks={s.max_chunks}] (0: max_chunks), got {s.noisy_chunks}")
   # The shortest useful example: BOF, one chunk (noisy + clean), EOF, EOS.
-  _require(s.text_len >= 3, "seq.text_len",
-           f"{s.text_len} text slots cannot hold one chunk's BOF, EOF and EOS")
+  require(s.text_len >= 3, "seq.text_len",
+          f"{s.text_len} text slots cannot hold one chunk's BOF, EOF and EOS")
 
-  _require(f.time_std > 0, "flow.time_std", f"must be positive, got {f.time_std}")
-  _require(f.time_shift > 0, "flow.time_shift", f"must be positive, got {f.time_shift}")
+  require(f.time_std > 0, "flow.time_std", f"must be positive, got {f.time_std}")
+  require(f.time_shift > 0, "flow.time_shift", f"must be positive, got {f.time_shift}")
   for name in ("cfg_drop_prob", "clean_flip_prob"):
-    _require(0.0 <= getattr(f, name) <= 1.0, f"flow.{name}", "must be a probability in [0, 1]")
-  _require(0.0 <= f.clean_flip_min_t <= 1.0, "flow.clean_flip_min_t", "must lie in [0, 1]")
+    require(0.0 <= getattr(f, name) <= 1.0, f"flow.{name}", "must be a probability in [0, 1]")
+  require(0.0 <= f.clean_flip_min_t <= 1.0, "flow.clean_flip_min_t", "must lie in [0, 1]")
 
   o, t = exp.optim, exp.train
-  _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-  _require_count(o.total_steps, "optim.total_steps", 1)
-  _require_count(o.warmup_steps, "optim.warmup_steps", 0)
-  _require(o.warmup_steps < o.total_steps, "optim.warmup_steps",
-           f"must lie in [0, total_steps={o.total_steps}), got {o.warmup_steps}")
-  _require_count(t.batch_size, "train.batch_size", 1)
-  _require_count(t.grad_accum_steps, "train.grad_accum_steps", 1, " (1: no accumulation)")
-  _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
-           f"must divide train.batch_size={t.batch_size} into equal microbatches, "
-           f"got {t.grad_accum_steps}")
+  require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
+  require_count(o.total_steps, "optim.total_steps", 1)
+  require_count(o.warmup_steps, "optim.warmup_steps", 0)
+  require(o.warmup_steps < o.total_steps, "optim.warmup_steps",
+          f"must lie in [0, total_steps={o.total_steps}), got {o.warmup_steps}")
+  require_count(t.batch_size, "train.batch_size", 1)
+  require_count(t.grad_accum_steps, "train.grad_accum_steps", 1, " (1: no accumulation)")
+  require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+          f"must divide train.batch_size={t.batch_size} into equal microbatches, "
+          f"got {t.grad_accum_steps}")
   # The trainer runs steps [start, num_steps): 0 compiles the step and trains none.
-  _require_count(t.num_steps, "train.num_steps", 0, " (0: compile only, no step)")
+  require_count(t.num_steps, "train.num_steps", 0, " (0: compile only, no step)")
   # A negative seed fails numpy's generators (the synthetic input stream).
-  _require_count(t.seed, "train.seed", 0)
+  require_count(t.seed, "train.seed", 0)
   for name in ("save_every", "keep_every", "eval_every"):
-    _require_count(getattr(t, name), f"train.{name}", 0, " (0: off)")
+    require_count(getattr(t, name), f"train.{name}", 0, " (0: off)")
   # The held-out batches are averaged (the final evaluation always runs): none is no mean.
   for name in ("log_every", "keep_last", "eval_batches", "max_nonfinite_steps"):
-    _require_count(getattr(t, name), f"train.{name}", 1)
-  _require(len(t.eval_times) >= 1 and all(0.0 <= x <= 1.0 for x in t.eval_times),
-           "train.eval_times", f"need at least one time in [0, 1], got {t.eval_times}")
-  _require(exp.loss.lambda_txt >= 0 and exp.loss.lambda_vid >= 0, "loss.lambda_txt",
-           "loss weights must be non-negative")
+    require_count(getattr(t, name), f"train.{name}", 1)
+  require(len(t.eval_times) >= 1 and all(0.0 <= x <= 1.0 for x in t.eval_times),
+          "train.eval_times", f"need at least one time in [0, 1], got {t.eval_times}")
+  require(exp.loss.lambda_txt >= 0 and exp.loss.lambda_vid >= 0, "loss.lambda_txt",
+          "loss weights must be non-negative")
   return exp
 
 
-def experiment_from_config_dict(cfg: Mapping[str, Any]) -> Experiment:
-  """Builds and validates the frozen Experiment from a ConfigDict (or plain dict).
+# --------------------------------------------------------------------------- the run
 
-  Sections `model`, `seq`, `flow`, `loss`, `optim`, `train`; the trainer's `data`
-  section is checked too (`validate_data`); other top-level keys (mesh, sharding rules,
-  sampling) belong to the trainer and are ignored here.
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `data` section: where training batches come from (`inputs`, `data_pipelines`).
+
+  source: `DATA_SOURCES`; 'synthetic' needs no data, the others read the prepared
+    directory `data_dir` ('' = a folder of the work directory,
+    `prepared.default_data_dir`), built by `python -m tv2tv_jax.prepare`.
+  synthetic_batches / max_examples_per_row / max_text_len: the synthetic stream (distinct
+    batches to cycle through, 0 = a fresh batch every step; examples and text tokens per
+    example in a random row).
+  toy_world / vae: the toy world's TFDS builder config ({name} of a registered one, or
+    custom sizes) and VAE recipe (an experiments/vae_toy_world.py config).
+  builder_config / manual_dir / vae_dir / tokenizer_path: the real sources' TFDS builder
+    config, raw files, trained VAE to copy, and tokenizer.json to copy ('' with no
+    init.llama_dir: one is trained on the dataset's texts).
+  prompt ... window: the Grain pipeline's knobs (`grain_pipeline.PipelineConfig`).
   """
-  get = (lambda k: cfg.get(k)) if hasattr(cfg, "get") else (lambda k: None)
-  def section(name):
-    value = get(name)
-    return value.to_dict() if hasattr(value, "to_dict") else value
-  exp = Experiment(
-      model=_build(ModelConfig, "model", section("model")),
-      seq=_build(SequenceConfig, "seq", section("seq")),
-      flow=_build(FlowConfig, "flow", section("flow")),
-      loss=_build(LossConfig, "loss", section("loss")),
-      optim=_build(OptimConfig, "optim", section("optim")),
-      train=_build(TrainConfig, "train", section("train")),
-  )
-  validate(exp)
-  validate_data(section("data"))
-  return exp
+  source: str = "synthetic"
+  data_dir: str = ""
+  synthetic_batches: int = 0
+  max_examples_per_row: int = 3
+  max_text_len: int = 3
+  toy_world: FrozenMapping = FrozenMapping()
+  vae: FrozenMapping = FrozenMapping()
+  builder_config: FrozenMapping = FrozenMapping()
+  manual_dir: str = ""
+  vae_dir: str = ""
+  tokenizer_path: str = ""
+  prompt: str = ""
+  shuffle_seed: int = 0
+  num_workers: int = 0
+  caption_every: int = 1
+  wrong_caption_rate: float = 0.0
+  plan_drop_rate: float = 0.0
+  max_open: int = 4
+  window: int = 64
 
 
-# `data` fields read as counts (minimum, meaning) and as rates, with their readers'
-# defaults: absent fields are fine.
+# `data` fields read as counts (minimum, meaning) and as rates.
 _DATA_COUNTS = {
     "synthetic_batches": (0, " (0: a fresh batch every step)"),
     "max_examples_per_row": (1, ""),
@@ -388,29 +371,236 @@ _DATA_COUNTS = {
     "window": (1, ""),
 }
 _DATA_RATES = ("wrong_caption_rate", "plan_drop_rate")
+# Fields older configs (and the checkpoints that saved them) hold, read by nothing now:
+# accepted and dropped, so that those runs still load (`data.vae` replaced the first two).
+_RETIRED_DATA_FIELDS = ("vae_variant", "vae_overrides", "tfds_name")
+_NESTED_DATA_FIELDS = ("toy_world", "vae", "builder_config")
 
 
-def validate_data(data: Mapping[str, Any] | None) -> None:
-  """Checks the trainer's `data` section before any input is built or stage is run.
+def data_config(values: Any) -> DataConfig:
+  """The `data` section (a mapping, None, or a DataConfig: returned as is), checked.
 
   The input streams read these fields only when they start (after preparation, which
-  can take minutes), and a bad count fails there in numpy. The toy world's VAE recipe
-  (`data.vae`) is checked as the VAE's own configs would check it, named under `data.vae`.
+  can take minutes), and a bad count would fail there in numpy. The toy world's VAE
+  recipe (`data.vae`) is checked as the VAE's own configs would check it, named under
+  `data.vae`.
   """
-  if not data:
-    return
-  source = data.get("source", "synthetic")
-  _require(source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}, got {source!r}")
+  if isinstance(values, DataConfig):
+    return values
+  values = plain_dict(values)
+  for name in _RETIRED_DATA_FIELDS:
+    values.pop(name, None)
+  for name in _NESTED_DATA_FIELDS:
+    if name in values:
+      values[name] = FrozenMapping(values[name])
+  d = build_section(DataConfig, "data", values)
+  require(d.source in DATA_SOURCES, "data.source",
+          f"one of {DATA_SOURCES}, got {d.source!r}")
   for name, (minimum, meaning) in _DATA_COUNTS.items():
-    if name in data:
-      _require_count(data[name], f"data.{name}", minimum, meaning)
+    require_count(getattr(d, name), f"data.{name}", minimum, meaning)
   for name in _DATA_RATES:
-    if name in data:
-      value = data[name]
-      _require(isinstance(value, numbers.Real) and 0.0 <= value <= 1.0, f"data.{name}",
-               f"must be a rate in [0, 1], got {value!r}")
-  if source == "toy_world" and data.get("vae"):
-    check_vae_section(data["vae"], "data.vae")
+    value = getattr(d, name)
+    require(isinstance(value, numbers.Real) and 0.0 <= value <= 1.0, f"data.{name}",
+            f"must be a rate in [0, 1], got {value!r}")
+  if d.source == "toy_world" and d.vae:
+    check_vae_section(d.vae, "data.vae")
+  return d
+
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The `mesh` section: device mesh axis sizes (`sharding` says what each axis does);
+  -1 takes the devices the other axes leave (one axis at most)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  sequence: int = 1
+
+
+def mesh_config(values: Any) -> MeshConfig:
+  """The `mesh` section (a mapping, None, or a MeshConfig: returned as is). Sizes are
+  checked against the devices when the mesh is made (`sharding.resolve_mesh_shape`)."""
+  if isinstance(values, MeshConfig):
+    return values
+  values = plain_dict(values)
+  unknown = sorted(set(values) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis"
+                      f"{did_you_mean(unknown[0], MESH_AXES)}; the axes are "
+                      f"{', '.join(MESH_AXES)}")
+  return MeshConfig(**values)
+
+
+# Logical axis -> mesh axis (a name, a tuple of names, or None: replicated).
+Rules = tuple[tuple[str, Any], ...]
+
+
+def sharding_rules(raw: Any) -> Rules:
+  """The `sharding_rules` list ([logical axis, mesh axis or list or None] pairs; the
+  logical names are `tv2tv_jax.axes`'), checked; None (absent): every axis replicated."""
+  if raw is None:
+    return axes.REPLICATED_RULES
+  logical = axes.PARAM_AXES + axes.ACTIVATION_AXES
+  rules = []
+  for i, entry in enumerate(raw):
+    name, target = entry
+    if name not in logical:
+      raise ConfigError(f"sharding_rules[{i}]", f"unknown logical axis {name!r}"
+                        f"{did_you_mean(name, logical)} (tv2tv_jax/axes.py)")
+    if isinstance(target, (list, tuple)):
+      target = tuple(target)
+    for t in (target if isinstance(target, tuple) else (target,)):
+      if t is not None and t not in MESH_AXES:
+        raise ConfigError(f"sharding_rules[{i}]", f"{name!r} -> unknown mesh axis {t!r}"
+                          f"{did_you_mean(t, MESH_AXES)}; the mesh axes are "
+                          f"{', '.join(MESH_AXES)} (or None: replicated)")
+    rules.append((name, target))
+  return tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """The `init` section: where the weights of a fresh run come from (`llama_init`).
+
+  llama_dir: a Hugging Face Llama-3 checkpoint directory (config.json, *.safetensors) for
+    the text tower ('' trains from scratch); video_tower_from_llama: the video tower too.
+  """
+  llama_dir: str = ""
+  video_tower_from_llama: bool = False
+
+
+def init_config(values: Any) -> InitConfig:
+  """The `init` section (a mapping, None, or an InitConfig: returned as is)."""
+  if isinstance(values, InitConfig):
+    return values
+  values = plain_dict(values)
+  if values.get("ignore_rope_scaling"):
+    # Older configs opted into plain RoPE for Llama-3.1/3.2; the scaling now exists.
+    raise ConfigError("init.ignore_rope_scaling", "is no longer supported: llama3 RoPE "
+                      "scaling is implemented; set model.rope_type and model.rope_* to the "
+                      "checkpoint's (experiments/llama3_common.py does) and drop this field")
+  values.pop("ignore_rope_scaling", None)
+  return build_section(InitConfig, "init", values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """The `sample` section: the video `main` generates after training when
+  `after_training` (as `python -m tv2tv_jax.generate` would, with these settings):
+  `prompt`, `interventions` ("chunk:text" strings forcing chunk texts), `num_chunks`,
+  `cfg_scale`, `ode_steps` and `seed`."""
+  after_training: bool = False
+  prompt: str = ""
+  interventions: tuple[str, ...] = ()
+  num_chunks: int = 4
+  cfg_scale: float = 1.0
+  ode_steps: int = 16
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyEvalConfig:
+  """`study.eval`: the generation evaluation of every study run (`generation_eval`):
+  `num_clips` held-out clips in batches of `batch`, CFG scale `cfg_scale` (t2v: 1),
+  `ode_steps` per chunk, actions inserted at `times` (seconds), sampler `seed`, and
+  `uncond`, CFG's second branch: 'mask' or 'plan_free' (docs/model.md)."""
+  num_clips: int = 32
+  batch: int = 8
+  cfg_scale: float = 3.0
+  ode_steps: int = 16
+  times: tuple[float, ...] = (1.0, 3.0)
+  seed: int = 0
+  uncond: str = "mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The `study` section (`tv2tv_jax.study` checks its values): the `arms` (layouts)
+  trained with each of `seeds`, their evaluation, and the bootstrap resamples of the
+  report."""
+  arms: tuple[str, ...] = LAYOUTS
+  seeds: tuple[int, ...] = (0, 1, 2)
+  eval: StudyEvalConfig = StudyEvalConfig()
+  bootstrap_resamples: int = 2000
+
+
+def study_config(values: Any) -> StudyConfig | None:
+  """The `study` section (None when the config has none); unknown fields raise."""
+  if values is None:
+    return None
+  values = plain_dict(values)
+  values["eval"] = build_section(StudyEvalConfig, "study.eval", values.get("eval"))
+  return build_section(StudyConfig, "study", values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything the code reads from an experiment config, typed and checked.
+
+  exp: what is trained (model, sequence, flow, loss, optimiser, training loop); data:
+  where batches come from; mesh and sharding_rules: how it is laid out on the devices;
+  init: where a fresh run's weights come from; sample: what `main` generates afterwards;
+  study: the study command's arms, seeds and evaluation (None outside a study). The
+  `sweep` section belongs to the sweep command (points of raw overrides).
+  """
+  exp: Experiment
+  data: DataConfig = DataConfig()
+  mesh: MeshConfig = MeshConfig()
+  sharding_rules: Rules = axes.REPLICATED_RULES
+  init: InitConfig = InitConfig()
+  sample: SampleConfig = SampleConfig()
+  study: StudyConfig | None = None
+
+
+# Top-level keys an experiment config may hold: RunConfig's sections, plus those the
+# study and sweep commands read themselves.
+SECTIONS = ("model", "seq", "flow", "loss", "optim", "train", "data", "mesh",
+            "sharding_rules", "init", "sample", "study", "sweep")
+
+
+def run_config_from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
+  """Builds and checks every section of an experiment ConfigDict (or plain dict, e.g. a
+  saved config.json): the one place a ConfigDict becomes typed configs.
+
+  Raises ConfigError naming the dotted field: an unknown section or field (with the
+  closest name), or a value that cannot work.
+  """
+  keys = sorted(cfg.keys()) if hasattr(cfg, "keys") else []
+  for key in keys:
+    require(key in SECTIONS, str(key), f"unknown section{did_you_mean(key, SECTIONS)}; "
+            f"an experiment config has {', '.join(SECTIONS)}")
+  def section(name):
+    value = cfg[name] if name in keys else None
+    return value.to_dict() if hasattr(value, "to_dict") else value
+  exp = validate(Experiment(
+      model=build_section(ModelConfig, "model", section("model")),
+      seq=build_section(SequenceConfig, "seq", section("seq")),
+      flow=build_section(FlowConfig, "flow", section("flow")),
+      loss=build_section(LossConfig, "loss", section("loss")),
+      optim=build_section(OptimConfig, "optim", section("optim")),
+      train=build_section(TrainConfig, "train", section("train")),
+  ))
+  return RunConfig(exp=exp, data=data_config(section("data")),
+                   mesh=mesh_config(section("mesh")),
+                   sharding_rules=sharding_rules(section("sharding_rules")),
+                   init=init_config(section("init")),
+                   sample=build_section(SampleConfig, "sample", section("sample")),
+                   study=study_config(section("study")))
+
+
+def as_run_config(cfg: Any) -> RunConfig:
+  """`cfg` when it is a RunConfig, else `run_config_from_config_dict(cfg)`: for library
+  functions that also take a raw config (tests, scripts)."""
+  return cfg if isinstance(cfg, RunConfig) else run_config_from_config_dict(cfg)
+
+
+def experiment_from_config_dict(cfg: Mapping[str, Any]) -> Experiment:
+  """The frozen Experiment of a ConfigDict (or plain dict), every section checked
+  (`run_config_from_config_dict`)."""
+  return run_config_from_config_dict(cfg).exp
 
 
 def check_vae_section(vae_cfg: Mapping[str, Any], field: str) -> None:
@@ -427,15 +617,15 @@ def check_vae_section(vae_cfg: Mapping[str, Any], field: str) -> None:
   sections = {"vae": vae_model.VAEConfig, "train": vae_train.VAETrainConfig}
   values = vae_cfg.to_dict() if hasattr(vae_cfg, "to_dict") else dict(vae_cfg)
   for section, fields in values.items():
-    _require(section in sections, f"{field}.{section}", f"unknown section"
-             f"{did_you_mean(section, sections)}; the VAE config has {sorted(sections)}")
-    _require(hasattr(fields, "keys"), f"{field}.{section}",
-             f"must map {sections[section].__name__} fields to values, got {fields!r}")
+    require(section in sections, f"{field}.{section}", f"unknown section"
+            f"{did_you_mean(section, sections)}; the VAE config has {sorted(sections)}")
+    require(hasattr(fields, "keys"), f"{field}.{section}",
+            f"must map {sections[section].__name__} fields to values, got {fields!r}")
     names = sorted(f.name for f in dataclasses.fields(sections[section]))
     for key in fields.keys():
-      _require(key in names, f"{field}.{section}.{key}", f"unknown field"
-               f"{did_you_mean(key, names)}; the VAE's {sections[section].__name__} has "
-               f"{names}")
+      require(key in names, f"{field}.{section}.{key}", f"unknown field"
+              f"{did_you_mean(key, names)}; the VAE's {sections[section].__name__} has "
+              f"{names}")
   try:
     vae_train.configs_from_config_dict(values)
   except ConfigError as e:

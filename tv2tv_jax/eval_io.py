@@ -17,6 +17,7 @@ import numpy as np
 
 from data_pipelines import caption_scores, oracle
 from data_pipelines import toy_world as tw
+from tv2tv_jax import config as config_lib
 
 FIRST_HELD_OUT_SEED = 5_000_000
 # Every toy-world seed the project trains on (TFDS train split, VAE training and held-out
@@ -32,16 +33,12 @@ class EvalError(ValueError):
 # --------------------------------------------------------------------------- in
 
 def _builder_config(cfg: Any):
-  """The run's toy-world TFDS builder config (cfg.data.toy_world), None if it has none."""
+  """The run's toy-world TFDS builder config (cfg.data.toy_world), None if it has none.
+  `cfg`: the run's `config.RunConfig` (a raw config is parsed)."""
   from data_pipelines import toy_world_tfds
-  data = cfg.get("data") or {}
-  tw_cfg = data.get("toy_world")
-  tw_cfg = dict(tw_cfg.to_dict() if hasattr(tw_cfg, "to_dict") else tw_cfg or {})
-  name = tw_cfg.pop("name", "custom")
-  if not tw_cfg:
-    return next((c for c in toy_world_tfds.ToyWorld.BUILDER_CONFIGS if c.name == name), None)
+  fields = config_lib.as_run_config(cfg).data.toy_world
   try:
-    return toy_world_tfds.ToyWorldBuilderConfig(name=name, description="run", **tw_cfg)
+    return toy_world_tfds.resolve_config(fields, "run")
   except (TypeError, ValueError) as e:
     raise EvalError(f"data.toy_world of the run's config: {e}") from e
 

@@ -404,7 +404,7 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
   if batch < 1 or num_clips < 1:
     raise EvalError(f"--batch and --num_clips must be >= 1, got {batch}, {num_clips}")
   assets = assets or run_state.load_assets(workdir, checkpoint)
-  cfg = assets.run.cfg
+  cfg = assets.run.config
   k = num_chunks or trained_num_chunks(cfg)
   if not k:
     raise EvalError("--num_chunks: the run's config has no data.toy_world.num_chunks; "
@@ -414,7 +414,7 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
   seeds = held_out_seeds(first_seed, num_clips + num_reference, cfg, data_dir)
   clips = [tw.generate_clip(s, k) for s in seeds[:num_clips]]
   reference = [tw.generate_clip(s, k) for s in seeds[num_clips:]] or None
-  prompt = (cfg.get("data") or {}).get("prompt", "toy world")
+  prompt = cfg.data.prompt
   fmt = eval_io.text_format(cfg)
   # A caption describes up to `every` chunks, so it may outgrow the 16 tokens an action
   # text never reaches (the longest of 2048 training clips: 4, 9, 19, 35, 55 tokens at

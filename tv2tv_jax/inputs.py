@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from tv2tv_jax import synthetic
-from tv2tv_jax.config import PREPARED_SOURCES, ConfigError, Experiment
+from tv2tv_jax import config as config_lib, synthetic
+from tv2tv_jax.config import PREPARED_SOURCES, ConfigError, DataConfig, Experiment
 
 # Evaluation batches are drawn from a seed range disjoint from training's.
 _EVAL_SEED_BASE = 10 ** 9
@@ -39,16 +39,16 @@ class SyntheticBatches:
 
   Args:
     exp: the experiment (shapes, layout, batch size).
-    data_cfg: the config's `data` section (`max_examples_per_row`, `max_text_len`,
+    data: the `data` section (`max_examples_per_row`, `max_text_len`,
       `synthetic_batches`: cycle through that many distinct batches; 0 = never repeat).
     seed: stream seed.
   """
 
-  def __init__(self, exp: Experiment, data_cfg: Any, seed: int):
+  def __init__(self, exp: Experiment, data: DataConfig, seed: int):
     self.exp, self.seed = exp, seed
-    self.cycle = int(data_cfg.get("synthetic_batches", 0))
-    self.max_examples = int(data_cfg.get("max_examples_per_row", 3))
-    self.max_text = int(data_cfg.get("max_text_len", 3))
+    self.cycle = data.synthetic_batches
+    self.max_examples = data.max_examples_per_row
+    self.max_text = data.max_text_len
     self.index = 0
 
   def batch(self, i: int) -> dict[str, np.ndarray]:
@@ -90,10 +90,15 @@ def skipped_examples(state: Any) -> int:
   return 0
 
 
+def _data(cfg: Any) -> DataConfig:
+  """The `data` section of a run config (`config.RunConfig`; a raw config is parsed)."""
+  return config_lib.as_run_config(cfg).data
+
+
 def data_dir(cfg: Any, workdir: str | os.PathLike | None) -> str:
   """The run's prepared data directory (`prepared.default_data_dir`)."""
   from data_pipelines import prepared  # local: heavy imports
-  return prepared.default_data_dir(cfg.get("data") or {}, workdir)
+  return prepared.default_data_dir(_data(cfg), workdir)
 
 
 def _prepared_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None):
@@ -107,10 +112,11 @@ def _prepared_pipeline(exp: Experiment, cfg: Any, workdir: str | os.PathLike | N
   where = data_dir(cfg, workdir)
   # The training stream and the evaluation batches of one run read the same directory:
   # check it once per process.
-  key = (where, repr(cfg), exp)
+  data = _data(cfg)
+  key = (where, data, exp)
   if key not in _PREPARED:
     prepared.check_prepared(where)
-    pcfg = prepared.pipeline_config(where, cfg.get("data") or {})
+    pcfg = prepared.pipeline_config(where, data)
     tokenizer_lib.check_compatible(tokenizer_lib.load_tokenizer(pcfg.tokenizer_path), exp)
     _PREPARED[key] = pcfg
   return _PREPARED[key]
@@ -131,19 +137,16 @@ def _prepared_stream(exp: Experiment, cfg: Any, workdir: str | os.PathLike | Non
   return grain_pipeline.GrainBatches(ds)
 
 
-def _source(cfg: Any) -> str:
-  return (cfg.get("data") or {}).get("source", "synthetic")
-
-
 def make_train_input(exp: Experiment, cfg: Any, workdir: str | os.PathLike | None = None):
   """The configured training stream (see `data.source`).
 
-  `workdir`: the run's work directory; the prepared sources read `data_dir(cfg, workdir)`.
+  `cfg`: the run's `config.RunConfig` (a raw config is parsed); `workdir`: the run's work
+  directory; the prepared sources read `data_dir(cfg, workdir)`.
   """
-  data_cfg = cfg.get("data") or {}
-  source = _source(cfg)
+  data = _data(cfg)
+  source = data.source
   if source == "synthetic":
-    return SyntheticBatches(exp, data_cfg, seed=exp.train.seed)
+    return SyntheticBatches(exp, data, seed=exp.train.seed)
   if source in PREPARED_SOURCES:
     return _prepared_stream(exp, cfg, workdir, "train", train=True)
   raise ConfigError("data.source", f"unknown source {source!r}; known: synthetic, "
@@ -156,7 +159,7 @@ def data_identity(exp: Experiment, cfg: Any,
   (`prepared.data_identity` of its directory, checked to be prepared); ({}, '') for
   'synthetic', whose batches follow from the config alone, which `resume_check` compares.
   """
-  if _source(cfg) not in PREPARED_SOURCES:
+  if _data(cfg).source not in PREPARED_SOURCES:
     return {}, ""
   from data_pipelines import prepared  # local: heavy imports
   _prepared_pipeline(exp, cfg, workdir)
@@ -172,9 +175,10 @@ def make_eval_batches(exp: Experiment, cfg: Any,
   Prepared sources: the first batches of the validation split, unshuffled (repeated if
   the split holds fewer).
   """
-  if _source(cfg) in PREPARED_SOURCES:
+  data = _data(cfg)
+  if data.source in PREPARED_SOURCES:
     stream = _prepared_stream(exp, cfg, workdir, "validation", train=False)
     return [next(stream) for _ in range(exp.train.eval_batches)]
-  data_cfg = dict(cfg.get("data") or {}, synthetic_batches=0)
-  stream = SyntheticBatches(exp, data_cfg, seed=_EVAL_SEED_BASE + exp.train.seed)
+  data = dataclasses.replace(data, synthetic_batches=0)
+  stream = SyntheticBatches(exp, data, seed=_EVAL_SEED_BASE + exp.train.seed)
   return [next(stream) for _ in range(exp.train.eval_batches)]

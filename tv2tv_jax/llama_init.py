@@ -64,7 +64,8 @@ import numpy as np
 from flax.core import meta
 from safetensors import safe_open
 
-from tv2tv_jax.config import ConfigError, ModelConfig
+from tv2tv_jax import config as config_lib
+from tv2tv_jax.config import ConfigError, InitConfig, ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 # Older checkpoints store RoPE's inverse frequencies; they are derived, not learned.
@@ -469,23 +470,13 @@ def load_llama_params(llama_dir: str | os.PathLike, cfg: ModelConfig, params: Ma
   return out
 
 
-def init_from_config(init_cfg: Mapping[str, Any] | None, cfg: ModelConfig,
+def init_from_config(init_cfg: InitConfig | Mapping[str, Any] | None, cfg: ModelConfig,
                      params: Mapping[str, Any], log: Callable[[str], None] | None = print):
-  """Applies an experiment's `init` section to freshly initialised params.
-
-  `init_cfg` keys (see experiments/csgo_3b.py): `llama_dir` (empty or None: return `params`
-  unchanged), `video_tower_from_llama` (bool).
-  """
-  init_cfg = init_cfg or {}
-  if init_cfg.get("ignore_rope_scaling"):
-    # Older configs opted into plain RoPE for Llama-3.1/3.2; the scaling now exists.
-    raise ConfigError("init.ignore_rope_scaling", "is no longer supported: llama3 RoPE "
-                      "scaling is implemented; set model.rope_type and model.rope_* to the "
-                      "checkpoint's (experiments/llama3_common.py does) and drop this field")
-  llama_dir = init_cfg.get("llama_dir") or ""
-  if not llama_dir:
+  """Applies an experiment's `init` section (`config.InitConfig`; a mapping is parsed,
+  which refuses the retired `ignore_rope_scaling`) to freshly initialised params:
+  unchanged without `llama_dir`, else the Llama weights (`load_llama_params`)."""
+  init = config_lib.init_config(init_cfg)
+  if not init.llama_dir:
     return params
-  return load_llama_params(llama_dir, cfg, params,
-                           video_tower_from_llama=bool(init_cfg.get("video_tower_from_llama",
-                                                                    False)),
-                           log=log)
+  return load_llama_params(init.llama_dir, cfg, params,
+                           video_tower_from_llama=init.video_tower_from_llama, log=log)

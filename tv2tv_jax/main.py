@@ -69,24 +69,26 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(f"error: {err}") from e
 
 
-def check_config(cfg) -> None:
-  """Checks the config before any process setup, data stage or compile.
+def check_config(cfg) -> config_lib.RunConfig:
+  """The typed config (`config.run_config_from_config_dict`), checked before any process
+  setup, data stage or compile.
 
-  Besides the experiment's fields (`config.experiment_from_config_dict`, which the
-  trainer repeats), the data preparation is checked now (`preparation.check_config`): a
-  VAE recipe that cannot train would otherwise surface only after the dataset is built.
+  Besides every section's fields, the data preparation is checked now
+  (`preparation.check_config`): a VAE recipe that cannot train would otherwise surface
+  only after the dataset is built.
   """
-  config_lib.experiment_from_config_dict(cfg)
-  if (cfg.get("data") or {}).get("source") in config_lib.PREPARED_SOURCES:
+  run_cfg = config_lib.run_config_from_config_dict(cfg)
+  if run_cfg.data.source in config_lib.PREPARED_SOURCES:
     from data_pipelines import preparation  # local: only prepared sources need it
-    preparation.check_config(cfg)
+    preparation.check_config(run_cfg)
+  return run_cfg
 
 
-def prepare_data(cfg, workdir: str) -> None:
+def prepare_data(cfg: config_lib.RunConfig, workdir: str) -> None:
   """Runs the data preparation (cached stages, `data_pipelines.preparation`) into the
   run's data directory, every process taking its part (process 0 the building stages,
   all of them the latent encode): the trainer only reads prepared data."""
-  if (cfg.get("data") or {}).get("source") not in config_lib.PREPARED_SOURCES:
+  if cfg.data.source not in config_lib.PREPARED_SOURCES:
     return
   from data_pipelines import preparation  # local: heavy imports
   preparation.prepare(inputs.data_dir(cfg, workdir), cfg, process_index=jax.process_index(),
@@ -96,11 +98,11 @@ def prepare_data(cfg, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cfg = _CONFIG.value
+  cfg = _CONFIG.value  # the ConfigDict stops here: the trainer records it as given
   try:
-    check_config(cfg)  # first: fails before a multi-host start waits for its peers
+    run_cfg = check_config(cfg)  # first: fails before a multi-host start waits for its peers
     distributed.setup_process()
-    prepare_data(cfg, _WORKDIR.value)
+    prepare_data(run_cfg, _WORKDIR.value)
     records = trainer.train(cfg, _WORKDIR.value, allow_config_change=tuple(_ALLOW.value))
   except (config_lib.ConfigError, resume_check.ResumeError, run_lock.WorkdirLockedError,
           workdirs.WorkdirError) as e:
@@ -108,9 +110,9 @@ def main(argv):
     # holder (mesh errors come from train: they need the device count); a traceback
     # would only bury it.
     raise SystemExit(f"error: {e}") from e
-  sample = cfg.get("sample") or {}
+  sample = run_cfg.sample
   print("done:", trainer.final_summary(records))
-  if sample.get("after_training") and jax.process_index() == 0:
+  if sample.after_training and jax.process_index() == 0:
     from tv2tv_jax import video_samples  # local: the sampler is only needed here
     interventions = video_samples.parse_interventions(sample.interventions)
     paths = video_samples.generate_to_dir(_WORKDIR.value, [sample.prompt], interventions,

@@ -36,12 +36,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from data_pipelines import preparation  # local: heavy imports
-  cfg = _CONFIG.value
-  data_dir = _DATA_DIR.value or (cfg.get("data") or {}).get("data_dir")
+  try:
+    cfg = config_lib.run_config_from_config_dict(_CONFIG.value)  # the ConfigDict stops here
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"error: {e}") from e
+  data_dir = _DATA_DIR.value or cfg.data.data_dir
   if not data_dir:
     raise app.UsageError("--data_dir (or the config's data.data_dir) is required")
   try:
-    config_lib.experiment_from_config_dict(cfg)
     workdirs.require_local(data_dir, "--data_dir", "preparation writes with local file I/O")
     preparation.check_config(cfg)  # before a multi-host start waits for its peers
     distributed.setup_process()

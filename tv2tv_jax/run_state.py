@@ -20,9 +20,8 @@ import json
 import os
 from typing import Any
 
-import ml_collections
-
-from tv2tv_jax import checkpoints, heldout_losses, inputs, resume_check, trainer, workdirs
+from tv2tv_jax import (checkpoints, config as config_lib, heldout_losses, inputs, resume_check,
+                       trainer, workdirs)
 
 
 class GenerateError(ValueError):
@@ -67,9 +66,9 @@ def load_params(workdir: str | os.PathLike, step: int | None = None,
 
 def run_from_config(cfg_dict: dict, devices) -> trainer.Run:
   """The `trainer.Run` of a saved config (a dict), on a data-parallel mesh of `devices`."""
-  cfg = ml_collections.ConfigDict(cfg_dict)
-  cfg.mesh = ml_collections.ConfigDict({"data": -1})  # whatever devices are here
-  return trainer.Run(cfg, devices)
+  cfg = config_lib.run_config_from_config_dict(cfg_dict)
+  # Whatever devices are here, all data-parallel (the default mesh).
+  return trainer.Run(dataclasses.replace(cfg, mesh=config_lib.MeshConfig()), devices)
 
 def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,
                         params_dir: str | os.PathLike | None = None, devices=None,
@@ -81,9 +80,9 @@ def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,
   """
   run, params, step, trained_on = loaded or load_params(workdir, step, params_dir, devices)
   # The data is checked before any batch is built from it.
-  identity, data_dir = inputs.data_identity(run.exp, run.cfg, workdir=workdir)
+  identity, data_dir = inputs.data_identity(run.exp, run.config, workdir=workdir)
   resume_check.check_data_identity(trained_on, identity, step, data_dir)
-  batches = inputs.make_eval_batches(run.exp, run.cfg, workdir=workdir)
+  batches = inputs.make_eval_batches(run.exp, run.config, workdir=workdir)
   metrics = heldout_losses.evaluate(run.eval_fn(), params, batches, run.exp.train.eval_times,
                                 run.mesh)
   return {"step": step, "devices": run.mesh.size, **metrics}
@@ -93,7 +92,7 @@ def evaluate_checkpoint(workdir: str | os.PathLike, step: int | None = None,
 class Assets:
   """What generation needs from a run: the restored model and its tokenizers.
 
-  run: `trainer.Run` (run.exp, run.model, run.cfg); params: the TV2TV param tree;
+  run: `trainer.Run` (run.exp, run.model, run.config); params: the TV2TV param tree;
   step: the checkpoint step (None for a params-only export); text: `TextTokenizer`;
   video: `VideoTokenizer` with latent statistics (decodes normalised latents);
   data_dir: the prepared data directory they came from ('' when not from one).
@@ -107,11 +106,11 @@ class Assets:
 
 
 def data_dir_of(workdir: str, cfg: Any) -> str:
-  """The run's prepared data directory (`prepared.default_data_dir` of its config), where
-  generation finds its text tokenizer and VAE; a local path (WorkdirError naming
-  data.data_dir otherwise: set it in the run's config.json to a local copy)."""
-  from data_pipelines import prepared  # local: heavy imports
-  return prepared.default_data_dir(cfg.get("data") or {}, workdir)
+  """The run's prepared data directory (`inputs.data_dir` of its config: a RunConfig, or a
+  raw one such as config.json's), where generation finds its text tokenizer and VAE; a
+  local path (WorkdirError naming data.data_dir otherwise: set it in the run's
+  config.json to a local copy)."""
+  return inputs.data_dir(cfg, workdir)
 
 
 def load_tokenizers(data_dir: str, exp: Any):

@@ -15,7 +15,6 @@ devices and a TPU topology: only the mesh differs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import numbers
@@ -26,32 +25,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tv2tv_jax import axes, train_step
+from tv2tv_jax import train_step
 from tv2tv_jax import config as config_lib
-from tv2tv_jax.config import ConfigError, Experiment
+# The mesh section (its axes, MeshConfig, its parser) is defined with every other config
+# section; re-exported here, where the mesh is made.
+from tv2tv_jax.config import (MESH_AXES, ConfigError, Experiment, MeshConfig, Rules,  # noqa: F401
+                              mesh_config)
 from tv2tv_jax.model import TV2TV
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
-
-Rules = tuple[tuple[str, Any], ...]
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  sequence: int = 1
-
-
-def mesh_config(cfg: Mapping[str, Any] | None) -> MeshConfig:
-  values = dict(cfg or {})
-  unknown = sorted(set(values) - set(MESH_AXES))
-  if unknown:
-    raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis"
-                      f"{config_lib.did_you_mean(unknown[0], MESH_AXES)}; the axes are "
-                      f"{', '.join(MESH_AXES)}")
-  return MeshConfig(**values)
 
 
 def resolve_mesh_shape(mc: MeshConfig, num_devices: int) -> tuple[int, ...]:
@@ -106,27 +88,10 @@ def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
 
 
 def rules_from_config(cfg: Any) -> Rules:
-  """The config's `sharding_rules` (list of [logical, mesh axis or list or None]);
-  without any, every axis is replicated."""
-  raw = cfg.get("sharding_rules") if hasattr(cfg, "get") else None
-  if raw is None:
-    return axes.REPLICATED_RULES
-  rules = []
-  for i, entry in enumerate(raw):
-    name, target = entry
-    logical = axes.PARAM_AXES + axes.ACTIVATION_AXES
-    if name not in logical:
-      raise ConfigError(f"sharding_rules[{i}]", f"unknown logical axis {name!r}"
-                        f"{config_lib.did_you_mean(name, logical)} (tv2tv_jax/axes.py)")
-    if isinstance(target, (list, tuple)):
-      target = tuple(target)
-    for t in (target if isinstance(target, tuple) else (target,)):
-      if t is not None and t not in MESH_AXES:
-        raise ConfigError(f"sharding_rules[{i}]", f"{name!r} -> unknown mesh axis {t!r}"
-                          f"{config_lib.did_you_mean(t, MESH_AXES)}; the mesh axes are "
-                          f"{', '.join(MESH_AXES)} (or None: replicated)")
-    rules.append((name, target))
-  return tuple(rules)
+  """The logical-axis rules of a run's config (`config.RunConfig.sharding_rules`: the
+  `sharding_rules` list, checked; without one every axis is replicated). A raw config
+  (ConfigDict or dict) is parsed whole (`config.as_run_config`)."""
+  return config_lib.as_run_config(cfg).sharding_rules
 
 
 def check_divisibility(exp: Experiment, mesh: Mesh) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from tv2tv_jax import study_report
+from tv2tv_jax import config as config_lib, study_report
 from tv2tv_jax.config import LAYOUTS  # an arm is named by its layout
 
 
@@ -59,12 +59,14 @@ def arm_config(cfg: ml_collections.ConfigDict, arm: str, seed: int,
   return out
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Fails with a message naming the field before anything is built."""
-  study = cfg.get("study")
+def check_config(cfg: ml_collections.ConfigDict) -> config_lib.RunConfig:
+  """The typed config (every field checked, `config.run_config_from_config_dict`);
+  fails with a message naming the field before anything is built."""
+  run_cfg = config_lib.run_config_from_config_dict(cfg)
+  study, data = run_cfg.study, run_cfg.data
   if study is None:
     raise StudyError("study: the config has no `study` section (experiments/toy_study.py)")
-  if (cfg.get("data") or {}).get("source") != "toy_world":
+  if data.source != "toy_world":
     raise StudyError("data.source: the study needs 'toy_world' data (the oracle scores "
                      "toy-world videos)")
   if not study.arms:
@@ -77,21 +79,21 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   ev = study.eval
   if ev.num_clips < 1 or ev.batch < 1 or ev.ode_steps < 1:
     raise StudyError("study.eval: num_clips, batch and ode_steps must be >= 1")
-  uncond = ev.get("uncond", "mask")
-  if uncond not in ("mask", "plan_free"):
-    raise StudyError(f"study.eval.uncond: 'mask' or 'plan_free', got {uncond!r}")
-  if uncond == "plan_free" and not float(cfg.data.get("plan_drop_rate", 0.0)) > 0:
+  if ev.uncond not in ("mask", "plan_free"):
+    raise StudyError(f"study.eval.uncond: 'mask' or 'plan_free', got {ev.uncond!r}")
+  if ev.uncond == "plan_free" and not data.plan_drop_rate > 0:
     raise StudyError("study.eval.uncond: 'plan_free' conditions CFG's second branch on an "
                      "empty plan, which a model trained with data.plan_drop_rate = 0 has "
                      "never seen; set data.plan_drop_rate > 0")
+  return run_cfg
 
 
-def _eval_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  ev = cfg.study.eval
+def _eval_settings(study: config_lib.StudyConfig) -> dict[str, Any]:
+  ev = study.eval
   return dict(num_clips=int(ev.num_clips), batch=int(ev.batch), cfg_scale=float(ev.cfg_scale),
               ode_steps=int(ev.ode_steps), times=[float(t) for t in ev.times],
-              seed=int(ev.seed), num_resamples=int(cfg.study.bootstrap_resamples),
-              uncond=str(ev.get("uncond", "mask")))
+              seed=int(ev.seed), num_resamples=int(study.bootstrap_resamples),
+              uncond=str(ev.uncond))
 
 
 def _evaluated(out_dir: str, settings: dict[str, Any], step: int) -> bool:
@@ -121,7 +123,7 @@ def run_arm(cfg: ml_collections.ConfigDict, workdir: str, arm: str, seed: int,
   t0 = time.time()
   trainer.train(acfg, run_dir, log=lambda s: log(f"[{run_name(arm, seed)}] {s}"))
   log(f"[{run_name(arm, seed)}] training stage: {time.time() - t0:.0f}s this call")
-  settings = _eval_settings(cfg)
+  settings = _eval_settings(check_config(cfg).study)
   out_dir = os.path.join(run_dir, "gen_eval")
   step = int(acfg.train.num_steps)
   if _evaluated(out_dir, settings, step):
@@ -150,16 +152,17 @@ def comparison_sheet(cfg: ml_collections.ConfigDict, workdir: str, arms: Sequenc
   """
   from data_pipelines import clip_scores, toy_world as tw
   from tv2tv_jax import generation_eval, run_state
-  ev = cfg.study.eval
-  k = int(cfg.data.toy_world.num_chunks)
+  run_cfg = check_config(cfg)
+  data, ev = run_cfg.data, run_cfg.study.eval
+  k = int(data.toy_world["num_chunks"])
   chunk = min(generation_eval.intervention_chunks(ev.times, k)["chunks"].values())
   clip = tw.generate_clip(generation_eval.FIRST_HELD_OUT_SEED, k)
   runs, clips = [], []
   for arm in arms:
     assets = run_state.load_assets(os.path.join(workdir, "runs", run_name(arm, seed)))
-    gen = generation_eval.ModelGenerator(assets, cfg.data.prompt, cfg_scale=ev.cfg_scale,
+    gen = generation_eval.ModelGenerator(assets, data.prompt, cfg_scale=ev.cfg_scale,
                                          ode_steps=ev.ode_steps, batch=1,
-                                         uncond=_eval_settings(cfg)["uncond"])
+                                         uncond=ev.uncond)
     forced = {} if gen.layout == "t2v" else {chunk: text}
     g = gen.generate([generation_eval.ClipRequest(clip.seed, clip.frames[0], k, forced,
                                                   int(ev.seed))])[0]
@@ -181,9 +184,9 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
   changes no data stage setting can share another study's.
   """
   from data_pipelines import preparation
-  check_config(cfg)
-  arms = list(arms or cfg.study.arms)
-  seeds = [int(s) for s in (seeds if seeds is not None else cfg.study.seeds)]
+  study = check_config(cfg).study
+  arms = list(arms or study.arms)
+  seeds = [int(s) for s in (seeds if seeds is not None else study.seeds)]
   for arm in arms:
     if arm not in LAYOUTS:
       raise StudyError(f"--arms: unknown arm {arm!r}; one of {list(LAYOUTS)}")
@@ -203,7 +206,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str, *,
   with open(os.path.join(data_dir, "stage_vae.json")) as f:
     vae_eval = json.load(f).get("eval", {})
   return study_report.write_report(results_dir, vae_eval=vae_eval,
-                                   num_resamples=int(cfg.study.bootstrap_resamples))
+                                   num_resamples=int(study.bootstrap_resamples))
 
 
 def main(argv):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -47,18 +47,26 @@ class NonFiniteLossError(RuntimeError):
   """Too many consecutive non-finite losses; the last good checkpoint is intact."""
 
 
-def _config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(cfg.to_json_best_effort())
+def _config_dict(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """The config as plain JSON values: what config.json and every checkpoint record."""
+  if hasattr(cfg, "to_json_best_effort"):
+    return json.loads(cfg.to_json_best_effort())
+  return json.loads(json.dumps(dict(cfg), default=str))
 
 
 class Run:
-  """Everything a training or evaluation process builds from one config."""
+  """Everything a training or evaluation process builds from one config.
 
-  def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
-    self.cfg = cfg
-    self.exp = config_lib.experiment_from_config_dict(cfg)  # validates before any compile
-    self.mesh = sharding.make_mesh(sharding.mesh_config(cfg.get("mesh")), devices)
-    self.rules = sharding.rules_from_config(cfg)
+  `cfg`: a `config.RunConfig`, or a raw config (ConfigDict or saved config.json dict)
+  parsed into one, which validates it before any compile. `run.config` is the
+  RunConfig, `run.exp` its Experiment.
+  """
+
+  def __init__(self, cfg: config_lib.RunConfig | ml_collections.ConfigDict, devices=None):
+    self.config = config_lib.as_run_config(cfg)
+    self.exp = self.config.exp
+    self.mesh = sharding.make_mesh(self.config.mesh, devices)
+    self.rules = self.config.sharding_rules
     sharding.check_divisibility(self.exp, self.mesh)
     self.model = TV2TV(self.exp.model)
     self.init_rng, self.step_rng = jax.random.split(jax.random.key(self.exp.train.seed))
@@ -83,7 +91,7 @@ class Run:
                                    self.shardings.params)
 
 
-def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
+def check_workdir(cfg: config_lib.RunConfig, workdir: str | os.PathLike):
   """The run's work directory as an epath.Path, checked before anything is built.
 
   Raises workdirs.WorkdirError naming the flag or field: a scheme other than gs://, a
@@ -92,7 +100,7 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike):
   """
   wd = workdirs.as_path(workdir, "--workdir")
   workdirs.check_reachable(wd, "--workdir")
-  if (cfg.get("data") or {}).get("source") in config_lib.PREPARED_SOURCES:
+  if cfg.data.source in config_lib.PREPARED_SOURCES:
     inputs.data_dir(cfg, wd)
   return wd
 
@@ -101,6 +109,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
           log: Callable[[str], None] = print, devices=None,
           allow_config_change: tuple[str, ...] = ()) -> list[dict[str, float]]:
   """Trains (or resumes) the configured model; returns the records logged by this call.
+
+  `cfg`: the experiment config (ConfigDict or dict): parsed once into a
+  `config.RunConfig`, and recorded as given (config.json, every checkpoint).
 
   `workdir`: a local path or gs:// URI (str or path). `devices` (default: all) are the
   devices the mesh is built on. `allow_config_change`: dotted config fields (or section
@@ -116,12 +127,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
       `run_lock`, is taken before anything is read or written).
     NonFiniteLossError: `train.max_nonfinite_steps` consecutive skipped updates.
   """
-  wd = check_workdir(cfg, workdir)
-  run = Run(cfg, devices)
+  config = config_lib.as_run_config(cfg)  # every field checked first
+  wd = check_workdir(config, workdir)
+  run = Run(config, devices)
   wd.mkdir(parents=True, exist_ok=True)
   lock = _lock_workdir(wd, log)
   try:
-    return _train(run, cfg, wd, log, allow_config_change, lock)
+    return _train(run, _config_dict(cfg), wd, log, allow_config_change, lock)
   finally:
     if lock is not None:
       lock.release()
@@ -147,17 +159,18 @@ def _lock_workdir(wd, log: Callable[[str], None]) -> run_lock.WorkdirLock | None
   return lock
 
 
-def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], None],
+def _train(run: Run, record: dict[str, Any], wd, log: Callable[[str], None],
            allow_config_change: tuple[str, ...], lock: run_lock.WorkdirLock | None
            ) -> list[dict[str, float]]:
-  """`train` once the work directory is locked."""
-  exp, mesh = run.exp, run.mesh
+  """`train` once the work directory is locked; `record`: the config as JSON values,
+  written to config.json and every checkpoint (everything read comes from run.config)."""
+  exp, mesh, cfg = run.exp, run.mesh, run.config
   tc = exp.train
   ckpt = checkpoints.Checkpointer(wd / "checkpoints",
                                   max_to_keep=tc.keep_last, keep_every=tc.keep_every or None,
                                   async_save=tc.async_checkpoints)
   saved = ckpt.saved_config()
-  changes = (resume_check.check_resume(saved[1], _config_dict(cfg), saved[0],
+  changes = (resume_check.check_resume(saved[1], record, saved[0],
                                        allow_config_change) if saved else [])
   data = inputs.make_train_input(exp, cfg, workdir=wd)
   identity, data_dir = inputs.data_identity(exp, cfg, workdir=wd)
@@ -169,7 +182,7 @@ def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], No
   # Only now, with the config and the data checked against the checkpoint, is anything
   # of this start written.
   if jax.process_index() == 0:
-    (wd / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    (wd / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
   logger = metric_logging.MetricLogger(wd, tc.num_steps, log,
                                        start_step=restored.step if restored else 0)
   for line in changes:
@@ -182,7 +195,7 @@ def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], No
   else:
     start = 0
     state, _ = sharding.init_sharded_state(run.model, exp, mesh, run.rules, run.init_rng)
-    if (cfg.get("init") or {}).get("llama_dir"):
+    if cfg.init.llama_dir:
       # Text tower (and optionally the video tower) from a Llama-3 checkpoint; the
       # optimizer state is all zeros, so it need not be rebuilt.
       state = state.replace(params=llama_init.init_from_config(
@@ -276,7 +289,7 @@ def _train(run: Run, cfg: ml_collections.ConfigDict, wd, log: Callable[[str], No
           logger.message(f"not saving a checkpoint at step {done}: its update was skipped "
                          f"(non-finite loss)")
         else:
-          ckpt.save(done, state, data.get_state(), _config_dict(cfg), identity)
+          ckpt.save(done, state, data.get_state(), record, identity)
       if done < tc.num_steps:
         batch = sharding.put_batch(next(data), mesh)
   ckpt.wait()

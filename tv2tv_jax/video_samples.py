@@ -87,7 +87,7 @@ def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.
   latent_shape = tuple(assets.run.exp.model.latent_shape)
   size = assets.video.config.frame_size
   source = "array"
-  if first_frame is None and (assets.run.cfg.get("data") or {}).get("source") in REAL_SOURCES:
+  if first_frame is None and assets.run.config.data.source in REAL_SOURCES:
     first_frame, source = _validation_first_latent(assets, seed)
   elif first_frame is None:
     from data_pipelines import toy_world
