@@ -33,6 +33,7 @@ import ml_collections
 
 from tv2tv_jax import config as config_lib, study_report
 from tv2tv_jax.config import LAYOUTS  # an arm is named by its layout
+from tv2tv_jax.sampling.decoding import UNCOND_BRANCHES  # SamplerConfig.uncond's values
 
 
 class StudyError(ValueError):
@@ -79,8 +80,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> config_lib.RunConfig:
   ev = study.eval
   if ev.num_clips < 1 or ev.batch < 1 or ev.ode_steps < 1:
     raise StudyError("study.eval: num_clips, batch and ode_steps must be >= 1")
-  if ev.uncond not in ("mask", "plan_free"):
-    raise StudyError(f"study.eval.uncond: 'mask' or 'plan_free', got {ev.uncond!r}")
+  if ev.uncond not in UNCOND_BRANCHES:
+    raise StudyError(f"study.eval.uncond: one of {list(UNCOND_BRANCHES)}, got {ev.uncond!r}")
   if ev.uncond == "plan_free" and not data.plan_drop_rate > 0:
     raise StudyError("study.eval.uncond: 'plan_free' conditions CFG's second branch on an "
                      "empty plan, which a model trained with data.plan_drop_rate = 0 has "
