@@ -15,7 +15,7 @@ Run (CPU host, about two minutes):
     # writes benchmarks/results/kernel_memory_aot.json
     ... --cases test --out /some/file.json   # the smaller set tests/test_kernel_tpu_aot.py uses
 
-Also compiles the decode path (`decode.decode_attention`, one 256-token chunk against
+Also compiles the decode path (`kernel_plan.cached_plan`, one 256-token chunk against
 a 13184-slot KV cache). An XLA reference case that does not fit the chip's memory is reported as
 'does not compile' with the compiler's message.
 """
@@ -134,8 +134,10 @@ def compile_case(case: Case, mesh) -> dict:
 
 def compile_decode(mesh, queries: int = 256, cache: int = 13184, heads: int = 24,
                    kv_heads: int = 8, head_dim: int = 128, blocks=(256, 512, 256, 512)) -> dict:
-  """Compiles `decode.decode_attention`: one paper-scale chunk (n = 256) against a KV cache."""
-  from tv2tv_jax.attention import decode
+  """Compiles the sampler's cached attention: one paper-scale chunk (n = 256) of queries
+  against `cache` keys (the KV cache's cache - n slots, then the chunk's own), under the
+  forward-only plan `attention.prepare(..., cached=...)` builds (`kernel_plan.cached_plan`)."""
+  from tv2tv_jax.attention import kernel
   sh = NamedSharding(mesh, P())
   spec = lambda shape, d: jax.ShapeDtypeStruct(shape, d, sharding=sh)
   def meta(length):
@@ -143,11 +145,10 @@ def compile_decode(mesh, queries: int = 256, cache: int = 13184, heads: int = 24
                          spec((1, length), jnp.bool_))
   q = spec((1, queries, heads, head_dim), jnp.bfloat16)
   kv = spec((1, cache, kv_heads, head_dim), jnp.bfloat16)
-  fn = lambda q, k, v, qm, km, qs, ks: decode.decode_attention(
-      q, k, v, qm, km, qs, ks, block_sizes=BlockSizes(*blocks), interpret=False)
+  fn = lambda q, k, v, qm, cm: kernel.plan_attention(
+      q, k, v, kernel.cached_plan(qm, cm, BlockSizes(*blocks)), interpret=False)
   t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(q, kv, kv, meta(queries), meta(cache),
-                               spec((1, queries), jnp.int32), spec((1, cache), jnp.int32)).compile()
+  compiled = jax.jit(fn).lower(q, kv, kv, meta(queries), meta(cache - queries)).compile()
   text = compiled.as_text()
   return dict(name=f"decode-{queries}x{cache}", compiled=True,
               seconds=round(time.perf_counter() - t0, 2), mosaic="tpu_custom_call" in text,

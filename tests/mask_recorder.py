@@ -2,15 +2,14 @@
 
 `CachedBackend._meta` builds each pass's query metadata once, just before the pass runs
 against the cache as it then is; `RecordingBackend` computes row 0's mask there with
-`kv_cache.attention_mask` (the mask of every cached forward) and keeps it.
+`attention.prepare(q_meta, 'xla', cached=...)` (the plan of every cached forward) and keeps it.
 """
 
 from typing import Any
 
 import numpy as np
 
-from tv2tv_jax import sequence
-from tv2tv_jax.sampling import kv_cache
+from tv2tv_jax import attention, sequence
 from tv2tv_jax.sampling.cached_backend import CachedBackend
 
 _KIND = {sequence.TEXT: "text", sequence.NOISY: "noisy", sequence.CLEAN: "clean"}
@@ -30,15 +29,16 @@ class RecordingBackend(CachedBackend):
     super().__init__(*args, **kwargs)
     self.records: list[dict[str, Any]] = []
 
-  def _meta(self, count, width, modality, chunk_id, order0, plan, drops=(False,)):
-    q_meta = super()._meta(count, width, modality, chunk_id, order0, plan, drops)
+  def _meta(self, count, width, modality, chunk_id, at, plan, drops=(False,)):
+    q_meta = super()._meta(count, width, modality, chunk_id, at, plan, drops)
     self._record(_KIND[modality], q_meta)
     return q_meta
 
   def _record(self, kind: str, q_meta) -> None:
     cache = self.cache
     reps = q_meta.segment_ids.shape[0] // cache.batch
-    m = np.asarray(kv_cache.attention_mask(cache.tile(reps) if reps > 1 else cache, q_meta))
+    cache = cache.tile(reps) if reps > 1 else cache
+    m = np.asarray(attention.prepare(q_meta, "xla", cached=cache.meta).mask)
     used = int(self.used[0])
     valid = np.asarray(q_meta.segment_ids[0]) > 0
     q_order = np.asarray(q_meta.order[0])[valid]

@@ -99,7 +99,7 @@ def test_model_with_plan_equals_tables_per_layer(tiny_exp, small_blocks, monkeyp
   params = train_step.create_train_state(TV2TV(exp.model), exp, jax.random.key(0)).params
   (loss, _), grads = _loss_and_grads(exp, params, batch, sample)
   # The former design: no plan, so every layer's `attend` builds its own tables.
-  monkeypatch.setattr(attention, "prepare", lambda meta, impl: None)
+  monkeypatch.setattr(attention, "prepare", lambda meta, impl, cached=None: None)
   (loss_old, _), grads_old = _loss_and_grads(exp, params, batch, sample)
   np.testing.assert_array_equal(np.asarray(loss), np.asarray(loss_old))
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
@@ -158,3 +158,28 @@ def test_sharded_plan_is_split_by_rows_and_equals_tables_per_shard(small_blocks)
   fn = kernel.sharded_splash_attention(mesh)
   out = jax.jit(lambda q, k, v: fn(q, k, v, meta, plan=whole))(q, k, v)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want[0]))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_cached_plan_attends_like_the_cross_mask(impl, small_blocks):
+  """Decoding's plan (`prepare(meta, impl, cached=...)`): the queries of the row's last
+  chunk copy against [the rest of the row as a cache | themselves] get exactly what the
+  dense cross mask of `masks.against_cache` gives, with either implementation."""
+  from tv2tv_jax import masks
+  _, meta = draw_meta(3, "tv2tv", 2, 4, 2, 2, 2, 0.5)
+  b, length = meta.segment_ids.shape
+  lq = 4
+  cached, new = meta.slice(0, length - lq), meta.slice(length - lq, length)
+  q, k, v, _ = qkvo(1, b, lq, length, 4, 2, 8)
+  plan = attention.prepare(new, impl, cached=cached)
+  got = attention.attend(q, k, v, new, impl=impl, plan=plan)
+  k_meta, q_slot, k_slot = masks.against_cache(cached, new)
+  mask = masks.cross_mask(new, k_meta, q_slot, k_slot)
+  # The keys are the row in its own slot order, so this is the row's own mask.
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(masks.dense_mask(meta))[:, -lq:])
+  want = attention.masked_attention(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  if impl == "pallas":
+    assert plan.dkv is None  # forward only: no dk/dv table
+  with pytest.raises(ValueError, match="KV cache needs the plan"):
+    attention.attend(q, k, v, new, impl=impl)

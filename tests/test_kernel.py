@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
 from tv2tv_jax import attention, masks, sequence, synthetic
-from tv2tv_jax.attention import decode, kernel, reference
+from tv2tv_jax.attention import kernel, reference
 from tv2tv_jax.attention.kernel_forward import BlockSizes, default_block_sizes, default_interpret
 from tv2tv_jax.config import LAYOUTS, ModelConfig, SequenceConfig
 
@@ -160,8 +160,12 @@ def test_decode_chunk_against_cache_matches_cross_mask(drop):
   q_slot = jnp.broadcast_to(jnp.asarray(q_idx, jnp.int32), (b, n))
   k_slot = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32), (b, lk))
   q, k, v, _ = qkvo(5, b, n, lk, 4, 2, 16)
-  got = decode.decode_attention(q, k, v, q_meta, meta, q_slot, k_slot,
-                                block_sizes=BlockSizes(8, 32, 8, 32))
+  # The forward-only plan decoding uses (no dk/dv table).
+  kplan = kernel.make_plan(q_meta.fields()._replace(slot=q_slot),
+                           meta.fields()._replace(slot=k_slot), BlockSizes(8, 32, 16, 16),
+                           backward=False)
+  assert kplan.dkv is None
+  got = kernel.plan_attention(q, k, v, kplan)
   mask = masks.cross_mask(q_meta, meta, q_slot, k_slot)
   want = reference.masked_attention(q, k, v, mask)
   assert rel(got, want) < 1e-5

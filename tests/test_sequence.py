@@ -163,3 +163,28 @@ def test_over_long_examples_are_named(tiny_exp):
   many = _example(tiny_exp, num_chunks=seq.max_chunks + 1, first_frame=False)
   with pytest.raises(sequence.ExampleError, match="seq.max_chunks"):
     sequence.layout_example(many, seq, model)
+
+
+def test_cursor_rows_move_independently_and_match_the_layout(tiny_exp):
+  """The cached sampler's per-row cursor: a row that writes nothing does not move; a
+  generated chunk's noisy copy takes n orders at the positions its clean copy shares."""
+  n = tiny_exp.model.tokens_per_chunk
+  c = sequence.Cursor(rows=2)
+  order, pos = c.text(np.array([3, 0]))
+  np.testing.assert_array_equal(order, [0, 0])
+  np.testing.assert_array_equal(c.order, [3, 0])
+  np.testing.assert_array_equal(c.noisy()[0], [3, 0])  # peeking claims nothing
+  np.testing.assert_array_equal(c.order, [3, 0])
+  noisy, clean, pos = c.chunk(n, with_noisy=True, where=np.array([True, False]))
+  np.testing.assert_array_equal(noisy, [3, 0])
+  np.testing.assert_array_equal(clean, [3 + n, n])
+  np.testing.assert_array_equal(pos, [3, 0])
+  np.testing.assert_array_equal(c.order, [3 + 2 * n, 0])
+  np.testing.assert_array_equal(c.pos, [3 + n, 0])
+  # A given first frame has no noisy twin: its clean copy starts at the cursor.
+  _, clean, _ = c.chunk(n, with_noisy=False)
+  np.testing.assert_array_equal(clean, [3 + 2 * n, 0])
+  np.testing.assert_array_equal(c.order, [3 + 3 * n, n])
+  # One example, laid out: the layout's total length is the cursor's final order.
+  laid = sequence.layout_example(_example(tiny_exp, num_chunks=2), tiny_exp.seq, tiny_exp.model)
+  assert laid.length == laid.num_text + n * (laid.num_noisy + laid.num_clean)

@@ -98,6 +98,22 @@ def dense_mask(meta: SeqMeta) -> jax.Array:
   return visible(q, k)
 
 
+def against_cache(cached: SeqMeta, new: SeqMeta) -> tuple[SeqMeta, jax.Array, jax.Array]:
+  """The keys of queries `new` ([B, Lq]) run against a KV cache holding `cached` ([B, C]).
+
+  The keys are [cached | new]: the cache's slots, then the queries' own (a chunk sees
+  itself bidirectionally; text sees itself causally). Slot ids: cache slot s is s,
+  new slot i is C + i, so they never collide (they only decide padding self-edges).
+  Returns (k_meta SeqMeta [B, C + Lq], q_slot i32[B, Lq], k_slot i32[B, C + Lq]).
+  """
+  b, lq = new.segment_ids.shape
+  c = cached.segment_ids.shape[1]
+  k_meta = jax.tree.map(lambda a, n: jnp.concatenate([a, n.astype(a.dtype)], axis=1),
+                        cached, new)
+  k_slot = jnp.broadcast_to(jnp.arange(c + lq, dtype=jnp.int32), (b, c + lq))
+  return k_meta, k_slot[:, c:], k_slot
+
+
 def cross_mask(q_meta: SeqMeta, k_meta: SeqMeta, q_slot: jax.Array,
                k_slot: jax.Array) -> jax.Array:
   """bool[B, Lq, Lk] for queries and keys from different slot sets (e.g. a KV cache).

@@ -24,16 +24,21 @@ from tv2tv_jax.video_unet import VideoDownsampler, VideoUpsampler
 
 
 class MoTLayer(nn.Module):
-  """One Mixture-of-Transformers layer.
+  """One Mixture-of-Transformers layer, for training and for decoding alike.
 
   carry: (x_text [B, T, D], x_video [B, V, D]); meta: SeqMeta of [B, T + V];
-  plan: `attention.prepare(meta, cfg.attention_impl)`, shared by every layer.
-  Returns the updated carry (and None, for nn.scan).
+  plan: `attention.prepare(meta, cfg.attention_impl[, cached=...])`, shared by every layer.
+  cached_kv: None (the row attends to itself), or this layer's KV cache (k, v), each
+    [B, C, Hkv, dh]: the new slots then attend to [cache | themselves] (decoding; either
+    tower's array may be empty, [B, 0, D]).
+  Returns (the updated carry, None) without a cache, (carry, (k, v) [B, T + V, Hkv, dh]
+  of the new slots, RoPE applied, to be written into the cache) with one; nn.scan
+  stacks the second over layers.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, meta: masks.SeqMeta, plan=None):
+  def __call__(self, carry, meta: masks.SeqMeta, plan=None, cached_kv=None):
     x_txt, x_vid = carry
     c = self.cfg
     text, video = layers.TowerLayer(c, name="text"), layers.TowerLayer(c, name="video")
@@ -44,37 +49,57 @@ class MoTLayer(nn.Module):
     k = layers.apply_rope(jnp.concatenate([k_t, k_v], axis=1), meta.positions, c.rope_theta,
                           c.rope_scaling)
     v = jnp.concatenate([v_t, v_v], axis=1)
-    o = attention.attend(q, k, v, meta, impl=c.attention_impl, plan=plan)
+    keys, values = k, v
+    if cached_kv is not None:
+      keys, values = (jnp.concatenate([cached, new.astype(cached.dtype)], axis=1)
+                      for cached, new in zip(cached_kv, (k, v)))
+    o = attention.attend(q, keys, values, meta, impl=c.attention_impl, plan=plan)
     n_txt = x_txt.shape[1]
     x_txt = text.finish(x_txt, o[:, :n_txt])
     x_vid = video.finish(x_vid, o[:, n_txt:])
     x_txt = nn.with_logical_constraint(x_txt, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     x_vid = nn.with_logical_constraint(x_vid, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
-    return (x_txt, x_vid), None
+    return (x_txt, x_vid), (None if cached_kv is None else (k, v))
 
 
 class MoTStack(nn.Module):
   """`num_layers` MoT layers, scanned (stacked params on a leading `layers` axis) or unrolled.
 
-  The attention plan (the kernel's block tables) depends on `meta` only: built here
-  once per forward and broadcast to every layer, not rebuilt in each.
+  The attention plan (the kernel's block tables, or against a cache the decode mask)
+  depends on the metadata only: built here once per forward and broadcast to every
+  layer, not rebuilt in each.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_txt, x_vid, meta):
+  def __call__(self, x_txt, x_vid, meta, cached_kv=None, cached_meta=None):
+    """x_txt [B, T, D], x_vid [B, V, D], meta SeqMeta of [B, T + V].
+
+    Decoding passes the KV cache: cached_kv (k, v), each [Lyr, B, C, Hkv, dh], and
+    cached_meta SeqMeta of [B, C]; the layers then run on the T + V new slots only.
+    Returns (x_txt, x_vid), plus with a cache the new slots' (k, v), each
+    [Lyr, B, T + V, Hkv, dh].
+    """
     c = self.cfg
-    plan = attention.prepare(meta, c.attention_impl)
+    if (cached_kv is None) != (cached_meta is None):
+      raise ValueError("decoding needs both cached_kv and cached_meta")
+    plan = attention.prepare(meta, c.attention_impl, cached=cached_meta)
     layer_cls = nn.remat(MoTLayer, prevent_cse=not c.scan_layers) if c.remat else MoTLayer
     if c.scan_layers:
+      # The cache is scanned over its leading layer axis, as the params are.
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})(c, name="layers")
-      (x_txt, x_vid), _ = stack((x_txt, x_vid), meta, plan)
+      (x_txt, x_vid), new_kv = stack((x_txt, x_vid), meta, plan, cached_kv)
     else:
+      new = []
       for i in range(c.num_layers):
-        (x_txt, x_vid), _ = layer_cls(c, name=f"layer_{i}")((x_txt, x_vid), meta, plan)
-    return x_txt, x_vid
+        layer_kv = None if cached_kv is None else jax.tree.map(lambda a, i=i: a[i], cached_kv)
+        (x_txt, x_vid), kv = layer_cls(c, name=f"layer_{i}")((x_txt, x_vid), meta, plan,
+                                                              layer_kv)
+        new.append(kv)
+      new_kv = None if cached_kv is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+    return (x_txt, x_vid) if cached_kv is None else (x_txt, x_vid, new_kv)
 
 
 class TV2TV(nn.Module):

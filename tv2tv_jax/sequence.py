@@ -144,6 +144,46 @@ class LaidOut:
     return len(self.clean_latent)
 
 
+class Cursor:
+  """Logical order and RoPE position of the next slot: the one rule of both.
+
+  Text takes one order and one position per token. A chunk takes n orders for its
+  noisy copy (a generated chunk only; a given first frame has none) and the next n for
+  its clean copy, both at the same n positions (the **default**: noisy and clean
+  copies share positions). `layout_example` lays an example out with one cursor; the
+  cached sampler keeps one per row (arrays of [B]) and asks it where each write goes,
+  so the two cannot disagree. Every method takes scalars or [B] arrays; a row whose
+  `count` is 0 (or whose `where` is False) writes nothing and does not move.
+  """
+
+  def __init__(self, rows: int | None = None):
+    shape = () if rows is None else (rows,)
+    self.order = np.zeros(shape, np.int64)
+    self.pos = np.zeros(shape, np.int64)
+
+  def text(self, count) -> tuple[np.ndarray, np.ndarray]:
+    """Claims `count` text slots; returns the first one's (order, position)."""
+    at = (self.order.copy(), self.pos.copy())
+    self.order = self.order + count
+    self.pos = self.pos + count
+    return at
+
+  def noisy(self) -> tuple[np.ndarray, np.ndarray]:
+    """(order, position) of the next chunk's noisy copy, without claiming it: the
+    sampler queries that copy at every flow step before the chunk is written."""
+    return self.order.copy(), self.pos.copy()
+
+  def chunk(self, n: int, with_noisy, where=True) -> tuple[np.ndarray, np.ndarray,
+                                                            np.ndarray]:
+    """Claims a chunk of n tokens per copy (a noisy copy when `with_noisy`); returns
+    (noisy copy's first order, clean copy's first order, their first position)."""
+    noisy_order, pos = self.order.copy(), self.pos.copy()
+    clean_order = noisy_order + np.where(with_noisy, n, 0)
+    self.order = np.where(where, clean_order + n, self.order)
+    self.pos = np.where(where, self.pos + n, self.pos)
+    return noisy_order, clean_order, pos
+
+
 def text_token_error(tokens, field: str, seq: SequenceConfig, vocab_size: int) -> str | None:
   """What is wrong with text token ids (`field` names them in the message), or None.
 
@@ -212,29 +252,27 @@ def layout_example(ex: Example, seq: SequenceConfig, model: ModelConfig,
   text = {"tok": [], "order": [], "pos": [], "plan": []}
   noisy = {"latent": [], "order": [], "pos": [], "plan": []}
   clean = {"latent": [], "order": [], "pos": []}
-  cursor = {"order": 0, "pos": 0}
+  cursor = Cursor()
 
   def add_text(tokens, plan):
-    for tok in np.asarray(tokens, np.int32).tolist():
-      text["tok"].append(tok)
-      text["order"].append(cursor["order"])
-      text["pos"].append(cursor["pos"])
-      text["plan"].append(plan)
-      cursor["order"] += 1
-      cursor["pos"] += 1
+    tokens = np.asarray(tokens, np.int32)
+    order, pos = cursor.text(len(tokens))
+    span = np.arange(len(tokens))
+    text["tok"].extend(tokens.tolist())
+    text["order"].extend((order + span).tolist())
+    text["pos"].extend((pos + span).tolist())
+    text["plan"].extend([plan] * len(tokens))
 
   def add_chunk(latent_idx, chunk_no, with_noisy):
+    noisy_order, clean_order, pos = cursor.chunk(n, with_noisy)
     if with_noisy:
       noisy["latent"].append(latent_idx)
-      noisy["order"].append(cursor["order"])
-      noisy["pos"].append(cursor["pos"])
+      noisy["order"].append(int(noisy_order))
+      noisy["pos"].append(int(pos))
       noisy["plan"].append(chunk_no)
-      cursor["order"] += n
     clean["latent"].append(latent_idx)
-    clean["order"].append(cursor["order"])
-    clean["pos"].append(cursor["pos"])  # shared with the noisy twin
-    cursor["order"] += n
-    cursor["pos"] += n
+    clean["order"].append(int(clean_order))
+    clean["pos"].append(int(pos))
 
   add_text(prompt, 0)
   first = int(ex.first_frame)
@@ -280,7 +318,7 @@ def layout_example(ex: Example, seq: SequenceConfig, model: ModelConfig,
       clean_latent=np.asarray(clean["latent"], np.int32),
       clean_order=np.asarray(clean["order"], np.int32),
       clean_pos=np.asarray(clean["pos"], np.int32),
-      latents=np.asarray(ex.latents, np.float32), length=cursor["order"])
+      latents=np.asarray(ex.latents, np.float32), length=int(cursor.order))
   check_fits(out, seq)
   return out
 

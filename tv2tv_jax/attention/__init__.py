@@ -11,32 +11,65 @@ metadata alone can be built once per step: `prepare(meta, impl)` returns that pl
 'pallas' plans its block tables and packed metadata (`kernel_plan.KernelPlan`);
 'xla' has no plan: its dense mask, recomputed per layer, fuses into the logits,
 whereas a precomputed bool[B, L, L] would be materialised and kept live all step.
+
+Decoding runs the same layers on a few new slots against a KV cache:
+`prepare(meta, impl, cached=cache_meta)` plans the new slots' queries against the keys
+[cache | new] (`masks.against_cache`), and `attend` is then called with those keys.
+Both implementations have a cached plan: 'pallas' a forward-only `KernelPlan` of the
+two slot sets (cache blocks a query cannot see are never loaded), 'xla' the small
+dense mask bool[B, Lq, C + Lq] (`CachedMask`), built once for every layer.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.struct
 import jax
 
 from tv2tv_jax import masks
 from tv2tv_jax.attention.reference import masked_attention, reference_attention
 
-_IMPLS = {"xla": reference_attention}
+
+@flax.struct.dataclass
+class CachedMask:
+  """The 'xla' plan of queries against a KV cache: mask bool[B, Lq, C + Lq]."""
+  mask: jax.Array
+
+
+def _xla_attention(q, k, v, meta, plan: CachedMask | None = None):
+  if plan is None:
+    return reference_attention(q, k, v, meta)
+  if not isinstance(plan, CachedMask):
+    raise ValueError(f"attention implementation 'xla' takes no plan but the CachedMask of "
+                     f"`prepare(..., cached=...)`; got {type(plan).__name__}")
+  return masked_attention(q, k, v, plan.mask)
+
+
+def _xla_cached_plan(meta: masks.SeqMeta, cached: masks.SeqMeta) -> CachedMask:
+  return CachedMask(masks.cross_mask(meta, *masks.against_cache(cached, meta)))
+
+
+_IMPLS = {"xla": _xla_attention}
 _PLANNERS: dict[str, Callable[[masks.SeqMeta], Any]] = {}
+_CACHED_PLANNERS: dict[str, Callable[[masks.SeqMeta, masks.SeqMeta], Any]] = {
+    "xla": _xla_cached_plan}
 
 
-def register(name: str, fn, prepare=None) -> None:
+def register(name: str, fn, prepare=None, prepare_cached=None) -> None:
   """Registers an implementation under `name`.
 
-  fn(q, k, v, meta) -> out, and also fn(q, k, v, meta, plan=plan) when `prepare` is
-  given: prepare(meta) -> plan, a pytree of what fn needs from `meta` alone.
+  fn(q, k, v, meta) -> out, and also fn(q, k, v, meta, plan=plan) when a planner is
+  given: prepare(meta) -> plan, a pytree of what fn needs from `meta` alone, for
+  self-attention; prepare_cached(meta, cached) -> plan for queries `meta` against
+  keys [cached | meta] (decoding against a KV cache; see the module docstring).
   """
   _IMPLS[name] = fn
-  if prepare is None:
-    _PLANNERS.pop(name, None)
-  else:
-    _PLANNERS[name] = prepare
+  for table, planner in ((_PLANNERS, prepare), (_CACHED_PLANNERS, prepare_cached)):
+    if planner is None:
+      table.pop(name, None)
+    else:
+      table[name] = planner
 
 
 def _impl(name: str):
@@ -48,37 +81,52 @@ def _impl(name: str):
   return _IMPLS[name]
 
 
-def prepare(meta: masks.SeqMeta, impl: str = "xla") -> Any:
+def prepare(meta: masks.SeqMeta, impl: str = "xla",
+            cached: masks.SeqMeta | None = None) -> Any:
   """The plan `attend(..., impl=impl)` can reuse for every layer of a step, or None.
 
-  meta: per-slot metadata, [B, L] each. The plan is a pytree of batch-leading arrays
-  ([B, ...]), so it can be broadcast through `nn.scan` and shards like `meta`.
+  meta: per-slot metadata of the queries, [B, L] each.
+  cached: None for self-attention over `meta`'s slots; for decoding, the metadata
+    of the KV cache's slots ([B, C]) that precede the queries: keys are then
+    [cached | meta] (`masks.against_cache`). Every implementation plans this case.
+  The plan is a pytree of batch-leading arrays ([B, ...]), so it can be broadcast
+  through `nn.scan` and shards like `meta`.
   """
   _impl(impl)
+  if cached is not None:
+    if impl not in _CACHED_PLANNERS:
+      raise ValueError(f"attention implementation {impl!r} cannot attend to a KV cache")
+    return _CACHED_PLANNERS[impl](meta, cached)
   planner = _PLANNERS.get(impl)
   return None if planner is None else planner(meta)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.SeqMeta,
            impl: str = "xla", plan: Any = None) -> jax.Array:
-  """TV2TV self-attention over packed rows.
+  """TV2TV attention over packed rows, or of new slots against a KV cache.
 
   Args:
-    q: [B, L, H, dh], k: [B, L, Hkv, dh], v: [B, L, Hkv, dh] (RoPE already applied;
-      q is not pre-scaled).
-    meta: per-slot metadata, [B, L] each.
+    q: [B, L, H, dh], k: [B, Lk, Hkv, dh], v: [B, Lk, Hkv, dh] (RoPE already applied;
+      q is not pre-scaled). Lk = L for self-attention; C + L against a cache of C
+      slots (k, v then hold the cache's keys followed by the queries' own).
+    meta: per-slot metadata of the queries, [B, L] each.
     impl: 'xla' or 'pallas'.
     plan: `prepare(meta, impl)`, built once and shared by the layers; None builds
-      whatever the implementation needs here.
+      whatever the implementation needs here (self-attention only: attending to a
+      cache needs `prepare(meta, impl, cached=...)`).
   Returns:
     [B, L, H, dh] in q's dtype.
   """
   fn = _impl(impl)
   if plan is None:
+    if k.shape[1] != q.shape[1]:
+      raise ValueError(f"{k.shape[1]} keys for {q.shape[1]} queries: attending to a KV "
+                       f"cache needs the plan of `prepare(meta, impl, cached=...)`")
     return fn(q, k, v, meta)
-  if impl not in _PLANNERS:
+  if impl not in _PLANNERS and impl not in _CACHED_PLANNERS:
     raise ValueError(f"attention implementation {impl!r} takes no plan")
   return fn(q, k, v, meta, plan=plan)
 
 
-__all__ = ["attend", "masked_attention", "prepare", "reference_attention", "register"]
+__all__ = ["CachedMask", "attend", "masked_attention", "prepare", "reference_attention",
+           "register"]

@@ -35,7 +35,7 @@ from tv2tv_jax.attention.kernel_backward import dkv_call, dq_call
 from tv2tv_jax.attention.kernel_forward import (DEFAULT_BLOCK_SIZES, BlockSizes,
                                                 default_block_sizes, default_interpret,
                                                 forward_call)
-from tv2tv_jax.attention.kernel_plan import KernelPlan, make_plan, self_plan
+from tv2tv_jax.attention.kernel_plan import KernelPlan, cached_plan, make_plan, self_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +232,9 @@ def registered_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.S
   return sharded_splash_attention(mesh)(q, k, v, meta, plan=plan)
 
 
-register("pallas", registered_attention, prepare=registered_plan)
+register("pallas", registered_attention, prepare=registered_plan, prepare_cached=cached_plan)
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "KernelPlan", "attention_from_fields",
-           "default_block_sizes", "make_plan", "plan_attention", "registered_attention",
+           "cached_plan", "default_block_sizes", "make_plan", "plan_attention", "registered_attention",
            "registered_plan", "self_plan", "sharded_self_plan", "sharded_splash_attention",
            "splash_attention"]

@@ -12,6 +12,7 @@ metadata only), so a plan shards over the batch exactly like `SeqMeta`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.struct
@@ -48,17 +49,21 @@ class KernelPlan:
 
 
 def make_plan(q_fields: masks.SlotFields, k_fields: masks.SlotFields,
-              block_sizes: BlockSizes | None = None) -> KernelPlan:
+              block_sizes: BlockSizes | None = None, backward: bool = True) -> KernelPlan:
   """The plan for queries `q_fields` ([B, Lq] each) against keys `k_fields` ([B, Lk] each).
 
   block_sizes: kernel tiles (default: `default_block_sizes()` for the device being
     traced for), clamped to the sequence. Lengths are padded to a common multiple of
     the forward and dk/dv blocks with padding slots (`block_table.pad_fields`).
+  backward: whether the plan will be differentiated; False (decoding) builds no dk/dv
+    table and pads to the forward blocks only.
   Jit-able; the table count (1, or 2 when the dk/dv blocks differ) does not depend
   on how many layers use the plan.
   """
   lq, lk = q_fields.segment.shape[1], k_fields.segment.shape[1]
   bs = (block_sizes or default_block_sizes()).clamp(lq, lk)
+  if not backward:
+    bs = dataclasses.replace(bs, block_q_dkv=bs.block_q, block_kv_dkv=bs.block_kv)
   mq, mk = math.lcm(bs.block_q, bs.block_q_dkv), math.lcm(bs.block_kv, bs.block_kv_dkv)
   qf, kf = bt.pad_fields(q_fields, mq), bt.pad_fields(k_fields, mk)
   t_fwd = bt.block_table(qf, kf, bs.block_q, bs.block_kv)
@@ -73,3 +78,12 @@ def self_plan(meta: masks.SeqMeta, block_sizes: BlockSizes | None = None) -> Ker
   """The plan of self-attention over packed rows: every slot of `meta` ([B, L]) both ways."""
   f = meta.fields()
   return make_plan(f, f, block_sizes)
+
+
+def cached_plan(meta: masks.SeqMeta, cached: masks.SeqMeta,
+                block_sizes: BlockSizes | None = None) -> KernelPlan:
+  """The forward-only plan of queries `meta` ([B, Lq]) against a KV cache's slots
+  `cached` ([B, C]) followed by their own: keys [cached | meta] (`masks.against_cache`)."""
+  k_meta, q_slot, k_slot = masks.against_cache(cached, meta)
+  return make_plan(meta.fields()._replace(slot=q_slot), k_meta.fields()._replace(slot=k_slot),
+                   block_sizes, backward=False)

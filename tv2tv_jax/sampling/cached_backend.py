@@ -45,9 +45,9 @@ _DENOISE = jax.jit(kv_cache.denoise, static_argnums=(0, 7))
 class CachedBackend:
   """Backend over a `kv_cache.KVCache` of `batch` rows (CFG tiles each row to two).
 
-  Per row it keeps the logical-order and RoPE-position cursors of the example being
-  written, mirroring `sequence.layout_example`: a generated chunk's noisy copy
-  takes n orders and its clean copy the next n, both at the same positions.
+  Per row it keeps a `sequence.Cursor`, the one that lays out training examples, for
+  the logical order and RoPE position of each write (a generated chunk's noisy copy
+  takes n orders and its clean copy the next n, both at the same positions).
   capacity: cache slots per row (default `seq.text_len + seq.max_chunks · n`).
 
   Every pass builds its query metadata in `_meta`, once, just before it runs against
@@ -62,9 +62,9 @@ class CachedBackend:
     self.n, self.batch = n, batch
     self.capacity = capacity or exp.seq.text_len + exp.seq.max_chunks * n
     self.cache = kv_cache.init_cache(exp.model, batch, self.capacity)
-    # Host mirrors of the cursors and of cache.length (no device sync to check room).
-    self.order = np.zeros(batch, np.int64)
-    self.pos = np.zeros(batch, np.int64)
+    # Host-side: where each row's next slot goes, and a mirror of cache.length (no
+    # device sync to check room).
+    self.cursor = sequence.Cursor(batch)
     self.used = np.zeros(batch, np.int64)
     self._logits = jnp.zeros((batch, exp.model.vocab_size), jnp.float32)
     self._append_text = functools.partial(_APPEND_TEXT, model)
@@ -80,17 +80,18 @@ class CachedBackend:
   def _clean_id(chunk: int | None) -> int:
     return 1 if chunk is None else 2 * chunk + 3
 
-  def _meta(self, count: np.ndarray, width: int, modality, chunk_id, order0: np.ndarray,
-            plan, drops=(False,)):
+  def _meta(self, count: np.ndarray, width: int, modality, chunk_id, at, plan,
+            drops=(False,)):
     """SeqMeta of [B·r, width] (r = len(drops); row b·r + j is row b with drops[j]):
-    count[b] consecutive slots of row b from logical order order0[b], then padding."""
+    count[b] consecutive slots of row b from at = (order0, pos0) [B] each, then padding."""
+    order0, pos0 = at
     r = len(drops)
     ar = np.arange(width, dtype=np.int64)[None]
     valid = ar < np.asarray(count)[:, None]
     full = lambda v: np.broadcast_to(np.asarray(v, np.int64).reshape(-1, 1),
                                      (self.batch, width))
     cols = dict(segment_ids=valid, modality=np.where(valid, modality, sequence.PAD),
-                chunk_ids=full(chunk_id) * valid, positions=(self.pos[:, None] + ar) * valid,
+                chunk_ids=full(chunk_id) * valid, positions=(np.asarray(pos0)[:, None] + ar) * valid,
                 order=(np.asarray(order0)[:, None] + ar) * valid,
                 plan_ids=full(plan) * valid)
     rep = lambda a: jnp.asarray(np.repeat(np.asarray(a, np.int32), r, axis=0))
@@ -118,12 +119,10 @@ class CachedBackend:
     for b, t in enumerate(tokens):
       if t is not None:
         block[b, :len(t)] = t
-    meta = self._meta(count, width, sequence.TEXT, 0, self.order, plans)
+    meta = self._meta(count, width, sequence.TEXT, 0, self.cursor.text(count), plans)
     self.cache, self._logits = self._append_text(self.params, self.cache, jnp.asarray(block),
                                                  meta, jnp.asarray(count, jnp.int32),
                                                  self._logits)
-    self.order += count
-    self.pos += count
     self.used += count
 
   def logits(self, rows=None) -> jax.Array:
@@ -133,8 +132,8 @@ class CachedBackend:
   def _noisy_meta(self, chunk: int, reps: int) -> masks.SeqMeta:
     drops = (False, True)[:reps]
     count = np.full(self.batch, self.n)
-    return self._meta(count, self.n, sequence.NOISY, self._noisy_id(chunk), self.order,
-                      chunk + 1, drops)
+    return self._meta(count, self.n, sequence.NOISY, self._noisy_id(chunk),
+                      self.cursor.noisy(), chunk + 1, drops)
 
   def velocities(self, x: jax.Array, t: float, chunk: int, reps: int) -> jax.Array:
     """One velocity evaluation: x f32[B, h, w, c] -> f32[B, reps, h, w, c]."""
@@ -160,12 +159,10 @@ class CachedBackend:
     shape = tuple(self.exp.model.latent_shape)
     block = np.stack([np.zeros(shape, np.float32) if l is None else np.asarray(l, np.float32)
                       for l in latents])
-    # A generated chunk's clean copy follows its noisy copy in logical order.
-    order0 = self.order + (0 if chunk is None else self.n)
-    meta = self._meta(count, self.n, sequence.CLEAN, self._clean_id(chunk), order0, 0)
+    _, clean_order, pos = self.cursor.chunk(self.n, with_noisy=chunk is not None,
+                                            where=count > 0)
+    meta = self._meta(count, self.n, sequence.CLEAN, self._clean_id(chunk),
+                      (clean_order, pos), 0)
     self.cache = self._append_clean(self.params, self.cache, jnp.asarray(block), meta,
                                     jnp.asarray(count, jnp.int32))
-    wrote = count > 0
-    self.order = np.where(wrote, order0 + self.n, self.order)
-    self.pos += count
     self.used += count

@@ -1,4 +1,4 @@
-"""The sampler's KV cache and the cached forward pass of a few tokens against it.
+"""The sampler's KV cache, and the model's forward on a few new slots against it.
 
 One cache serves both towers: per layer, keys and values of every *cached* slot
 (text tokens and clean chunk tokens, whichever tower produced them), plus the
@@ -13,17 +13,12 @@ Shapes (B rows, C capacity, Lyr layers, Hkv kv heads, dh head dim):
                                   rule hides them from every real query
   length    i32[B]                slots in use per row (filled from slot 0)
 
-Slot ids for the mask's padding self-edge: cache slot s has id s, the Lq new
-query tokens have ids C .. C + Lq - 1, so ids never collide.
-
-The cached forward (`forward_tokens`) runs ONE tower for all layers on Lq new
-tokens: per layer, `TowerLayer.project`, RoPE at the tokens' positions,
-attention over [cache keys | own keys] under `masks.cross_mask` (XLA
-`masked_attention`, or with `attention_impl='pallas'` the block-sparse
-`attention.decode.decode_attention` kernel on the same metadata), then
-`TowerLayer.finish`. It reads per-layer parameter slices from the model's
-params, so it works for scanned (`params['stack']['layers']`, stacked on a
-leading layer axis) and unrolled (`params['stack']['layer_i']`) models alike.
+There is no second forward pass here. New slots go through the model's own layers
+(`model.MoTStack`, the same `nn.scan` and the same `attention.attend` dispatch as
+training) with the cache passed in: each layer attends from the new slots to
+[its cached keys | their own] under the plan `attention.prepare(q_meta, impl,
+cached=cache.meta)` builds once per forward (`masks.against_cache` decides the key
+set and slot ids), and returns the new slots' keys and values, which `write` appends.
 Everything here is pure: a cache goes in, a new cache comes out.
 """
 
@@ -33,8 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tv2tv_jax import flow, layers, masks
-from tv2tv_jax.attention.reference import masked_attention
+from tv2tv_jax import flow, masks
 from tv2tv_jax.config import ModelConfig
 
 TOWERS = ("text", "video")
@@ -88,73 +82,23 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
                  meta=empty_meta(batch, capacity), length=jnp.zeros((batch,), jnp.int32))
 
 
-def layer_params(params, cfg: ModelConfig) -> list[dict]:
-  """Per-layer parameter dicts {'text': ..., 'video': ...} for scanned or unrolled stacks."""
-  stack = params["stack"]
-  if cfg.scan_layers:
-    # nn.scan stacks every leaf on a leading `layers` axis.
-    return [jax.tree.map(lambda a, i=i: a[i], stack["layers"]) for i in range(cfg.num_layers)]
-  return [stack[f"layer_{i}"] for i in range(cfg.num_layers)]
+def layers_on_new_slots(m, cache: KVCache, x: jax.Array, tower: str,
+                        q_meta: masks.SeqMeta):
+  """Inside `model.apply`: the model's layers on Lq new slots of one tower, against `cache`.
 
-
-def _key_set(cache: KVCache, q_meta: masks.SeqMeta):
-  """(k_meta [B, C + Lq], q_slot i32[B, Lq], k_slot i32[B, C + Lq]) of [cache | new]."""
-  b, lq = q_meta.segment_ids.shape
-  c = cache.capacity
-  q_slot = jnp.broadcast_to(c + jnp.arange(lq, dtype=jnp.int32), (b, lq))
-  k_slot = jnp.broadcast_to(jnp.arange(c + lq, dtype=jnp.int32), (b, c + lq))
-  k_meta = jax.tree.map(lambda a, n: jnp.concatenate([a, n], axis=1), cache.meta, q_meta)
-  return k_meta, q_slot, k_slot
-
-
-def attention_mask(cache: KVCache, q_meta: masks.SeqMeta) -> jax.Array:
-  """bool[Bq, Lq, C + Lq]: what each new query may see among [cache slots | new tokens].
-
-  Bq may be a multiple of the cache's batch only after `KVCache.tile`; here the
-  batches must match. This is the mask of every cached forward (the Pallas path
-  evaluates the same `masks.visible` rule blockwise from the same metadata).
-  """
-  k_meta, q_slot, k_slot = _key_set(cache, q_meta)
-  return masks.cross_mask(q_meta, k_meta, q_slot, k_slot)
-
-
-def forward_tokens(cfg: ModelConfig, params, cache: KVCache, x: jax.Array, tower: str,
-                   q_meta: masks.SeqMeta):
-  """Runs Lq new tokens of one tower through every layer against the cache.
-
-  Args:
-    cfg: the model config; params: the TV2TV params (scanned or unrolled stack).
-    cache: KVCache with the same batch B as x.
-    x: [B, Lq, D] the tokens' embeddings (text embeddings or downsampled chunk tokens).
-    tower: 'text' or 'video' (whose parameters the tokens use in every layer).
-    q_meta: SeqMeta of [B, Lq] (positions for RoPE; mask fields for `attention_mask`).
-  Returns:
-    (x_out [B, Lq, D] after the last layer, k_new [Lyr, B, Lq, Hkv, dh],
-     v_new [Lyr, B, Lq, Hkv, dh]); the cache itself is not modified (see `write`).
+  m: the bound TV2TV module; cache: KVCache with the same batch B as x;
+  x: [B, Lq, D] the slots' embeddings (text embeddings or downsampled chunk tokens);
+  tower: 'text' or 'video' (whose parameters they use in every layer); q_meta: SeqMeta
+  of [B, Lq]. Returns (x_out [B, Lq, D] after the last layer, k_new, v_new
+  [Lyr, B, Lq, Hkv, dh]); the cache itself is not modified (see `write`).
   """
   if tower not in TOWERS:
     raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-  module = layers.TowerLayer(cfg)
-  if cfg.attention_impl == "pallas":
-    # Block-sparse decode kernel: cache blocks it cannot see are never loaded.
-    from tv2tv_jax.attention import decode  # lazy: pulls in Pallas
-    k_meta, q_slot, k_slot = _key_set(cache, q_meta)
-    attend = lambda q, k, v: decode.decode_attention(q, k, v, q_meta, k_meta, q_slot, k_slot)
-  else:
-    mask = attention_mask(cache, q_meta)  # the same for every layer
-    attend = lambda q, k, v: masked_attention(q, k, v, mask)
-  ks, vs = [], []
-  for li, p in enumerate(layer_params(params, cfg)):
-    variables = {"params": p[tower]}
-    q, k, v = module.apply(variables, x, method="project")
-    q = layers.apply_rope(q, q_meta.positions, cfg.rope_theta, cfg.rope_scaling)
-    k = layers.apply_rope(k, q_meta.positions, cfg.rope_theta, cfg.rope_scaling)
-    o = attend(q, jnp.concatenate([cache.k[li], k], axis=1),
-               jnp.concatenate([cache.v[li], v], axis=1))
-    x = module.apply(variables, x, o, method="finish")
-    ks.append(k)
-    vs.append(v)
-  return x, jnp.stack(ks), jnp.stack(vs)
+  x = x.astype(cache.k.dtype)
+  empty = jnp.zeros((x.shape[0], 0, x.shape[2]), x.dtype)
+  x_txt, x_vid = (x, empty) if tower == "text" else (empty, x)
+  x_txt, x_vid, (k_new, v_new) = m.stack(x_txt, x_vid, q_meta, (cache.k, cache.v), cache.meta)
+  return (x_txt if tower == "text" else x_vid), k_new, v_new
 
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, q_meta: masks.SeqMeta,
@@ -193,10 +137,11 @@ def append_text(model, params, cache: KVCache, tokens: jax.Array, q_meta: masks.
 
   Returns (new cache, logits f32[B, N, vocab] of the appended tokens).
   """
-  variables = {"params": params}
-  x = model.apply(variables, tokens, method=lambda m, t: m.embed(t))
-  x, k_new, v_new = forward_tokens(model.cfg, params, cache, x, "text", q_meta)
-  logits = model.apply(variables, x, method=lambda m, h: m.text_logits(h))
+  def forward(m):
+    x, k_new, v_new = layers_on_new_slots(m, cache, m.embed(tokens), "text", q_meta)
+    return m.text_logits(x), k_new, v_new
+
+  logits, k_new, v_new = model.apply({"params": params}, method=forward)
   return write(cache, k_new, v_new, q_meta, count), logits
 
 
@@ -205,10 +150,12 @@ def append_clean(model, params, cache: KVCache, latent: jax.Array, q_meta: masks
   """Appends one clean chunk f32[B, h, w, c] per row (flow time 1; q_meta [B, n];
   count i32[B]: n, or 0 for a row that writes nothing) in one pass."""
   b = latent.shape[0]
-  tokens, _ = model.apply({"params": params}, latent[:, None], jnp.ones((b, 1), jnp.float32),
-                          method=lambda m, l, t: m.encode_chunks(l, t))
-  _, k_new, v_new = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype),
-                                   "video", q_meta)
+
+  def forward(m):
+    tokens, _ = m.encode_chunks(latent[:, None], jnp.ones((b, 1), jnp.float32))
+    return layers_on_new_slots(m, cache, tokens, "video", q_meta)[1:]
+
+  k_new, v_new = model.apply({"params": params}, method=forward)
   return write(cache, k_new, v_new, q_meta, count)
 
 
@@ -229,11 +176,11 @@ def _encode(model, params, x_t: jax.Array, t: jax.Array):
 def _velocity_from_tokens(model, params, cache: KVCache, tokens: jax.Array, skip: jax.Array,
                           t: jax.Array, q_meta: masks.SeqMeta) -> jax.Array:
   """The rest of a noisy velocity, against a cache already tiled to the query batch."""
-  x, _, _ = forward_tokens(model.cfg, params, cache, tokens.astype(cache.k.dtype), "video",
-                           q_meta)
-  vel = model.apply({"params": params}, x, skip, t[:, None],
-                    method=lambda m, h, s, tt: m.chunk_velocity(h, s, tt))
-  return vel[:, 0]
+  def forward(m):
+    x, _, _ = layers_on_new_slots(m, cache, tokens, "video", q_meta)
+    return m.chunk_velocity(x, skip, t[:, None])
+
+  return model.apply({"params": params}, method=forward)[:, 0]
 
 
 def noisy_velocity(model, params, cache: KVCache, x_t: jax.Array, t: jax.Array,

@@ -52,7 +52,7 @@ class RecomputeBackend:
     self.latents: list[np.ndarray] = []  # generated chunks so far
     self.items = 0  # think2v: plan items closed by their EOF
     self.after_clean = False  # the last write was a clean chunk (the next EOF closes it)
-    self.order = 0  # logical order of the next slot
+    self.cursor = sequence.Cursor()
     self.last_text_order = -1
     self._apply = lambda p, kw: _APPLY(model, p, kw)
 
@@ -80,18 +80,17 @@ class RecomputeBackend:
       self._open(plan)
       self.texts[plan - 1].extend(tokens)
     self.after_clean = False
-    self.order += len(tokens)
-    self.last_text_order = self.order - 1
+    self.cursor.text(len(tokens))
+    self.last_text_order = int(self.cursor.order) - 1
 
   def append_chunk(self, latent, chunk) -> None:
     latent = np.asarray(latent, np.float32)
     self.after_clean = True
+    self.cursor.chunk(self.n, with_noisy=chunk is not None)
     if chunk is None:
       self.first_frame = latent
-      self.order += self.n
     else:
       self.latents.append(latent)
-      self.order += 2 * self.n
 
   def _row(self, pending: np.ndarray | None):
     """Lays out prompt, first frame, finished chunks and (if open) the pending chunk."""
