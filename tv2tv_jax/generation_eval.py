@@ -35,6 +35,7 @@ import numpy as np
 from data_pipelines import caption_scores, clip_scores, oracle
 from data_pipelines import toy_world as tw
 from tv2tv_jax import eval_io
+from tv2tv_jax.config import UNCOND_BRANCHES
 # Re-exported: the command's inputs (seed checks, errors) and outputs live in eval_io.
 from tv2tv_jax.eval_io import (FIRST_HELD_OUT_SEED, SHEET_CLIPS,  # noqa: F401
                                TRAINING_SEED_BOUND, EvalError, held_out_seeds,
@@ -129,7 +130,7 @@ class ModelGenerator:
 
   def __init__(self, assets: Any, prompt: str, *, cfg_scale: float, ode_steps: int,
                batch: int, solver: str = "euler", temperature: float = 1.0,
-               max_text_tokens: int = 16, uncond: str = "mask",
+               max_text_tokens: int = 16, uncond: str = UNCOND_BRANCHES[0],
                text_format: caption_scores.TextFormat = caption_scores.ACTION_TEXTS):
     from tv2tv_jax import video_samples
     self.assets, self.batch, self.text_format = assets, batch, text_format
@@ -397,7 +398,7 @@ def run(workdir: str, out_dir: str, *, num_clips: int = 32, batch: int = 8,
         checkpoint: int | None = None, cfg_scale: float = 2.0, ode_steps: int = 16,
         times: Sequence[float] = DEFAULT_TIMES, seed: int = 0,
         first_seed: int = FIRST_HELD_OUT_SEED, num_chunks: int | None = None,
-        num_resamples: int = 2000, num_reference: int = 128, uncond: str = "mask",
+        num_resamples: int = 2000, num_reference: int = 128, uncond: str = UNCOND_BRANCHES[0],
         assets: Any = None) -> list[str]:
   """The command: restores the run, evaluates model and ceiling, writes --out. Returns paths."""
   from tv2tv_jax import run_state
@@ -468,7 +469,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch", 8, "Rows per sampler batch.")
   flags.DEFINE_integer("checkpoint", None, "Step to restore (default: newest).")
   flags.DEFINE_float("cfg_scale", 2.0, "CFG scale (t2v runs always use 1).")
-  flags.DEFINE_enum("uncond", "mask", ["mask", "plan_free"],
+  flags.DEFINE_enum("uncond", UNCOND_BRANCHES[0], list(UNCOND_BRANCHES),
                     "CFG's second branch: the chunk's plan masked out of the same cache, or "
                     "a second cache without any plan (needs data.plan_drop_rate > 0 in "
                     "training; docs/model.md).")

@@ -232,7 +232,8 @@ def registered_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: masks.S
   return sharded_splash_attention(mesh)(q, k, v, meta, plan=plan)
 
 
-register("pallas", registered_attention, prepare=registered_plan, prepare_cached=cached_plan)
+register("pallas", registered_attention, prepare=registered_plan,
+         prepare_cached=cached_plan)
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "KernelPlan", "attention_from_fields",
            "cached_plan", "default_block_sizes", "make_plan", "plan_attention", "registered_attention",

@@ -83,7 +83,8 @@ class CachedBackend:
   def _meta(self, count: np.ndarray, width: int, modality, chunk_id, at, plan,
             drops=(False,)):
     """SeqMeta of [B·r, width] (r = len(drops); row b·r + j is row b with drops[j]):
-    count[b] consecutive slots of row b from at = (order0, pos0) [B] each, then padding."""
+    count[b] consecutive slots of row b from at = (order0, pos0) ([B] each), then
+    padding."""
     order0, pos0 = at
     r = len(drops)
     ar = np.arange(width, dtype=np.int64)[None]

@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tv2tv_jax import sequence
-from tv2tv_jax.config import LAYOUTS, ModelConfig, SequenceConfig
+from tv2tv_jax.config import LAYOUTS, UNCOND_BRANCHES, ModelConfig, SequenceConfig
 
 SOLVERS = ("euler", "heun")
-UNCOND_BRANCHES = ("mask", "plan_free")  # SamplerConfig.uncond
 
 
 class RequestError(ValueError):
@@ -85,7 +84,7 @@ class SamplerConfig:
   sliding_window: bool = False
   layout: str = "tv2tv"
   text_vocab: int | None = None
-  uncond: str = "mask"
+  uncond: str = UNCOND_BRANCHES[0]
 
 
 def check_config(sc: SamplerConfig, model: ModelConfig) -> None:
