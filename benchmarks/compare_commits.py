@@ -14,7 +14,7 @@ checkout's). Every numeric leaf of the written JSON whose dotted path matches on
 `--keys` (shell-style patterns, `*` matching one path part or any list index) is
 collected; the table shows per key the median over rounds for each tree and their
 ratio head / base (time-like keys: < 1 means head is faster). Writes
-benchmarks/results/compare_<script>.json.
+benchmarks/results/compare_<script>_<base>.json.
 
 A key that names a list of timings (e.g. per-chunk times) is summarised by its
 median before the rounds are compared.
@@ -141,7 +141,8 @@ def main(argv=None):
   for r in rows:
     print(f"{r['key']:<{width}}  {r['base']:>14.5g}  {r['head']:>14.5g}  {r['ratio']:9.3f}")
   name = os.path.splitext(os.path.basename(script))[0]
-  path = os.path.join(ROOT, "benchmarks", "results", f"compare_{name}.json")
+  # Named by the base too, so that comparisons against different commits all stay.
+  path = os.path.join(ROOT, "benchmarks", "results", f"compare_{name}_{base_rev}.json")
   with open(path, "w") as f:
     json.dump(dict(script=os.path.relpath(script, ROOT), script_args=args.script_args,
                    base=base_rev, head=head_rev, rounds=args.rounds, keys=patterns, rows=rows),
