@@ -1,6 +1,7 @@
 """The sweep command (tv2tv_jax/sweep.py), its report (tv2tv_jax/sweep_report.py), its
 configs (experiments/toy_sweeps.py) and the data-stage keying it relies on."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,35 +11,35 @@ import pytest
 
 from data_pipelines import preparation
 from experiments import toy_study, toy_sweeps
+from tv2tv_jax import config as config_lib
 from tv2tv_jax import study, sweep, sweep_report
 from tv2tv_jax.config import experiment_from_config_dict
 
 
 def _points(cfg):
-  return {p["name"]: p for p in cfg.sweep.points}
+  return {p.name: p for p in sweep.check_config(cfg).sweep.points}
 
 
 def _keys(cfg, name):
   p = _points(cfg)[name]
   pcfg = sweep.point_config(cfg, p)
-  acfg = study.arm_config(pcfg, p["arm"], 0, "")
-  return sweep.run_key(pcfg, p["arm"]), preparation.stage_settings(acfg)
+  acfg = study.arm_config(pcfg, p.arm, 0, "")
+  return sweep.run_key(pcfg, p.arm), preparation.stage_settings(acfg)
 
 
 def test_sweep_points_are_study_configs_with_their_overrides(tmp_path):
   density, error = toy_sweeps.get_config("density"), toy_sweeps.get_config("error")
   assert list(_points(density)) == ["every1", "every2", "every4", "every8", "every16", "t2v"]
-  assert [p["x"] for p in error.sweep.points] == [0.0, 0.1, 0.3, 0.5]
+  assert [p.x for p in _points(error).values()] == [0.0, 0.1, 0.3, 0.5]
   for cfg in (density, error):
-    sweep.check_config(cfg)
-    for p in cfg.sweep.points:
+    for p in _points(cfg).values():
       pcfg = sweep.point_config(cfg, p)
       assert "sweep" not in pcfg and pcfg.study.eval == toy_study.get_config().study.eval
       tw = pcfg.data.toy_world
-      for path, value in p["overrides"].items():
+      for path, value in p.overrides.items():
         assert tw[path.split(".")[-1]] == value
       assert (tw.caption_mode, tw.caption_placement, tw.num_chunks) == ("sports", "plan", 16)
-      experiment_from_config_dict(study.arm_config(pcfg, p["arm"], 0, str(tmp_path)))
+      experiment_from_config_dict(study.arm_config(pcfg, p.arm, 0, str(tmp_path)))
   # The error sweep's 0% point is the density sweep's every-8 run: one run, one data dir.
   assert _keys(density, "every8") == _keys(error, "every8_wrong0")
   # Captions differ -> their own data stages, but one VAE (it trains on frames only).
@@ -80,9 +81,14 @@ def test_sweep_rows_hold_every_clip_of_a_point(sweep_name, point):
 
 def test_bad_sweeps_name_the_point_and_field():
   cfg = toy_sweeps.get_config("smoke")
-  bad = dict(cfg.sweep.points[0], overrides={"data.toy_world.caption_evry": 2})
+  bad = dataclasses.replace(_points(cfg)["every1"], overrides=config_lib.FrozenMapping(
+      {"data.toy_world.caption_evry": 2}))
   with pytest.raises(sweep.SweepError, match="every1.*caption_evry"):
     sweep.point_config(cfg, bad)
+  cfg.sweep.points = (dict(cfg.sweep.points[0], overides={}),)
+  with pytest.raises(sweep.SweepError, match="overides.*overrides"):
+    sweep.check_config(cfg)
+  cfg = toy_sweeps.get_config("smoke")
   cfg.sweep.points = (cfg.sweep.points[0], cfg.sweep.points[0])
   with pytest.raises(sweep.SweepError, match="distinct names"):
     sweep.check_config(cfg)
@@ -183,7 +189,8 @@ def test_report_pools_conditions_per_clip_and_plots(tmp_path):
       (tmp_path / f"{rec['point']}_s{seed}.json").write_text(json.dumps(rec))
   (tmp_path / "other_s0.json").write_text(json.dumps(dict(_fake_record("a", 0, 1, [1.0],
                                                                        [1.0]), sweep="x")))
-  cfg = {"name": "fake", "points": points, "x_label": "captions per chunk", "x_log": True}
+  cfg = config_lib.sweep_config({"name": "fake", "seeds": (0, 1), "points": points,
+                                 "x_label": "captions per chunk", "x_log": True})
   summary = sweep_report.write_report(str(tmp_path), cfg, num_resamples=100)
   got = {p["name"]: p for p in summary["points"]}
   assert list(got) == ["a", "b", "t"] and got["a"]["seeds"] == [0, 1]

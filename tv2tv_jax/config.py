@@ -357,14 +357,66 @@ def study_config(values: Any) -> StudyConfig | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepPoint:
+  """One point of `sweep.points`: a `name`, its abscissa `x` (None: a reference drawn
+  as a line, e.g. T2V as zero text density), the study `arm` it trains, and `overrides`
+  of the study config ({dotted field: value}; `tv2tv_jax.sweep` applies them)."""
+  name: str
+  arm: str
+  x: float | None = None
+  overrides: FrozenMapping = FrozenMapping()
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """The `sweep` section (`tv2tv_jax.sweep`): its `name`, the `seeds` of every point,
+  the `points`, and how the report draws x (`x_label`, `x_log`)."""
+  name: str
+  seeds: tuple[int, ...]
+  points: tuple[SweepPoint, ...]
+  x_label: str = "x"
+  x_log: bool = False
+
+
+def sweep_config(values: Any) -> SweepConfig | None:
+  """The `sweep` section (None when the config has none): unknown fields raise; point
+  names must be distinct and non-empty, seeds distinct, arms layouts."""
+  if values is None:
+    return None
+  values = plain_dict(values)
+  raw_points = values.get("points") or ()
+  points = []
+  for i, p in enumerate(raw_points):
+    p = plain_dict(p)
+    name = p.get("name")
+    field = f"sweep.points[{name!r}]" if name else f"sweep.points[{i}]"
+    p["overrides"] = FrozenMapping(p.get("overrides") or {})
+    for key in ("name", "arm"):
+      require(key in p, f"{field}.{key}", "is required")
+    point = build_section(SweepPoint, field, p)
+    require(point.arm in LAYOUTS, f"{field}.arm", f"one of {list(LAYOUTS)}, got {point.arm!r}")
+    points.append(point)
+  values["points"] = tuple(points)
+  values["seeds"] = tuple(int(s) for s in values.get("seeds") or ())
+  require("name" in values, "sweep.name", "is required")
+  sweep = build_section(SweepConfig, "sweep", values)
+  names = [p.name for p in sweep.points]
+  require(bool(names) and all(names) and len(set(names)) == len(names), "sweep.points",
+          f"needs named points with distinct names, got {names}")
+  require(bool(sweep.seeds) and len(set(sweep.seeds)) == len(sweep.seeds), "sweep.seeds",
+          f"needs distinct seeds, got {sweep.seeds}")
+  return sweep
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything the code reads from an experiment config, typed and checked.
 
   exp: what is trained (model, sequence, flow, loss, optimiser, training loop); data:
   where batches come from; mesh and sharding_rules: how it is laid out on the devices;
   init: where a fresh run's weights come from; sample: what `main` generates afterwards;
-  study: the study command's arms, seeds and evaluation (None outside a study). The
-  `sweep` section belongs to the sweep command (points of raw overrides).
+  study: the study command's arms, seeds and evaluation (None outside a study); sweep:
+  the sweep command's points and seeds (None outside a sweep).
   """
   exp: Experiment
   data: DataConfig = DataConfig()
@@ -373,10 +425,10 @@ class RunConfig:
   init: InitConfig = InitConfig()
   sample: SampleConfig = SampleConfig()
   study: StudyConfig | None = None
+  sweep: SweepConfig | None = None
 
 
-# Top-level keys an experiment config may hold: RunConfig's sections, plus those the
-# study and sweep commands read themselves.
+# Top-level keys an experiment config may hold: RunConfig's sections.
 SECTIONS = ("model", "seq", "flow", "loss", "optim", "train", "data", "mesh",
             "sharding_rules", "init", "sample", "study", "sweep")
 
@@ -408,7 +460,8 @@ def run_config_from_config_dict(cfg: Mapping[str, Any]) -> RunConfig:
                    sharding_rules=sharding_rules(section("sharding_rules")),
                    init=init_config(section("init")),
                    sample=build_section(SampleConfig, "sample", section("sample")),
-                   study=study_config(section("study")))
+                   study=study_config(section("study")),
+                   sweep=sweep_config(section("sweep")))
 
 
 def as_run_config(cfg: Any) -> RunConfig:

@@ -35,12 +35,13 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
+from tv2tv_jax import config as config_lib
 from tv2tv_jax import study, sweep_report
-from tv2tv_jax.config import LAYOUTS
+from tv2tv_jax.config import SweepConfig, SweepPoint
 
 
 class SweepError(ValueError):
@@ -51,13 +52,15 @@ def _digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def point_config(cfg: ml_collections.ConfigDict,
-                 point: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def point_config(cfg: ml_collections.ConfigDict, point: SweepPoint) -> ml_collections.ConfigDict:
   """The study config of one point: `cfg` without its `sweep` section, each override
-  (a dotted path to a field that exists) set. Raises SweepError naming a bad path."""
+  (a dotted path to a field that exists) set. Raises SweepError naming a bad path.
+
+  A ConfigDict, as the study command takes: the run it trains records it as written, and
+  its run key hashes it (`run_key`)."""
   out = ml_collections.ConfigDict(cfg.to_dict())
   del out["sweep"]
-  for path, value in dict(point.get("overrides") or {}).items():
+  for path, value in point.overrides.items():
     *parents, leaf = path.split(".")
     node = out
     try:
@@ -68,31 +71,27 @@ def point_config(cfg: ml_collections.ConfigDict,
       node[leaf] = value
     except (KeyError, TypeError, AttributeError) as e:
       # Only existing fields: a typo must not train a point that silently ignores it.
-      raise SweepError(f"sweep.points[{point.get('name')!r}].overrides: {path!r} is not a "
+      raise SweepError(f"sweep.points[{point.name!r}].overrides: {path!r} is not a "
                        f"field of the study config ({e})") from e
   return out
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Fails with a message naming the field before anything is built."""
-  sweep = cfg.get("sweep")
+def check_config(cfg: ml_collections.ConfigDict) -> config_lib.RunConfig:
+  """The typed config (its `sweep` section set), every point's study config checked:
+  fails with a message naming the field before anything is built."""
+  try:
+    rc = config_lib.run_config_from_config_dict(cfg)
+  except config_lib.ConfigError as e:
+    raise SweepError(str(e)) from e
+  sweep = rc.sweep
   if sweep is None:
     raise SweepError("sweep: the config has no `sweep` section (experiments/toy_sweeps.py)")
-  points = list(sweep.points)
-  names = [p.get("name") for p in points]
-  if not points or len(set(names)) != len(names) or not all(names):
-    raise SweepError(f"sweep.points: needs named points with distinct names, got {names}")
-  if not sweep.seeds or len(set(sweep.seeds)) != len(sweep.seeds):
-    raise SweepError(f"sweep.seeds: needs distinct seeds, got {tuple(sweep.seeds)}")
-  for p in points:
-    if p.get("arm") not in LAYOUTS:
-      raise SweepError(f"sweep.points[{p['name']!r}].arm: one of {list(LAYOUTS)}, "
-                       f"got {p.get('arm')!r}")
-    pcfg = point_config(cfg, p)
+  for p in sweep.points:
     try:
-      study.check_config(pcfg)
+      study.check_config(point_config(cfg, p))
     except study.StudyError as e:
-      raise SweepError(f"sweep.points[{p['name']!r}]: {e}") from e
+      raise SweepError(f"sweep.points[{p.name!r}]: {e}") from e
+  return rc
 
 
 def run_key(pcfg: ml_collections.ConfigDict, arm: str) -> str:
@@ -147,20 +146,20 @@ def commit_files(paths: Sequence[str], message: str,
   return True
 
 
-def run_point(cfg: ml_collections.ConfigDict, point: Mapping[str, Any], seed: int,
-              workdir: str, results_dir: str, *, vae_from: str | None = None,
+def run_point(cfg: ml_collections.ConfigDict, sweep: SweepConfig, point: SweepPoint,
+              seed: int, workdir: str, results_dir: str, *, vae_from: str | None = None,
               commit: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """One point and seed: data, training, evaluation (`study.run_arm`) and its record,
-  <results_dir>/<point>_s<seed>.json. Returns the record; an existing record with this
-  point's run key is returned as it is."""
-  name, arm = point["name"], point["arm"]
+  """One point and seed of `sweep` (`check_config(cfg)`): data, training, evaluation
+  (`study.run_arm`) and its record, <results_dir>/<point>_s<seed>.json. Returns the
+  record; an existing record with this point's run key is returned as it is."""
+  name, arm = point.name, point.arm
   pcfg = point_config(cfg, point)
   key = run_key(pcfg, arm)
   path = os.path.join(results_dir, f"{name}_s{seed}.json")
   if os.path.exists(path):
     with open(path) as f:
       done = json.load(f)
-    if done.get("run_key") == key and done.get("sweep") == cfg.sweep.name:
+    if done.get("run_key") == key and done.get("sweep") == sweep.name:
       log(f"[{name}_s{seed}] record: cached")
       return done
   tag = lambda s: log(f"[{name}_s{seed}] {s}")
@@ -169,23 +168,23 @@ def run_point(cfg: ml_collections.ConfigDict, point: Mapping[str, Any], seed: in
   point_dir = os.path.join(workdir, "points", key)
   os.makedirs(point_dir, exist_ok=True)
   info_path = os.path.join(point_dir, "point.json")
-  info = {"arm": arm, "overrides": dict(point["overrides"]), "data_dir": data_dir, "uses": []}
+  info = {"arm": arm, "overrides": dict(point.overrides), "data_dir": data_dir, "uses": []}
   if os.path.exists(info_path):
     with open(info_path) as f:
       info["uses"] = json.load(f).get("uses", [])
-  use = f"{cfg.sweep.name}/{name}"
+  use = f"{sweep.name}/{name}"
   if use not in info["uses"]:
     info["uses"].append(use)
     _write_json(info_path, info)
   run = study.run_arm(pcfg, point_dir, arm, seed, None, tag, data_dir=data_dir)
-  record = {"sweep": cfg.sweep.name, "point": name, "x": point["x"],
-            "overrides": dict(point["overrides"]), "run_key": key,
+  record = {"sweep": sweep.name, "point": name, "x": point.x,
+            "overrides": dict(point.overrides), "run_key": key,
             "data_key": os.path.basename(data_dir), **run}
   os.makedirs(results_dir, exist_ok=True)
   _write_json(path, record)
   tag(f"record: {path} ({time.time() - t0:.0f}s this call)")
   if commit:
-    commit_files([path], f"Sweep {cfg.sweep.name}: record {name}_s{seed}", log)
+    commit_files([path], f"Sweep {sweep.name}: record {name}_s{seed}", log)
   return record
 
 
@@ -195,25 +194,26 @@ def run_sweep(cfg: ml_collections.ConfigDict, workdir: str, *,
               commit: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The whole sweep (module docstring), seed-major: a partial sweep has every point of
   its first seeds. `points` / `seeds` select a subset. Returns the report's summary."""
-  check_config(cfg)
-  chosen = [p for p in cfg.sweep.points if points is None or p["name"] in points]
-  unknown = set(points or ()) - {p["name"] for p in cfg.sweep.points}
+  rc = check_config(cfg)
+  sweep = rc.sweep
+  chosen = [p for p in sweep.points if points is None or p.name in points]
+  unknown = set(points or ()) - {p.name for p in sweep.points}
   if unknown:
     raise SweepError(f"--points: no such points {sorted(unknown)}; the sweep has "
-                     f"{[p['name'] for p in cfg.sweep.points]}")
-  seeds = [int(s) for s in (seeds if seeds is not None else cfg.sweep.seeds)]
-  results_dir = results_dir or os.path.join(workdir, "results", cfg.sweep.name)
+                     f"{[p.name for p in sweep.points]}")
+  seeds = [int(s) for s in (seeds if seeds is not None else sweep.seeds)]
+  results_dir = results_dir or os.path.join(workdir, "results", sweep.name)
   for seed in seeds:
     for p in chosen:
-      run_point(cfg, p, seed, workdir, results_dir, vae_from=vae_from, commit=commit, log=log)
-  summary = sweep_report.write_report(results_dir, cfg.sweep,
-                                      int(cfg.study.bootstrap_resamples))
+      run_point(cfg, sweep, p, seed, workdir, results_dir, vae_from=vae_from, commit=commit,
+                log=log)
+  summary = sweep_report.write_report(results_dir, sweep, rc.study.bootstrap_resamples)
   log(f"report: {results_dir}")
   if commit:
     report = [os.path.join(results_dir, n) for n in ("summary.json", sweep_report.TABLE_NAME,
                                                      sweep_report.PLOT_NAME)]
     commit_files([p for p in report if os.path.exists(p)],
-                 f"Sweep {cfg.sweep.name}: report over {len(summary['records'])} records", log)
+                 f"Sweep {sweep.name}: report over {len(summary['records'])} records", log)
   return summary
 
 

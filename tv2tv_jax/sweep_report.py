@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tv2tv_jax import study_report
+from tv2tv_jax.config import SweepConfig, SweepPoint
 
 INTERVENTION_KEYS = ("both", "movement", "fire", "chance_both", "chance_movement", "kept_own")
 FREE_KEYS = ("valid", "agent_present", "track_continuity", "layout_preserved", "consistent")
@@ -64,20 +65,20 @@ def _ceiling(records: Sequence[Mapping[str, Any]], key: str) -> float:
   return float(np.mean(vals)) if vals else float("nan")
 
 
-def summarise_points(records: Sequence[Mapping[str, Any]], points: Sequence[Mapping[str, Any]],
+def summarise_points(records: Sequence[Mapping[str, Any]], points: Sequence[SweepPoint],
                      num_resamples: int = 2000) -> list[dict[str, Any]]:
   """Per point (in `points` order; those without records left out): its name, x, arm,
   seeds, per score `hierarchical_ci` ({mean, lo, hi, seeds, clips}), the ceiling means,
   and the mean final training losses and training seconds."""
   out = []
   for p in points:
-    rs = sorted((r for r in records if r["point"] == p["name"]), key=lambda r: r["seed"])
+    rs = sorted((r for r in records if r["point"] == p.name), key=lambda r: r["seed"])
     if not rs:
       continue
     metrics = {k: study_report.hierarchical_ci([per_clip(r, k) for r in rs], num_resamples)
                for k in FREE_KEYS + INTERVENTION_KEYS}
     out.append({
-        "name": p["name"], "x": p["x"], "arm": p["arm"], "overrides": dict(p["overrides"]),
+        "name": p.name, "x": p.x, "arm": p.arm, "overrides": dict(p.overrides),
         "seeds": [r["seed"] for r in rs], "metrics": metrics,
         "ceiling": {k: _ceiling(rs, k) for k in FREE_KEYS + INTERVENTION_KEYS},
         "final_text_ce": float(np.mean([r["train"]["text_ce"][-1] for r in rs])),
@@ -142,17 +143,16 @@ def plot_sweep(summary: Mapping[str, Any], path: str) -> str:
   return path
 
 
-def write_report(results_dir: str, sweep: Mapping[str, Any],
+def write_report(results_dir: str, sweep: SweepConfig,
                  num_resamples: int = 2000) -> dict[str, Any]:
   """summary.json, table.md and sweep.png in results_dir from the sweep's records there.
 
-  sweep: the config's `sweep` section (name, points, x_label, x_log). Returns the summary.
+  sweep: the config's typed `sweep` section. Returns the summary.
   """
   records = [r for r in study_report.load_records(results_dir)
-             if r.get("sweep") == sweep["name"]]
-  summary = {"sweep": sweep["name"], "x_label": sweep.get("x_label", "x"),
-             "x_log": bool(sweep.get("x_log", False)),
-             "points": summarise_points(records, sweep["points"], num_resamples),
+             if r.get("sweep") == sweep.name]
+  summary = {"sweep": sweep.name, "x_label": sweep.x_label, "x_log": sweep.x_log,
+             "points": summarise_points(records, sweep.points, num_resamples),
              "records": sorted(f"{r['point']}_s{r['seed']}" for r in records)}
   with open(os.path.join(results_dir, study_report.SUMMARY_NAME), "w") as f:
     json.dump(summary, f, indent=1, allow_nan=True)
