@@ -122,6 +122,7 @@ def _tiny_cfg(num_steps):
   return cfg
 
 
+@pytest.mark.slow  # three trainer runs and an evaluation: ~100 s
 def test_resume_on_other_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
   """The identity a run trained on is in its checkpoints; a start that finds other data
   (here: the tokenizer part) is refused, naming it, and leaves config.json as it was."""

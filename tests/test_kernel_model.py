@@ -16,6 +16,7 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+@pytest.mark.slow  # the train step in Pallas interpret mode: ~70 s
 def test_train_step_with_pallas_matches_xla(tiny_exp):
   exp_xla = dataclasses.replace(
       tiny_exp, model=dataclasses.replace(tiny_exp.model, attention_impl="xla"),
@@ -46,7 +47,7 @@ def test_train_step_with_pallas_matches_xla(tiny_exp):
 
 @pytest.mark.slow
 def test_loss_gradients_with_pallas_match_xla(tiny_exp):
-  # Leaf-by-leaf gradients (the default-tier test above sees them only through
+  # Leaf-by-leaf gradients (the test above sees them only through
   # grad_norm and the first AdamW update, which is close to lr * sign(g)).
   from tv2tv_jax import losses
   exp_xla = dataclasses.replace(tiny_exp, flow=dataclasses.replace(tiny_exp.flow,

@@ -68,6 +68,7 @@ def _tiny_cfg(**train):
   return cfg
 
 
+@pytest.mark.slow  # restores and evaluates on three meshes: ~50 s
 def test_restore_onto_other_meshes_gives_identical_eval(tmp_path):
   cfg = _tiny_cfg(num_steps=4)
   cfg.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2, sequence=1))
@@ -95,6 +96,7 @@ def _largest_file(root):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow  # two 8-device trainings: ~50 s
 def test_truncated_newest_checkpoint_falls_back(tmp_path):
   cfg = _tiny_cfg(num_steps=4, save_every=2)
   trainer.train(cfg, str(tmp_path), log=lambda _: None, devices=jax.devices()[:1])
