@@ -86,9 +86,12 @@ class MoTStack(nn.Module):
     plan = attention.prepare(meta, c.attention_impl, cached=cached_meta)
     layer_cls = nn.remat(MoTLayer, prevent_cse=not c.scan_layers) if c.remat else MoTLayer
     if c.scan_layers:
-      # The cache is scanned over its leading layer axis, as the params are.
+      # The cache is scanned over its leading layer axis, as the params are. A decode
+      # step is a few slots per layer, so a loop iteration's overhead is a large part of
+      # it: decoding unrolls the loop (same parameters, same program per layer).
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=c.num_layers,
+                      unroll=1 if cached_kv is None else c.num_layers,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})(c, name="layers")
       (x_txt, x_vid), new_kv = stack((x_txt, x_vid), meta, plan, cached_kv)
     else:
