@@ -99,7 +99,7 @@ def test_model_with_plan_equals_tables_per_layer(tiny_exp, small_blocks, monkeyp
   params = train_step.create_train_state(TV2TV(exp.model), exp, jax.random.key(0)).params
   (loss, _), grads = _loss_and_grads(exp, params, batch, sample)
   # The former design: no plan, so every layer's `attend` builds its own tables.
-  monkeypatch.setattr(attention, "prepare", lambda meta, impl, cached=None: None)
+  monkeypatch.setattr(attention, "prepare", lambda meta, impl, cached=None, regions=None: None)
   (loss_old, _), grads_old = _loss_and_grads(exp, params, batch, sample)
   np.testing.assert_array_equal(np.asarray(loss), np.asarray(loss_old))
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0],

@@ -12,7 +12,8 @@ Two counts, one set of per-layer formulas:
     XLA's `cost_analysis` (`tv2tv_jax.aot`): the remat recompute, and attention as the
     chosen implementation runs it (the flash kernels recompute the scores in their
     backward pass; the kernels' `pl.CostEstimate`s are built from `attention_flops`
-    here, dense over the padded row).
+    here, dense over the padded row; the XLA path skips the noisy-key blocks the
+    layout makes invisible).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from tv2tv_jax import masks
 from tv2tv_jax.config import Experiment
 
 
@@ -32,8 +34,10 @@ from tv2tv_jax.config import Experiment
 # forward s = q k^T, o += p v; the dq kernel recomputes s, then dp = dO v^T, dq += ds k;
 # the dk/dv kernel recomputes s, then dv += p^T dO, dp = dO v^T, dk += ds^T q.
 FLASH_MATMULS = {"forward": 2, "dq": 3, "dkv": 4}
-# The same for the XLA reference attention (attention/reference.py): forward q k^T and
-# p v over the whole [L, L]; backward dp = dO v^T, dv = p^T dO, dq = ds k, dk = ds^T q.
+# The same for the XLA attention (attention/reference.py): forward q k^T and p v over
+# every pair it computes (the model's `region_attention`: all but the pairs
+# `masks.Regions.skipped_count` counts); backward dp = dO v^T, dv = p^T dO, dq = ds k,
+# dk = ds^T q.
 XLA_ATTENTION_MATMULS = {"forward": 2, "backward": 4}
 # Tower matmuls (`_tower_matmuls` keys) a remat'd layer does not recompute. `nn.remat`
 # without a policy (model.py) saves nothing, but the backward pass recomputes only what it
@@ -136,8 +140,9 @@ def executed_step_flops(exp: Experiment, batch_size: int, *, layers: int | None 
     attention_*: 'pallas' as the kernels' `pl.CostEstimate`s count it (dense over the row
       padded to the kernel blocks: the visited block share is only known at run time):
       forward 2 matmuls, backward 3 (dq kernel) + 4 (dk/dv kernel); 'xla' per
-      `XLA_ATTENTION_MATMULS`, dense over the unpadded row; with `model.remat` the
-      forward once more;
+      `XLA_ATTENTION_MATMULS`, over the pairs of the row `region_attention` computes
+      (L² less the noisy-key blocks the layout makes invisible); with `model.remat`
+      the forward once more;
     lm_head, unet: 3x forward (the first conv on data 2x), as in `train_step_flops`.
   Elementwise work (norms, softmax, RoPE, the optimizer) is not counted.
 
@@ -167,7 +172,10 @@ def executed_step_flops(exp: Experiment, batch_size: int, *, layers: int | None 
     counts = dict(forward=FLASH_MATMULS["forward"],
                   backward=FLASH_MATMULS["dq"] + FLASH_MATMULS["dkv"])
   else:
-    lq = lk = seq_len
+    s = exp.seq
+    n = c.tokens_per_chunk
+    skipped = masks.Regions(t_len, s.num_noisy * n, n).skipped_count(seq_len)
+    lq, lk = 1, seq_len * seq_len - skipped  # the computed pairs, as one "row"
     counts = XLA_ATTENTION_MATMULS
   attn = {k: attention_flops(1, c.num_heads, lq, lk, c.head_dim, m) for k, m in counts.items()}
   attn["recompute"] = attn["forward"]  # remat runs the whole attention forward again

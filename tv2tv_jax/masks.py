@@ -26,11 +26,13 @@ same expression.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tv2tv_jax import sequence
 
@@ -124,3 +126,85 @@ def cross_mask(q_meta: SeqMeta, k_meta: SeqMeta, q_slot: jax.Array,
   fq, fk = q_meta.fields()._replace(slot=q_slot), k_meta.fields()._replace(slot=k_slot)
   return visible(SlotFields(*(a[:, :, None] for a in fq)),
                  SlotFields(*(a[:, None, :] for a in fk)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Regions:
+  """The static storage layout of a packed row (`tv2tv_jax.sequence`), in slots:
+
+      [ text T | noisy Kn·n (Kn copies of n) | clean: the rest (K·n) ]
+
+  Python ints, hashable (a static field of a plan, never traced). The layout, not the
+  metadata, tells which key blocks no query can see (`skipped_pairs`); the metadata
+  then decides every pair that is computed.
+  """
+  text: int  # T text slots
+  noisy: int  # Kn·n noisy slots
+  block: int  # n tokens per chunk copy
+
+  @property
+  def noisy_copies(self) -> int:
+    """Kn, the noisy chunk copies of a row."""
+    return self.noisy // self.block
+
+  def check(self, length: int) -> None:
+    """Raises ValueError unless these regions describe a row of `length` slots."""
+    if (min(self.text, self.noisy) < 0 or self.block < 1 or self.noisy % self.block
+        or self.text + self.noisy > length):
+      raise ValueError(f"regions {self} do not describe a row of {length} slots "
+                       f"([text | noisy copies of block | clean])")
+
+  def split(self, x: jax.Array, axis: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(x at [text | clean] slots, x at noisy slots), both along `axis` (the row's L)."""
+    t, e = self.text, self.text + self.noisy
+    take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+    return (jnp.concatenate([take(0, t), take(e, x.shape[axis])], axis=axis), take(t, e))
+
+  def merge(self, kept: jax.Array, noisy: jax.Array, axis: int = 1) -> jax.Array:
+    """Inverse of `split`: back to storage order [text | noisy | clean] along `axis`."""
+    text = jax.lax.slice_in_dim(kept, 0, self.text, axis=axis)
+    clean = jax.lax.slice_in_dim(kept, self.text, kept.shape[axis], axis=axis)
+    return jnp.concatenate([text, noisy, clean], axis=axis)
+
+  def skipped_pairs(self, length: int) -> np.ndarray:
+    """bool[L, L]: the (query, key) pairs region attention never computes: every noisy
+    key, except for the queries of its own n-token copy."""
+    self.check(length)
+    slot = np.arange(length)
+    noisy = (slot >= self.text) & (slot < self.text + self.noisy)
+    copy = np.where(noisy, (slot - self.text) // self.block, -1)
+    return noisy[None, :] & (copy[:, None] != copy[None, :])
+
+  def skipped_count(self, length: int) -> int:
+    """Pairs of `skipped_pairs` in a row of `length` slots: Kn·n·(L − n)."""
+    self.check(length)
+    return self.noisy * (length - self.block)
+
+  def skipped_fraction(self, length: int) -> float:
+    """Share of the L² pairs skipped: Kn·n·(L − n) / L²."""
+    return self.skipped_count(length) / length ** 2
+
+
+def region_fields(meta: SeqMeta, regions: Regions) -> tuple[SlotFields, SlotFields]:
+  """SlotFields of the [text | clean] slots ([B, T + K·n] each) and of the noisy slots
+  ([B, Kn·n] each), with their storage indices (`slot`) kept for padding self-edges."""
+  regions.check(meta.segment_ids.shape[-1])
+  parts = [regions.split(a) for a in meta.fields()]
+  return SlotFields(*(p[0] for p in parts)), SlotFields(*(p[1] for p in parts))
+
+
+def skipped_pairs_visible(meta: SeqMeta, regions: Regions) -> jax.Array:
+  """bool[]: whether `visible` allows any pair of `Regions.skipped_pairs` in any row.
+
+  False on every row the layout builds (why: `reference.region_attention`), which is
+  what makes skipping those pairs exact; evaluated with the rule itself, pair by pair
+  ([B, T + K·n, Kn·n] and [B, Kn·n, Kn·n]), not with a copy of it.
+  """
+  kept, noisy = region_fields(meta, regions)
+  other_to_noisy = visible(SlotFields(*(a[:, :, None] for a in kept)),
+                           SlotFields(*(a[:, None, :] for a in noisy)))
+  copy = jnp.arange(regions.noisy) // regions.block
+  other_copy = copy[:, None] != copy[None, :]
+  noisy_to_noisy = visible(SlotFields(*(a[:, :, None] for a in noisy)),
+                           SlotFields(*(a[:, None, :] for a in noisy))) & other_copy
+  return other_to_noisy.any() | noisy_to_noisy.any()

@@ -27,7 +27,8 @@ class MoTLayer(nn.Module):
   """One Mixture-of-Transformers layer, for training and for decoding alike.
 
   carry: (x_text [B, T, D], x_video [B, V, D]); meta: SeqMeta of [B, T + V];
-  plan: `attention.prepare(meta, cfg.attention_impl[, cached=...])`, shared by every layer.
+  plan: `attention.prepare(meta, cfg.attention_impl[, cached=... | regions=...])`, shared
+    by every layer.
   cached_kv: None (the row attends to itself), or this layer's KV cache (k, v), each
     [B, C, Hkv, dh]: the new slots then attend to [cache | themselves] (decoding; either
     tower's array may be empty, [B, 0, D]).
@@ -65,25 +66,27 @@ class MoTLayer(nn.Module):
 class MoTStack(nn.Module):
   """`num_layers` MoT layers, scanned (stacked params on a leading `layers` axis) or unrolled.
 
-  The attention plan (the kernel's block tables, or against a cache the decode mask)
-  depends on the metadata only: built here once per forward and broadcast to every
-  layer, not rebuilt in each.
+  The attention plan (the kernel's block tables, the 'xla' region sizes, or against a
+  cache the decode mask) depends on the metadata and shapes only: built here once per
+  forward and broadcast to every layer, not rebuilt in each.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_txt, x_vid, meta, cached_kv=None, cached_meta=None):
+  def __call__(self, x_txt, x_vid, meta, cached_kv=None, cached_meta=None, regions=None):
     """x_txt [B, T, D], x_vid [B, V, D], meta SeqMeta of [B, T + V].
 
     Decoding passes the KV cache: cached_kv (k, v), each [Lyr, B, C, Hkv, dh], and
     cached_meta SeqMeta of [B, C]; the layers then run on the T + V new slots only.
+    regions: without a cache, the rows' storage layout (`masks.Regions`), with which
+      'xla' attention skips the key blocks the layout makes invisible; None: dense.
     Returns (x_txt, x_vid), plus with a cache the new slots' (k, v), each
     [Lyr, B, T + V, Hkv, dh].
     """
     c = self.cfg
     if (cached_kv is None) != (cached_meta is None):
       raise ValueError("decoding needs both cached_kv and cached_meta")
-    plan = attention.prepare(meta, c.attention_impl, cached=cached_meta)
+    plan = attention.prepare(meta, c.attention_impl, cached=cached_meta, regions=regions)
     layer_cls = nn.remat(MoTLayer, prevent_cse=not c.scan_layers) if c.remat else MoTLayer
     if c.scan_layers:
       # The cache is scanned over its leading layer axis, as the params are. A decode
@@ -115,11 +118,15 @@ class TV2TV(nn.Module):
     clean_latents: f32[B, K, h, w, c] each clean copy's latent (possibly flipped).
     clean_t: f32[B, K] its time (1 unless flipped).
     meta: SeqMeta of [B, T + 2·K·n].
+  Attention is told the rows' storage regions (T, K·n noisy, n per copy; from these
+  shapes), so 'xla' skips the key blocks no query can see (`reference.region_attention`).
+  `attention_regions=False` runs the dense oracle instead (same result).
   Returns:
     logits: f32[B, T, vocab] for every text slot;
     velocity: f32[B, K, h, w, c] predicted velocity of every noisy copy.
   """
   cfg: ModelConfig
+  attention_regions: bool = True
 
   def setup(self):
     c = self.cfg
@@ -171,6 +178,9 @@ class TV2TV(nn.Module):
     x_txt = nn.with_logical_constraint(x_txt, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     x_vid = nn.with_logical_constraint(tokens.astype(x_txt.dtype),
                                        (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
-    x_txt, x_vid = self.stack(x_txt, x_vid, meta)
-    n_noisy = k * self.cfg.tokens_per_chunk
+    n = self.cfg.tokens_per_chunk
+    regions = (masks.Regions(text=text_tokens.shape[1], noisy=k * n, block=n)
+               if self.attention_regions else None)
+    x_txt, x_vid = self.stack(x_txt, x_vid, meta, regions=regions)
+    n_noisy = k * n
     return self.text_logits(x_txt), self.chunk_velocity(x_vid[:, :n_noisy], skip_noisy, noisy_t)

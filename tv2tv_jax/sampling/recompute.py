@@ -2,8 +2,8 @@
 
 At every query it lays out what has been generated so far with
 `sequence.layout_example`, packs it with `sequence.pack_row` into a row of fixed
-size, and runs `TV2TV.__call__` (the training forward, with the dense mask of
-`masks.dense_mask`) on the whole row. Nothing is cached. It is the reference the
+size, and runs `TV2TV.__call__` (the training forward, under the mask of
+`masks.visible`) on the whole row. Nothing is cached. It is the reference the
 cached sampler is tested against (same tokens, same latents) and the baseline of
 the latency benchmark.
 
