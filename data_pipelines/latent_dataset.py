@@ -99,22 +99,24 @@ class LatentEncoder:
 
 
 def vae_encoder(vae_dir: str) -> LatentEncoder:
-  """The trained VAE in `vae_dir` (`tv2tv_jax.vae.video_tokenizer.save` layout), normalising latents
-  with its latent_stats.json."""
-  from tv2tv_jax import workdirs
-  from tv2tv_jax.vae import model as vae_model, video_tokenizer
-  tok = video_tokenizer.load_tokenizer(vae_dir)
+  """The video tokenizer in `vae_dir` (either layout of `tv2tv_jax.vae.tokenizer_store`: our
+  trained VAE or a converted pretrained one), normalising latents with its
+  latent_stats.json. Its identity (kind and weights hash) goes into meta.json, which is what
+  sampling checks the tokenizer it decodes with against."""
+  from tv2tv_jax.vae import tokenizer_store
+  tok = tokenizer_store.load(vae_dir)
   if tok.stats is None:
     raise ValueError(f"{vae_dir} has no latent_stats.json; normalised latents need it")
-  cfg, stats = tok.config, tok.stats
 
   def apply(params, frames):
-    return vae_model.normalize(vae_model.encode(params, frames, cfg), stats)
+    return dataclasses.replace(tok, params=params).encode(frames, normalized=True)
 
-  params_bytes = (workdirs.as_path(vae_dir) / "params.msgpack").read_bytes()
-  info = {"vae_config": dataclasses.asdict(cfg),
-          "params_sha256": hashlib.sha256(params_bytes).hexdigest()[:16]}
-  return LatentEncoder(lambda frames: tok.encode(frames, normalized=True), stats.to_json(),
+  ident = tokenizer_store.identity(vae_dir)
+  # Our own VAE's entry stays as it was before other kinds existed (no "kind"), so that
+  # the encode plan of latent datasets in progress keeps its hash.
+  info = {"vae_config": dataclasses.asdict(tok.config), "params_sha256": ident["params_sha256"],
+          **({"kind": ident["kind"]} if ident["kind"] != tokenizer_store.OWN else {})}
+  return LatentEncoder(lambda frames: tok.encode(frames, normalized=True), tok.stats.to_json(),
                        os.path.basename(os.path.normpath(vae_dir)), apply, tok.params, info)
 
 

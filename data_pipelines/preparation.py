@@ -8,9 +8,12 @@ each cached and resumable:
   tfds       the TFDS dataset: the toy world's builder (`data.toy_world`), or the CS:GO /
              captioned-video builder (`data.builder_config`) over the raw files in
              `data.manual_dir`
-  vae        the video tokenizer: trained here on toy-world clips (`data.vae`, an
-             `experiments/vae_toy_world.py` config), or copied from a trained VAE
-             directory (`data.vae_dir`) for the other sources
+  vae        the video tokenizer (`data.vae_kind`): our own VAE, trained here on
+             toy-world clips (`data.vae`, an `experiments/vae_toy_world.py` config) or
+             copied from a trained VAE directory (`data.vae_dir`) for the other sources;
+             or a pretrained one ('cosmos', 'wan') converted from the diffusers weights in
+             `data.vae_dir`, with latent statistics of the training clips or published
+             ones (`data.vae_stats`). `tv2tv_jax.vae.tokenizer_store` holds both layouts.
   latents    every split encoded with that VAE (`data_pipelines.latent_dataset`)
   tokenizer  tokenizer.json: copied from `data.tokenizer_path` (e.g. Llama-3's), else a
              character-level BPE trained on the dataset's texts
@@ -80,16 +83,25 @@ def stage_settings(cfg: RunConfig | Any) -> dict[str, dict[str, Any]]:
       # built under the old default recorded no placement and must not pass for a new
       # one. Dense settings stay as they were, so their cached stages stay valid.
       tfds["caption_placement"] = placement
+  else:
+    tfds = {source: {"builder_config": data.builder_config.to_dict(),
+                     "manual_dir": os.path.abspath(data.manual_dir)}}
+  vae_dir = data.vae_dir
+  copied = {"vae_dir": os.path.abspath(vae_dir),
+            "content": _tree_hash(vae_dir) if os.path.isdir(vae_dir) else ""}
+  if data.vae_kind != "own":
+    # The converted weights, and the clips the statistics come from (when they do).
+    vae = {"kind": data.vae_kind, **copied, "stats": data.vae_stats,
+           "tile_latents": data.vae_tile_latents}
+    if data.vae_stats == "data":
+      vae.update(stats_clips=data.vae_stats_clips, tfds=tfds)
+  elif source == "toy_world":
     # The VAE trains on generate_clip seeds of its own config, not on the TFDS splits, so
     # a resized dataset keeps the trained VAE. Its resolved config (latent channels
     # applied) is the setting: a recipe that changed must not reuse the old VAE.
     vae = {"config": vae_config(cfg).to_dict()}
   else:
-    tfds = {source: {"builder_config": data.builder_config.to_dict(),
-                     "manual_dir": os.path.abspath(data.manual_dir)}}
-    vae_dir = data.vae_dir
-    vae = {"vae_dir": os.path.abspath(vae_dir),
-           "content": _tree_hash(vae_dir) if os.path.isdir(vae_dir) else ""}
+    vae = copied
   latents = {"tfds": tfds, "vae": vae}
   tokenizer = {"latents": latents, "vocab_size": int(model.vocab_size),
                "prompt": data.prompt}
@@ -166,17 +178,55 @@ def check_config(cfg: RunConfig | Any) -> None:
   if source not in PREPARED_SOURCES:
     raise config_lib.ConfigError("data.source", f"{source!r} needs no preparation; "
                                  f"preparation knows {PREPARED_SOURCES}")
-  if source == "toy_world":
+  own_toy_vae = source == "toy_world" and data.vae_kind == "own"
+  if own_toy_vae:
     config_lib.check_vae_section(vae_config(cfg), "data.vae")
-    return
-  for field in ("manual_dir", "vae_dir"):
+  for field in ("manual_dir",) * (source != "toy_world") + ("vae_dir",) * (not own_toy_vae):
     if not getattr(data, field) or not os.path.isdir(getattr(data, field)):
-      raise config_lib.ConfigError(f"data.{field}", f"must be an existing folder for "
+      what = ("" if field == "manual_dir" or data.vae_kind == "own" else
+              f" of {data.vae_kind} weights in the diffusers layout")
+      raise config_lib.ConfigError(f"data.{field}", f"must be an existing folder{what} for "
                                    f"data.source={source!r}, got {getattr(data, field)!r}")
+  if data.vae_kind != "own":
+    _check_pretrained(cfg)
+  if source == "toy_world":
+    return
   path = tokenizer_source(cfg)
   if path and not os.path.isfile(path):
     raise config_lib.ConfigError("data.tokenizer_path", f"{path} is not a file (set "
                                  f"data.tokenizer_path, or init.llama_dir holding one)")
+
+
+def _check_pretrained(cfg: RunConfig) -> None:
+  """The pretrained tokenizer's config.json against the run: it must be the kind's
+  diffusers class, give the model's latent channels, and publish statistics when asked
+  to use them. Reads config.json only (the weights are converted by the vae stage)."""
+  from tv2tv_jax.vae import convert, pretrained, tokenizer_store
+  data = cfg.data
+  if data.vae_kind not in pretrained.KINDS:
+    raise config_lib.ConfigError("data.vae_kind", f"{data.vae_kind!r} is not built in this "
+                                 f"version; pretrained tokenizers: {pretrained.KINDS}")
+  class_name = pretrained.class_name(data.vae_kind)
+  try:
+    raw = convert.read_config(data.vae_dir, class_name)
+  except convert.PretrainedVAEError as e:
+    raise config_lib.ConfigError("data.vae_dir", str(e)) from e
+  tok_cfg = pretrained.config_type(data.vae_kind).from_diffusers(raw)
+  if tok_cfg.temporal_compression_ratio != 4:
+    raise config_lib.ConfigError("data.vae_dir", f"holds a {data.vae_kind} tokenizer with "
+                                 f"{tok_cfg.temporal_compression_ratio}x temporal compression; "
+                                 "a TV2TV chunk is 4 frames, one latent frame (use a 4x one, "
+                                 "e.g. Cosmos CV4x8x8)")
+  channels = int(cfg.exp.model.latent_shape[-1])
+  if tok_cfg.latent_channels != channels:
+    raise config_lib.ConfigError("model.latent_shape", f"has {channels} channels, but the "
+                                 f"{data.vae_kind} tokenizer in {data.vae_dir} makes "
+                                 f"{tok_cfg.latent_channels}")
+  if data.vae_stats == "published":
+    try:
+      tokenizer_store.published_stats(data.vae_dir, class_name, channels)
+    except ValueError as e:
+      raise config_lib.ConfigError("data.vae_stats", f"'published': {e}") from e
 
 
 def _done(data_dir: str, stage: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,6 +343,8 @@ def _build(stage: str, data_dir: str, cfg: RunConfig, log: Callable[[str], None]
         manual_dir=data.manual_dir or None))
     return {"splits": {k: v.num_examples for k, v in builder.info.splits.items()}}
   if stage == "vae":
+    if data.vae_kind != "own":
+      return _convert_pretrained(cfg, _builder(cfg, tfds_dir), vae_dir, log)
     if data.source == "toy_world":
       from tv2tv_jax.vae import train as vae_train
       return {"eval": vae_train.train_vae(vae_config(cfg), vae_dir, log=log)["eval"]}
@@ -315,6 +367,52 @@ def _build(stage: str, data_dir: str, cfg: RunConfig, log: Callable[[str], None]
     shutil.copyfile(source, path)
     return {"copied_from": os.path.abspath(source)}
   return {"vocab_size": _train_tokenizer(data_dir, cfg, path)}
+
+
+def _convert_pretrained(cfg: RunConfig, builder, vae_dir: str,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+  """The vae stage for a pretrained tokenizer: converts `data.vae_dir`'s weights, checks
+  the latents it makes of this dataset's frames against model.latent_shape, sets the
+  latent statistics (`data.vae_stats`) and saves it all into vae_dir."""
+  import dataclasses
+
+  import numpy as np
+
+  from data_pipelines import latent_dataset, latent_encode
+  from tv2tv_jax.vae import pretrained, tokenizer_store, video_tokenizer
+  data, model = cfg.data, cfg.exp.model
+  tok = pretrained.load_pretrained_tokenizer(data.vae_kind, data.vae_dir,
+                                             tile_latents=data.vae_tile_latents or None)
+  num_frames = 1 + 4 * latent_encode.builder_num_chunks(builder)
+  frame_shape = builder.info.features["frames"].shape  # (1+4k, H, W, 3)
+  latent_shape = tok.latent_shape(num_frames, *frame_shape[1:3])
+  if tuple(latent_shape[1:]) != tuple(model.latent_shape):
+    raise config_lib.ConfigError("model.latent_shape", f"is {tuple(model.latent_shape)}, but "
+                                 f"the {data.vae_kind} tokenizer makes {latent_shape[1:]} "
+                                 f"latents of this dataset's {frame_shape[1]}x"
+                                 f"{frame_shape[2]} frames")
+  if data.vae_stats == "published":
+    stats = tokenizer_store.published_stats(data.vae_dir, pretrained.class_name(data.vae_kind),
+                                            tok.latent_channels)
+  else:
+    source = builder.as_data_source(split="train")
+    clips = []
+    for i in range(len(source)):
+      if len(clips) == data.vae_stats_clips:
+        break
+      fields, bad = latent_dataset.clip_fields(source[i], num_frames, i)
+      if bad is None:  # a clip the encode would skip is not counted either
+        clips.append(video_tokenizer.to_float(np.asarray(source[i]["frames"])))
+    if not clips:
+      raise ValueError(f"{builder.name}: no training clip of {num_frames} frames to compute "
+                       "the latent statistics from")
+    batches = [np.stack(clips[j:j + 4]) for j in range(0, len(clips), 4)]
+    stats = pretrained.compute_stats(tok, batches)
+    log(f"data stage vae: {data.vae_kind} latent statistics over {len(clips)} training clips")
+  tokenizer_store.save_pretrained(vae_dir, dataclasses.replace(tok, stats=stats),
+                                  source=os.path.abspath(data.vae_dir))
+  return {"kind": data.vae_kind, "converted_from": os.path.abspath(data.vae_dir),
+          "latent_shape": list(latent_shape), "stats": stats.to_json()}
 
 
 def _barrier(name: str, process_count: int) -> None:

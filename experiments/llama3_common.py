@@ -97,9 +97,15 @@ def base(tower: dict) -> ml_collections.ConfigDict:
       # The configs set source ('csgo' / 'captioned_video') and builder_config; the
       # trainer reads the prepared directory data_dir ('' = <workdir>/data), which
       # `python -m tv2tv_jax.prepare` (and `main`, before training) builds from the raw
-      # files in manual_dir, encoding with the VAE in vae_dir (docs/data.md).
+      # files in manual_dir (docs/data.md), encoding with the video tokenizer vae_kind:
+      # the paper's, NVIDIA Cosmos CV4x8x8, converted from its diffusers weights in
+      # vae_dir (docs/vae.md); 'own' copies a VAE trained with tv2tv_jax.vae.train.
+      # Latents are normalised per channel over vae_stats_clips training clips ('data';
+      # 'published' takes config.json's); vae_tile_latents > 0 encodes long clips in
+      # temporal tiles (same latents, less memory).
       # `--config.data.source=synthetic` trains on random latents (benchmarks, AOT).
       source="synthetic", data_dir="", builder_config={}, manual_dir="", vae_dir="",
+      vae_kind="cosmos", vae_stats="data", vae_stats_clips=64, vae_tile_latents=0,
       synthetic_batches=0, max_examples_per_row=1, max_text_len=8,
       prompt="", shuffle_seed=0, num_workers=0,
       # tokenizer.json of the Llama checkpoint; "" means <init.llama_dir>/tokenizer.json

@@ -13,7 +13,9 @@ Variants (the part after the colon):
   default a larger toy-world model for a workstation or one accelerator.
 
 Layout variants compose with a comma: `quick,t2v` or `quick,think2v` train the
-baselines of docs/design.md, section 4 with the same model and code.
+baselines of docs/design.md, section 4 with the same model and code. So do `cosmos` and
+`wan`: `quick,cosmos --config.data.vae_dir=<diffusers weights>` encodes the toy world with
+the pretrained tokenizer instead of training our VAE (docs/vae.md).
 
 `data.source = 'toy_world'` (quick) reads VAE latents of toy-world clips through the
 Grain pipeline (data_pipelines/grain_pipeline.py, docs/pipeline.md); 'synthetic' (the
@@ -129,7 +131,18 @@ def _small(c):
   c.train.update(batch_size=8)
 
 
-_VARIANTS = {"tiny": _tiny, "quick": _quick, "small": _small, "default": lambda c: None}
+def _pretrained(kind: str):
+  def apply(c):
+    """The toy world encoded by a pretrained tokenizer (docs/vae.md) instead of our VAE:
+    its diffusers weights directory goes in `--config.data.vae_dir`; 16 latent channels."""
+    c.data.update(vae_kind=kind, vae_dir="", vae_stats="data", vae_stats_clips=64,
+                  vae_tile_latents=0)
+    c.model.latent_shape = (*c.model.latent_shape[:2], 16)
+  return apply
+
+
+_VARIANTS = {"tiny": _tiny, "quick": _quick, "small": _small, "default": lambda c: None,
+             "cosmos": _pretrained("cosmos"), "wan": _pretrained("wan")}
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:

@@ -18,12 +18,12 @@ the wrong tensor) gives errors of order 1e-1 to 1.
 Needs torch and diffusers (the `reference` extra); skipped cleanly without them.
 """
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import pretrained_vae_checks as checks  # noqa: E402
 from tv2tv_jax.vae import cosmos, pretrained  # noqa: E402
 
 REL_TOL = 1e-5
@@ -47,37 +47,10 @@ def _save_reference(path, seed, **config):
     for name, p in model.named_parameters():
       if ".norm." in name:  # GroupNorm affines: 1 and 0 at init
         p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(path)
-  assert (path / "diffusion_pytorch_model.safetensors").exists()
-  return model
+  return checks.save_reference(model, path)
 
 
-def _rel(ours, ref):
-  return float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
-
-
-def _to_torch(x):  # [B, T, H, W, C] -> [B, C, T, H, W]
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 4, 1, 2, 3)))
-
-
-def _to_flax(x):
-  return x.permute(0, 2, 3, 4, 1).numpy()
-
-
-def _compare(model, tok, lengths, size, batch):
-  """Max relative errors of encode and decode over clips of `lengths` frames."""
-  errors = {}
-  for t in lengths:
-    frames = np.random.default_rng(t).uniform(-1, 1, (batch, t, *size, 3)).astype(np.float32)
-    with torch.no_grad():
-      z_ref = _to_flax(model.encode(_to_torch(frames)).latent_dist.mode())
-      x_ref = _to_flax(model.decode(_to_torch(z_ref)).sample)
-    z = tok.encode(frames)
-    x = tok.decode(z_ref)
-    assert z.shape == z_ref.shape and x.shape == x_ref.shape == frames.shape
-    assert np.abs(z_ref).max() > 0.1 and np.abs(x_ref).max() > 0.1  # not a near-zero comparison
-    errors[t] = (_rel(z, z_ref), _rel(x, x_ref))
-  return errors
+_compare = checks.compare
 
 
 @pytest.mark.parametrize("temporal", [4, 8], ids=["CV4x8x8", "CV8x8x8"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import pretrained_vae_checks as checks
 from tv2tv_jax.config import ConfigError
 from tv2tv_jax.vae import convert, cosmos, pretrained
 
@@ -38,12 +39,7 @@ def _params(cfg, seed=0):
   return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def _frames(t, b=1, h=16, w=24, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (b, t, h, w, 3)), jnp.float32)
-
-
-def _rel(a, b):
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+_frames, _rel = checks.frames, checks.rel
 
 
 def test_haar_is_invertible_and_scaled():

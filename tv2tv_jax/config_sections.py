@@ -36,6 +36,15 @@ class DataConfig:
   builder_config / manual_dir / vae_dir / tokenizer_path: the real sources' TFDS builder
     config, raw files, trained VAE to copy, and tokenizer.json to copy ('' with no
     init.llama_dir: one is trained on the dataset's texts).
+  vae_kind: the video tokenizer, `VAE_KINDS`: 'own' (our VAE: trained on the toy world
+    from `vae`, or copied from `vae_dir` for the other sources), or a pretrained one
+    ('cosmos', 'wan') converted from the diffusers weights directory `vae_dir`, for any
+    source.
+  vae_stats / vae_stats_clips: a pretrained tokenizer's latent statistics: 'data' (per
+    channel over the first `vae_stats_clips` training clips) or 'published' (config.json's
+    latents_mean / latents_std).
+  vae_tile_latents: a pretrained tokenizer encodes and decodes in temporal tiles of this
+    many latent frames (the same latents; bounds memory on long clips); 0 = whole clips.
   prompt ... window: the Grain pipeline's knobs (`grain_pipeline.PipelineConfig`).
   """
   source: str = "synthetic"
@@ -48,6 +57,10 @@ class DataConfig:
   builder_config: FrozenMapping = FrozenMapping()
   manual_dir: str = ""
   vae_dir: str = ""
+  vae_kind: str = "own"
+  vae_stats: str = "data"
+  vae_stats_clips: int = 64
+  vae_tile_latents: int = 0
   tokenizer_path: str = ""
   prompt: str = ""
   shuffle_seed: int = 0
@@ -69,7 +82,13 @@ _DATA_COUNTS = {
     "caption_every": (1, ""),
     "max_open": (1, ""),
     "window": (1, ""),
+    "vae_stats_clips": (1, ""),
+    "vae_tile_latents": (0, " (0: whole clips)"),
 }
+# data.vae_kind: 'own' and the pretrained tokenizers of `tv2tv_jax.vae.pretrained`
+# (test_config checks the two lists agree; the registry imports JAX, this module does not).
+VAE_KINDS = ("own", "cosmos", "wan")
+VAE_STATS = ("data", "published")
 _DATA_RATES = ("wrong_caption_rate", "plan_drop_rate")
 # Fields older configs (and the checkpoints that saved them) hold, read by nothing now:
 # accepted and dropped, so that those runs still load (`data.vae` replaced the first two).
@@ -102,7 +121,11 @@ def data_config(values: Any) -> DataConfig:
     value = getattr(d, name)
     require(isinstance(value, numbers.Real) and 0.0 <= value <= 1.0, f"data.{name}",
             f"must be a rate in [0, 1], got {value!r}")
-  if d.source == "toy_world" and d.vae:
+  require(d.vae_kind in VAE_KINDS, "data.vae_kind",
+          f"one of {VAE_KINDS}, got {d.vae_kind!r}{did_you_mean(d.vae_kind, VAE_KINDS)}")
+  require(d.vae_stats in VAE_STATS, "data.vae_stats",
+          f"one of {VAE_STATS}, got {d.vae_stats!r}")
+  if d.source == "toy_world" and d.vae and d.vae_kind == "own":
     check_vae_section(d.vae, "data.vae")
   return d
 

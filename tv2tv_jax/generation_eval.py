@@ -171,7 +171,7 @@ class ModelGenerator:
         n = len(texts)
         # A generation that ended early (EOS) is padded with black frames (not a palette
         # colour: the oracle reads no agent) and empty texts, so it scores as failing.
-        pad = 1 + a.video.config.temporal_factor * r.num_chunks - len(frames)
+        pad = 1 + a.video.temporal_factor * r.num_chunks - len(frames)
         frames = np.concatenate([frames, np.zeros((pad, *frames.shape[1:]), np.uint8)])
         out.append(Generated(texts + [""] * (r.num_chunks - n), frames, n))
     return out

@@ -114,17 +114,28 @@ def data_dir_of(workdir: str, cfg: Any) -> str:
 
 
 def load_tokenizers(data_dir: str, exp: Any):
-  """(TextTokenizer, VideoTokenizer with stats) of a prepared data dir, checked against `exp`.
+  """(TextTokenizer, video tokenizer with stats) of a prepared data dir, checked against
+  `exp` and against the latents the run trained on.
 
-  Raises GenerateError naming the missing file or the incompatible field.
+  The video tokenizer is whichever `data.vae_kind` prepared (`tokenizer_store.load`: our
+  VAE, or a converted Cosmos / Wan one). It must be the one that encoded the latents
+  (latents/meta.json records its kind and weights hash), and its latents must have the
+  model's `latent_shape` as the latent dataset records it (any frame size); without
+  latents (a run on the synthetic source), as our VAE's config gives it, or the channels
+  of a pretrained one.
+
+  Raises GenerateError naming the missing file or the incompatible field, and
+  tokenizer_store.TokenizerMismatchError when the tokenizer is not the one that encoded
+  the training latents.
   """
   from data_pipelines import tokenizer as tokenizer_lib
   from tv2tv_jax.config import ConfigError
-  from tv2tv_jax.vae import model as vae_model, video_tokenizer
+  from tv2tv_jax.vae import model as vae_model, tokenizer_store
   tok_path = os.path.join(data_dir, "tokenizer.json")
   vae_dir = os.path.join(data_dir, "vae")
-  missing = [p for p in (tok_path, os.path.join(vae_dir, "vae_config.json"),
-                         os.path.join(vae_dir, "params.msgpack")) if not os.path.exists(p)]
+  meta_path = os.path.join(data_dir, "latents", "meta.json")
+  missing = [p for p in (tok_path, os.path.join(vae_dir, tokenizer_store.PARAMS_FILE))
+             if not os.path.exists(p)]
   if missing:
     raise GenerateError(f"--workdir: the run's data directory {data_dir} lacks "
                         f"{', '.join(os.path.relpath(p, data_dir) for p in missing)}; "
@@ -134,7 +145,17 @@ def load_tokenizers(data_dir: str, exp: Any):
     tokenizer_lib.check_compatible(text, exp)
   except ConfigError as e:
     raise GenerateError(f"tokenizer.json does not fit the checkpoint's config: {e}") from e
-  video = video_tokenizer.load_tokenizer(vae_dir)
+  try:
+    video = tokenizer_store.load(vae_dir)
+  except FileNotFoundError as e:
+    raise GenerateError(f"--workdir: {e}") from e
+  # A run on the synthetic source trained on no latents: nothing to match then.
+  meta = {}
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    tokenizer_store.check_matches(vae_dir, meta.get("encoder_info", {}),
+                                  os.path.relpath(meta_path, data_dir))
   if video.stats is None:
     stats_path = os.path.join(data_dir, "latents", "latent_stats.json")
     if not os.path.exists(stats_path):
@@ -143,11 +164,15 @@ def load_tokenizers(data_dir: str, exp: Any):
                           f"normalised latents needs the latent statistics")
     with open(stats_path) as f:
       video = dataclasses.replace(video, stats=vae_model.LatentStats.from_json(json.load(f)))
-  vc = video.config
-  side = vc.frame_size // vc.spatial_factor
-  if (side, side, vc.latent_channels) != tuple(exp.model.latent_shape):
-    raise GenerateError(f"vae/vae_config.json gives latents {(side, side, vc.latent_channels)}, "
-                        f"but model.latent_shape is {tuple(exp.model.latent_shape)}")
+  shape, where = meta.get("latent_shape"), os.path.relpath(meta_path, data_dir)
+  if shape is None and isinstance(video.config, vae_model.VAEConfig):
+    side = video.config.frame_size // video.config.spatial_factor  # our VAE: square frames
+    shape, where = (side, side, video.config.latent_channels), "vae/vae_config.json"
+  if shape is None:
+    shape, where = (*exp.model.latent_shape[:2], video.latent_channels), "vae/"
+  if tuple(shape) != tuple(exp.model.latent_shape):
+    raise GenerateError(f"the video tokenizer's latents ({where}) are {tuple(shape)}, but "
+                        f"model.latent_shape is {tuple(exp.model.latent_shape)}")
   return text, video
 
 def load_assets(workdir: str, checkpoint: int | None = None, devices=None) -> Assets:

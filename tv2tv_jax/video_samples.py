@@ -80,12 +80,14 @@ def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.
 
   first_frame: None (for CS:GO and captioned-video runs the first latent of validation
   clip `seed` (modulo the split's size) of the run's prepared data; else frame 0 of
-  toy-world clip `seed`), a .png / .npy path, or an array: uint8[H, W, 3] frame at the
-  VAE's frame size, or f32[h, w, c] normalised latent.
+  toy-world clip `seed`), a .png / .npy path, or an array: uint8[H, W, 3] frame of the
+  size the latent grid decodes to (h x w times the tokenizer's spatial factor), or
+  f32[h, w, c] normalised latent.
   """
   from tv2tv_jax.vae import video_tokenizer
   latent_shape = tuple(assets.run.exp.model.latent_shape)
-  size = assets.video.config.frame_size
+  # The frame the latent grid decodes to (any aspect ratio).
+  frame_shape = tuple(n * assets.video.spatial_factor for n in latent_shape[:2]) + (3,)
   source = "array"
   if first_frame is None and assets.run.config.data.source in REAL_SOURCES:
     first_frame, source = _validation_first_latent(assets, seed)
@@ -111,9 +113,9 @@ def first_frame_latent(assets: Assets, first_frame: Any, seed: int) -> tuple[np.
     if not np.isfinite(arr).all():
       raise GenerateError(f"--first_frame ({source}): the latent holds NaN or inf")
     return arr.astype(np.float32), source
-  if arr.shape != (size, size, 3):
+  if arr.shape != frame_shape:
     raise GenerateError(f"--first_frame ({source}): shape {arr.shape}; expected a frame "
-                        f"({size}, {size}, 3) or a float latent {latent_shape}")
+                        f"{frame_shape} or a float latent {latent_shape}")
   if arr.dtype != np.uint8:
     raise GenerateError(f"--first_frame ({source}): a frame must be uint8, got {arr.dtype}")
   z = assets.video.encode(video_tokenizer.to_float(arr)[None, None], normalized=True)

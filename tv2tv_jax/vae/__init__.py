@@ -7,7 +7,8 @@ LatentStats, normalize, denormalize. `video_tokenizer`: a trained VAE ready to u
 `python -m tv2tv_jax.vae.train` entry.
 
 Pretrained: `cosmos` (NVIDIA's Cosmos tokenizer as diffusers' AutoencoderKLCosmos builds
-it), `causal3d` (its causal convolution with carried state and the temporal tiling),
+it), `wan` (Wan 2.1's VAE as diffusers' AutoencoderKLWan builds it), `causal3d` (what they
+share: the causal convolution with carried state, the temporal tiling, the config mixin),
 `convert` (diffusers safetensors -> Flax params), `pretrained` (load_pretrained_tokenizer:
 the same encode/decode interface as our VAE's VideoTokenizer).
 """

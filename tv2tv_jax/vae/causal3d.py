@@ -1,5 +1,7 @@
-"""Pieces shared by the pretrained causal video tokenizers (`cosmos.py`): the causal 3-D
-convolution with carried state, a per-frame GroupNorm, and the temporal tiling driver.
+"""Pieces shared by the pretrained causal video tokenizers (`cosmos.py`, `wan.py`): the causal
+3-D convolution with carried state, a per-frame GroupNorm, attention within a frame, the
+temporal tiling driver, the whole-clip / tiled encode and decode, and the config mixin that
+reads a diffusers config.json.
 
 Layout: activations are `f32[B, T, H, W, C]` (channels last); convolution kernels are stored
 as `f32[kt, kh, kw, Cin, Cout]`, the PyTorch `[Cout, Cin, kt, kh, kw]` transposed, so that a
@@ -11,7 +13,8 @@ keeps what it needs from the previous tile. Those layers keep it in the Flax var
 collection `'cache'`:
 
   * when `'cache'` is not mutable (`apply(..., mutable=False)`), a layer sees the whole clip
-    and pads its past with copies of the first frame, exactly as the reference does;
+    and pads its past as the reference does (copies of the first frame for Cosmos, zeros
+    for Wan);
   * when `'cache'` is mutable, a layer that finds no cache entry pads the same way (the
     first tile) and stores the tail of its padded input that the next output window
     starts with; a layer that finds one prepends it instead of the padding.
@@ -23,11 +26,15 @@ every strided layer's windows align (`run_tiles` cuts at latent-frame boundaries
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tv2tv_jax.config import ConfigError
 
 CACHE = "cache"
 Pad2 = tuple[tuple[int, int], tuple[int, int]]
@@ -53,20 +60,23 @@ def first_tile(module: nn.Module, name: str = "started") -> bool:
 
 
 def causal_past(module: nn.Module, x: jax.Array, pad: int, kernel_t: int, stride: int,
-                name: str = "past") -> jax.Array:
-  """x with its past prepended along time: `pad` copies of x[:, 0] at the clip's start,
-  else the frames the previous tile left in the cache.
+                name: str = "past", zeros: bool = False) -> jax.Array:
+  """x with its past prepended along time: `pad` copies of x[:, 0] (or `pad` zero frames)
+  at the clip's start, else the frames the previous tile left in the cache.
 
-  x: [B, T, ...] -> [B, P + T, ...]. In a stream, stores the tail of the result from the
-  first frame that the next window (of `kernel_t` frames, `stride` apart) starts on.
+  x: [B, T, ...] -> [B, P + T, ...] (T may be 0 when `zeros`). In a stream, stores the tail
+  of the result from the first frame that the next window (of `kernel_t` frames, `stride`
+  apart) starts on.
   """
-  def replicate():
+  def start():
+    if zeros:
+      return jnp.zeros((x.shape[0], pad, *x.shape[2:]), x.dtype)
     return jnp.repeat(x[:, :1], pad, axis=1)
   if not streaming(module):
-    return jnp.concatenate([replicate(), x], axis=1) if pad else x
-  past = module.variable(CACHE, name, replicate)
+    return jnp.concatenate([start(), x], axis=1) if pad else x
+  past = module.variable(CACHE, name, start)
   padded = jnp.concatenate([past.value.astype(x.dtype), x], axis=1)
-  n_out = (padded.shape[1] - kernel_t) // stride + 1
+  n_out = max((padded.shape[1] - kernel_t) // stride + 1, 0)
   past.value = padded[:, n_out * stride:]
   return padded
 
@@ -78,9 +88,11 @@ def _as_pad2(pad: int | Pad2) -> Pad2:
 class CausalConv3d(nn.Module):
   """A convolution that reads the present and the past only.
 
-  x: f32[B, T, H, W, Cin] -> f32[B, T', H', W', features], T' = (T + P - kt) // st + 1 with
-  P = `time_pad` (default kt - st) frames of past. Space: zero padding `spatial_pad` (an
-  int for every side, or ((top, bottom), (left, right))), stride `stride[1:]`.
+  x: f32[B, T, H, W, Cin] -> f32[B, T', H', W', features], T' = max((T + P - kt) // st + 1, 0)
+  with P = `time_pad` (default kt - st) frames of past: copies of the first frame, or zeros
+  if `zero_past`. Space: zero padding `spatial_pad` (an int for every side, or ((top,
+  bottom), (left, right))), stride `stride[1:]`. T' may be 0 (Wan's first frame skips its
+  temporal resamplers, whose convs still run so that params and cache exist).
 
   The kernel `f32[kt, kh, kw, Cin, Cout]` runs as one 2-D convolution over B*T' images
   with the kt time-shifted inputs stacked on channels (1x1 in space: one matmul), which
@@ -91,6 +103,7 @@ class CausalConv3d(nn.Module):
   stride: tuple[int, int, int] = (1, 1, 1)
   spatial_pad: int | Pad2 = 0
   time_pad: int | None = None
+  zero_past: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,13 +117,13 @@ class CausalConv3d(nn.Module):
     x = x.astype(self.dtype)
     pad_t = kt - st if self.time_pad is None else self.time_pad
     if kt > 1 or pad_t:
-      x = causal_past(self, x, pad_t, kt, st)
+      x = causal_past(self, x, pad_t, kt, st, zeros=self.zero_past)
     (pt, pb), (pl, pr) = _as_pad2(self.spatial_pad)
     if pt or pb or pl or pr:
       x = jnp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr), (0, 0)))
-    n_out = (x.shape[1] - kt) // st + 1
+    n_out = max((x.shape[1] - kt) // st + 1, 0)
     # Channel block i holds input time st*t + i for output time t.
-    x = jnp.concatenate([x[:, i:i + st * (n_out - 1) + 1:st] for i in range(kt)], axis=-1)
+    x = jnp.concatenate([x[:, i:][:, :st * n_out:st] for i in range(kt)], axis=-1)
     w = w.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * cin, self.features)
     bsz, t, h, wd, c = x.shape
     if (kh, kw, sh, sw) == (1, 1, 1, 1):
@@ -142,6 +155,16 @@ class FrameGroupNorm(nn.Module):
     var = jnp.square(xf - mean).mean(axis=(2, 3, 5), keepdims=True)
     y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
     return (y * scale + bias).astype(x.dtype)
+
+
+def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Single-head softmax attention among the H*W pixels of each frame (scale 1/sqrt(C);
+  logits and softmax in float32). q, k, v: [B, T, H, W, C] -> [B, T, H, W, C], v's dtype."""
+  b, t, h, w, c = q.shape
+  q, k, v = (a.reshape(b, t, h * w, c) for a in (q, k, v))
+  logits = jnp.einsum("btqc,btkc->btqk", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits * (1.0 / math.sqrt(c)), axis=-1).astype(v.dtype)
+  return jnp.einsum("btqk,btkc->btqc", probs, v).reshape(b, t, h, w, c)
 
 
 # --------------------------------------------------------------------------- tiling
@@ -187,3 +210,110 @@ def run_tiles(fn: TileFn, x: jax.Array, lengths: Sequence[int]) -> jax.Array:
     out, cache = fn(x[:, starts[-1]:], cache)
     outs.append(out)
   return jnp.concatenate(outs, axis=1)
+
+
+# --------------------------------------------------------------------------- whole clips
+
+def init_params(model: nn.Module, in_channels: int, spatial: int, rng: jax.Array) -> Any:
+  """Random params of a tokenizer `model` (they depend on neither the frame size nor the
+  clip length, so one frame of spatial x spatial pixels initialises them). Drawn from an
+  'rbg' key derived from `rng`: XLA:CPU compiles threefry sampling for a tree this size
+  far more slowly (see `model.init_params`). Call it under `jax.jit`."""
+  x = jnp.zeros((1, 1, spatial, spatial, in_channels))
+  rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+  return model.init(rbg, x)["params"]
+
+
+def num_latents(num_frames: int, temporal: int) -> int:
+  """1 + k for 1 + temporal * k frames; ValueError otherwise."""
+  k, rem = divmod(num_frames - 1, temporal)
+  if num_frames < 1 or rem:
+    raise ValueError(f"{num_frames} frames is not 1 + {temporal}k")
+  return 1 + k
+
+
+def check_frames(shape: tuple[int, ...], temporal: int, spatial: int) -> None:
+  """ValueError unless frames of `shape` [B, T, H, W, C] have T = 1 + temporal * k and H, W
+  multiples of `spatial`."""
+  num_latents(shape[1], temporal)
+  if shape[2] % spatial or shape[3] % spatial:
+    raise ValueError(f"frame size {shape[2]}x{shape[3]} is not a multiple of the spatial "
+                     f"compression ratio {spatial}")
+
+
+def _apply(model: nn.Module, params: Any, x: jax.Array, method: str,
+           tile_latents: int | None, first_len: int, rest_len: int) -> jax.Array:
+  """`model.<method>(x)` on the whole clip, or streamed in tiles of `first_len`, then
+  `rest_len` time steps (`run_tiles`) when `tile_latents` is set."""
+  if tile_latents is None:
+    return model.apply({"params": params}, x, method=method)
+  if tile_latents < 1:
+    raise ValueError(f"tile_latents must be >= 1, got {tile_latents}")
+
+  def tile(chunk, cache):
+    variables = {"params": params} if cache is None else {"params": params, CACHE: cache}
+    out, state = model.apply(variables, chunk, method=method, mutable=[CACHE])
+    return out, state[CACHE]
+
+  return run_tiles(tile, x, tile_lengths(x.shape[1], first_len, rest_len))
+
+
+def encode_clip(model: nn.Module, params: Any, frames: jax.Array, temporal: int,
+                tile_latents: int | None = None) -> jax.Array:
+  """`model.encode` of a clip: f32[B, 1 + tk, H, W, C] -> latents f32[B, 1 + k, ...]
+  (t = `temporal`), whole, or in tiles of `tile_latents` = m latent frames: 1 + t(m-1)
+  frames, then t m frames each (the tiles every causal layer's windows align with)."""
+  m = tile_latents or 1
+  return _apply(model, params, frames, "encode", tile_latents, 1 + temporal * (m - 1),
+                temporal * m)
+
+
+def decode_clip(model: nn.Module, params: Any, latents: jax.Array,
+                tile_latents: int | None = None) -> jax.Array:
+  """`model.decode` of latents f32[B, 1 + k, ...] -> frames f32[B, 1 + tk, ...], whole or
+  in tiles of `tile_latents` latent frames."""
+  m = tile_latents or 1
+  return _apply(model, params, latents, "decode", tile_latents, m, m)
+
+
+# --------------------------------------------------------------------------- configs
+
+class DiffusersConfig:
+  """Mixin of the frozen config dataclasses of the pretrained tokenizers: `num_latents`,
+  `from_diffusers` (a diffusers config.json dict -> config), and ConfigError naming
+  `<prefix>.<field>`. A subclass sets `prefix`, `class_name` and `ignored_keys` (config.json
+  keys that describe weights or pipelines, not the network), and has the properties
+  `temporal_compression_ratio` and `spatial_compression_ratio` (fields or derived)."""
+  prefix: ClassVar[str] = ""
+  class_name: ClassVar[str] = ""
+  ignored_keys: ClassVar[tuple[str, ...]] = ()
+  DTYPES: ClassVar[tuple[str, ...]] = ("float32", "bfloat16")
+
+  def require(self, cond: bool, name: str, message: str) -> None:
+    """ConfigError naming `<prefix>.<name>` unless `cond`."""
+    if not cond:
+      raise ConfigError(f"{self.prefix}.{name}", message)
+
+  def check_dtype(self) -> None:
+    dtype = getattr(self, "dtype")
+    self.require(dtype in self.DTYPES, "dtype", f"float32 or bfloat16, got {dtype!r}")
+
+  def num_latents(self, num_frames: int) -> int:
+    """1 + k for 1 + temporal_compression_ratio * k frames; ValueError otherwise."""
+    return num_latents(num_frames, getattr(self, "temporal_compression_ratio"))
+
+  @classmethod
+  def from_diffusers(cls, values: Mapping[str, Any], **overrides):
+    """From a diffusers config.json dict (keys starting with '_', and `ignored_keys`, are
+    ignored; lists become tuples); any other unknown key raises ConfigError naming it.
+    `overrides`: fields config.json does not hold (e.g. dtype='bfloat16')."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kept = {}
+    for key, value in dict(values).items():
+      if key.startswith("_") or key in cls.ignored_keys:
+        continue
+      if key not in names:
+        raise ConfigError(f"{cls.prefix}.{key}", f"unknown {cls.class_name} field; known: "
+                          f"{sorted(names - {'dtype'})}")
+      kept[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**{**kept, **overrides})

@@ -31,28 +31,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tv2tv_jax.config import ConfigError
 from tv2tv_jax.vae import causal3d
 from tv2tv_jax.vae.causal3d import CACHE, CausalConv3d, FrameGroupNorm
 
 PATCH_TYPES = ("haar", "rearrange")
-# diffusers config.json keys that describe weights or pipelines, not the network.
-_IGNORED_KEYS = ("scaling_factor", "latents_mean", "latents_std")
 
 
 @dataclasses.dataclass(frozen=True)
-class CosmosConfig:
+class CosmosConfig(causal3d.DiffusersConfig):
   """diffusers `AutoencoderKLCosmos` config (field names and defaults as there) + `dtype`.
 
   Validated on construction: a bad field raises ConfigError naming `cosmos.<field>`.
   """
+  prefix = "cosmos"
+  class_name = "AutoencoderKLCosmos"
+  # config.json keys that describe weights or pipelines, not the network.
+  ignored_keys = ("scaling_factor", "latents_mean", "latents_std")
+
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 16
@@ -68,9 +70,7 @@ class CosmosConfig:
   dtype: str = "float32"  # activations of the convolutions; params, norms, softmax stay f32
 
   def __post_init__(self):
-    def require(cond, name, message):
-      if not cond:
-        raise ConfigError(f"cosmos.{name}", message)
+    require = self.require
     def pow2(v):
       return v >= 1 and v & (v - 1) == 0
     require(self.patch_type in PATCH_TYPES, "patch_type", f"one of {PATCH_TYPES}, got "
@@ -85,8 +85,7 @@ class CosmosConfig:
       require(len(widths) >= 2, name, f"needs at least 2 widths, got {widths}")
       require(len(widths) - 2 >= max(self.num_spatial_layers, self.num_temporal_layers), name,
               f"{len(widths) - 2} resampling blocks cannot reach the compression ratios")
-    require(self.dtype in ("float32", "bfloat16"), "dtype", f"float32 or bfloat16, got "
-            f"{self.dtype!r}")
+    self.check_dtype()
 
   @property
   def num_spatial_layers(self) -> int:
@@ -95,28 +94,6 @@ class CosmosConfig:
   @property
   def num_temporal_layers(self) -> int:
     return int(math.log2(self.temporal_compression_ratio)) - int(math.log2(self.patch_size))
-
-  def num_latents(self, num_frames: int) -> int:
-    """1 + k for 1 + temporal_compression_ratio * k frames; ValueError otherwise."""
-    k, rem = divmod(num_frames - 1, self.temporal_compression_ratio)
-    if num_frames < 1 or rem:
-      raise ValueError(f"{num_frames} frames is not 1 + {self.temporal_compression_ratio}k")
-    return 1 + k
-
-  @classmethod
-  def from_diffusers(cls, values: Mapping[str, Any], **overrides) -> "CosmosConfig":
-    """From a diffusers config.json dict (keys starting with '_', and the latent statistics,
-    are ignored); any other unknown key raises ConfigError naming it."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kept = {}
-    for key, value in dict(values).items():
-      if key.startswith("_") or key in _IGNORED_KEYS:
-        continue
-      if key not in names:
-        raise ConfigError(f"cosmos.{key}", f"unknown AutoencoderKLCosmos field; known: "
-                          f"{sorted(names - {'dtype'})}")
-      kept[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**{**kept, **overrides})
 
 
 CV4x8x8 = CosmosConfig(temporal_compression_ratio=4)  # Cosmos-0.1-Tokenizer-CV4x8x8
@@ -233,13 +210,8 @@ class Attention(nn.Module):
     c = x.shape[-1]
     h = CausalGroupNorm(name="norm")(x)
     q, k, v = (CausalConv3d(c, dtype=self.dtype, name=f"to_{n}")(h) for n in "qkv")
-    scale = 1.0 / math.sqrt(c)
     if not self.temporal:
-      b, t, hh, ww, _ = q.shape
-      q, k, v = (a.reshape(b, t, hh * ww, c) for a in (q, k, v))
-      logits = jnp.einsum("btqc,btkc->btqk", q, k, preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(logits * scale, axis=-1).astype(v.dtype)
-      out = jnp.einsum("btqk,btkc->btqc", probs, v).reshape(x.shape)
+      out = causal3d.frame_attention(q, k, v)
     else:
       t = q.shape[1]
       q_pos = jnp.arange(t)
@@ -259,7 +231,7 @@ class Attention(nn.Module):
       # Slots not yet written sit at positions beyond every query: the causal mask hides them.
       mask = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]  # [T, S]
       logits = jnp.einsum("bthwc,bshwc->bhwts", q, k, preferred_element_type=jnp.float32)
-      logits = jnp.where(mask, logits * scale, -jnp.inf)
+      logits = jnp.where(mask, logits * (1.0 / math.sqrt(c)), -jnp.inf)
       probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
       out = jnp.einsum("bhwts,bshwc->bthwc", probs, v)
     return CausalConv3d(c, dtype=self.dtype, name="to_out_0")(out) + x.astype(out.dtype)
@@ -441,38 +413,9 @@ class CosmosVAE(nn.Module):
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def init_params(cfg: CosmosConfig, rng: jax.Array) -> Any:
-  """Random parameters of `CosmosVAE(cfg)` (they do not depend on the frame size or clip
-  length). Jitted, and drawn from an 'rbg' key derived from `rng`: XLA:CPU compiles
-  threefry sampling for a tree this size far more slowly (see `model.init_params`)."""
-  s = cfg.spatial_compression_ratio
-  x = jnp.zeros((1, 1, s, s, cfg.in_channels))
-  rbg = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-  return CosmosVAE(cfg).init(rbg, x)["params"]
-
-
-def _check_frames(cfg: CosmosConfig, shape: tuple[int, ...]) -> None:
-  cfg.num_latents(shape[1])
-  s = cfg.spatial_compression_ratio
-  if shape[2] % s or shape[3] % s:
-    raise ValueError(f"frame size {shape[2]}x{shape[3]} is not a multiple of the spatial "
-                     f"compression ratio {s}")
-
-
-def _check_tile(tile_latents: int) -> None:
-  if tile_latents < 1:
-    raise ValueError(f"tile_latents must be >= 1, got {tile_latents}")
-
-
-def _streamed(cfg: CosmosConfig, params: Any, x: jax.Array, method: str, first_len: int,
-              rest_len: int, cache_frames: int) -> jax.Array:
-  model = CosmosVAE(cfg, cache_frames)
-
-  def tile(chunk, cache):
-    variables = {"params": params} if cache is None else {"params": params, CACHE: cache}
-    out, state = model.apply(variables, chunk, method=method, mutable=[CACHE])
-    return out, state[CACHE]
-
-  return causal3d.run_tiles(tile, x, causal3d.tile_lengths(x.shape[1], first_len, rest_len))
+  """Random parameters of `CosmosVAE(cfg)` (f32 leaves; `causal3d.init_params`)."""
+  return causal3d.init_params(CosmosVAE(cfg), cfg.in_channels, cfg.spatial_compression_ratio,
+                              rng)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tile_latents"))
@@ -484,14 +427,11 @@ def encode(params: Any, frames: jax.Array, cfg: CosmosConfig,
   tile_latents: if set, encode in temporal tiles of that many latent frames (1 + t(m-1)
   frames, then t m frames each), carrying the causal state; same result, less memory.
   """
-  _check_frames(cfg, frames.shape)
-  if tile_latents is None:
-    return CosmosVAE(cfg).apply({"params": params}, frames, method="encode")
-  _check_tile(tile_latents)
-  t, p = cfg.temporal_compression_ratio, cfg.patch_size
-  cache_frames = 1 + (frames.shape[1] - 1) // p  # time steps after patching: the most any layer sees
-  return _streamed(cfg, params, frames, "encode", 1 + t * (tile_latents - 1), t * tile_latents,
-                   cache_frames)
+  causal3d.check_frames(frames.shape, cfg.temporal_compression_ratio,
+                        cfg.spatial_compression_ratio)
+  cache_frames = 1 + (frames.shape[1] - 1) // cfg.patch_size  # the most any layer sees
+  return causal3d.encode_clip(CosmosVAE(cfg, cache_frames), params, frames,
+                              cfg.temporal_compression_ratio, tile_latents)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tile_latents"))
@@ -499,8 +439,5 @@ def decode(params: Any, latents: jax.Array, cfg: CosmosConfig,
            tile_latents: int | None = None) -> jax.Array:
   """Frames of latents. latents: f32[B, 1 + k, h, w, latent_channels] -> f32[B, 1 + tk,
   h s, w s, 3] (unclipped; about [-1, 1]). tile_latents: as in `encode`."""
-  if tile_latents is None:
-    return CosmosVAE(cfg).apply({"params": params}, latents, method="decode")
-  _check_tile(tile_latents)
   cache_frames = 1 + (latents.shape[1] - 1) * cfg.temporal_compression_ratio // cfg.patch_size
-  return _streamed(cfg, params, latents, "decode", tile_latents, tile_latents, cache_frames)
+  return causal3d.decode_clip(CosmosVAE(cfg, cache_frames), params, latents, tile_latents)

@@ -9,7 +9,8 @@ normalised per channel by `stats` (a `LatentStats`, computed on the data it will
 `compute_stats`), and `decode(..., normalized=True)` undoes it. Unlike our VAE, these
 work at any frame size that the spatial ratio divides, so `latent_shape` takes it.
 
-`KINDS` names the tokenizers here ('cosmos'); our own VAE ('own') stays in `vae/train.py`.
+`KINDS` names the tokenizers here ('cosmos'; 'wan', Wan 2.1's VAE, whose decode clamps to
+[-1, 1]); our own VAE ('own') stays in `vae/train.py`.
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
-from tv2tv_jax.vae import convert, cosmos
-from tv2tv_jax.vae.model import LatentStats, denormalize, latent_stats, normalize
+from tv2tv_jax.vae import convert, cosmos, wan
+from tv2tv_jax.vae.model import LatentStats, latent_stats
+from tv2tv_jax.vae.video_tokenizer import LatentCodec
 
 # kind -> (diffusers class name, config type, init_params, encode, decode)
 _KINDS = {
     "cosmos": ("AutoencoderKLCosmos", cosmos.CosmosConfig, cosmos.init_params, cosmos.encode,
                cosmos.decode),
+    "wan": ("AutoencoderKLWan", wan.WanConfig, wan.init_params, wan.encode, wan.decode),
 }
 KINDS = tuple(_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainedTokenizer:
-  """A converted pretrained tokenizer: kind, config, params, optional latent statistics.
+class PretrainedTokenizer(LatentCodec):
+  """A converted pretrained tokenizer: kind, config, params, optional latent statistics;
+  `encode` / `decode` (normalised or not) as `video_tokenizer.LatentCodec`.
 
   tile_latents: encode and decode in temporal tiles of this many latent frames (exactly
   the untiled result; bounds activation memory on long clips), or None for whole clips.
@@ -64,23 +68,13 @@ class PretrainedTokenizer:
       raise ValueError(f"frame size {height}x{width} is not a multiple of {s}")
     return (self.config.num_latents(num_frames), height // s, width // s, self.latent_channels)
 
-  def encode(self, frames: Any, normalized: bool = False) -> jax.Array:
-    """f32[B, 1+tk, H, W, 3] in [-1, 1] -> f32[B, 1+k, H/s, W/s, C] (normalised if asked)."""
-    fn = _KINDS[self.kind][3]
-    z = fn(self.params, jnp.asarray(frames, jnp.float32), self.config, self.tile_latents)
-    return normalize(z, self._stats()) if normalized else z
+  def _encode(self, frames: jax.Array) -> jax.Array:
+    """f32[B, 1+tk, H, W, 3] in [-1, 1] -> f32[B, 1+k, H/s, W/s, C]."""
+    return _KINDS[self.kind][3](self.params, frames, self.config, self.tile_latents)
 
-  def decode(self, latents: Any, normalized: bool = False) -> jax.Array:
-    """f32[B, 1+k, h, w, C] (normalised if `normalized`) -> f32[B, 1+tk, h s, w s, 3]."""
-    z = jnp.asarray(latents, jnp.float32)
-    z = denormalize(z, self._stats()) if normalized else z
-    return _KINDS[self.kind][4](self.params, z, self.config, self.tile_latents)
-
-  def _stats(self) -> LatentStats:
-    if self.stats is None:
-      raise ValueError(f"this {self.kind} tokenizer has no latent statistics; compute them "
-                       f"with pretrained.compute_stats")
-    return self.stats
+  def _decode(self, latents: jax.Array) -> jax.Array:
+    """f32[B, 1+k, h, w, C] -> f32[B, 1+tk, h s, w s, 3]."""
+    return _KINDS[self.kind][4](self.params, latents, self.config, self.tile_latents)
 
 
 def load_pretrained_tokenizer(kind: str, path: str | os.PathLike, *,
@@ -105,3 +99,25 @@ def compute_stats(tok: PretrainedTokenizer, clips: Iterable[Any]) -> LatentStats
   """Per-channel mean/std of the latents of `clips` (each f32[B, 1+tk, H, W, 3] in [-1, 1]),
   pooled over every clip, frame and position (`model.latent_stats`)."""
   return latent_stats(tok.encode(frames) for frames in clips)
+
+
+def class_name(kind: str) -> str:
+  """The diffusers class whose weights `kind` converts (e.g. 'AutoencoderKLCosmos')."""
+  return _entry(kind)[0]
+
+
+def config_type(kind: str) -> type:
+  """The frozen config dataclass of `kind` (with `from_diffusers`)."""
+  return _entry(kind)[1]
+
+
+def init_params(kind: str, cfg: Any, rng: jax.Array | None = None) -> Any:
+  """Freshly initialised params of a `kind` tokenizer with config `cfg` (the tree its
+  converted weights fill)."""
+  return _entry(kind)[2](cfg, jax.random.key(0) if rng is None else rng)
+
+
+def _entry(kind: str) -> tuple:
+  if kind not in _KINDS:
+    raise ValueError(f"unknown pretrained tokenizer {kind!r}; one of {KINDS}")
+  return _KINDS[kind]

@@ -53,8 +53,39 @@ def save(workdir: str | os.PathLike, vae_cfg: VAEConfig, params: Any,
     (wd / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
 
 
+class LatentCodec:
+  """encode / decode with the optional per-channel normalisation, for every tokenizer kind
+  (`VideoTokenizer` here, `pretrained.PretrainedTokenizer`): a subclass has `params`,
+  `stats` (a LatentStats or None) and the raw maps `_encode` / `_decode`.
+
+  encode(frames f32[B, 1+tk, H, W, 3] in [-1, 1]) -> latents f32[B, 1+k, h, w, C],
+  normalised per channel when `normalized` (needs stats); decode is the inverse direction.
+  """
+  stats: LatentStats | None
+
+  def encode(self, frames: Any, normalized: bool = False) -> jax.Array:
+    z = self._encode(jnp.asarray(frames, jnp.float32))
+    return vae_model.normalize(z, self._stats()) if normalized else z
+
+  def decode(self, latents: Any, normalized: bool = False) -> jax.Array:
+    z = jnp.asarray(latents, jnp.float32)
+    return self._decode(vae_model.denormalize(z, self._stats()) if normalized else z)
+
+  def _encode(self, frames: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def _decode(self, latents: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def _stats(self) -> LatentStats:
+    if self.stats is None:
+      raise ValueError(f"this {type(self).__name__} has no latent statistics "
+                       f"(latent_stats.json; pretrained.compute_stats computes them)")
+    return self.stats
+
+
 @dataclasses.dataclass(frozen=True)
-class VideoTokenizer:
+class VideoTokenizer(LatentCodec):
   """A trained VAE: config, params and (optional) latent statistics, ready to use.
 
   encode(frames f32[B, 1+4k, H, W, 3] in [-1, 1]) -> latent means f32[B, 1+k, h, w, C],
@@ -64,19 +95,25 @@ class VideoTokenizer:
   params: Any
   stats: LatentStats | None = None
 
-  def encode(self, frames: Any, normalized: bool = False) -> jax.Array:
-    z = vae_model.encode(self.params, jnp.asarray(frames, jnp.float32), self.config)
-    return vae_model.normalize(z, self._stats()) if normalized else z
+  @property
+  def temporal_factor(self) -> int:
+    """Frames per latent frame after the first (as `PretrainedTokenizer`'s)."""
+    return self.config.temporal_factor
 
-  def decode(self, latents: Any, normalized: bool = False) -> jax.Array:
-    z = jnp.asarray(latents, jnp.float32)
-    z = vae_model.denormalize(z, self._stats()) if normalized else z
-    return vae_model.decode(self.params, z, self.config)
+  @property
+  def spatial_factor(self) -> int:
+    """Pixels per latent position along each side (as `PretrainedTokenizer`'s)."""
+    return self.config.spatial_factor
 
-  def _stats(self) -> LatentStats:
-    if self.stats is None:
-      raise ValueError("this tokenizer has no latent statistics (latent_stats.json)")
-    return self.stats
+  @property
+  def latent_channels(self) -> int:
+    return self.config.latent_channels
+
+  def _encode(self, frames: jax.Array) -> jax.Array:
+    return vae_model.encode(self.params, frames, self.config)
+
+  def _decode(self, latents: jax.Array) -> jax.Array:
+    return vae_model.decode(self.params, latents, self.config)
 
 
 def load_tokenizer(workdir: str | os.PathLike) -> VideoTokenizer:
