@@ -73,7 +73,7 @@ def _no_norm(self, x):
   return x.astype(jnp.dtype(self.cfg.dtype))
 
 
-def _no_stack(self, x_txt, x_vid, meta, cached_kv=None, cached_meta=None):
+def _no_stack(self, x_txt, x_vid, meta, cached_kv=None, cached_meta=None, regions=None):
   return x_txt, x_vid
 
 
