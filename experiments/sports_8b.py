@@ -11,7 +11,8 @@ carry the same (`model.rope_*`, from llama3_common), which `llama_init` checks.
 
 Towers (each; docs/design.md, section 7): 32 layers, d 4096, 32 heads / 8 KV heads, head_dim 128,
 FFN 14336, vocab 128256, RoPE theta 5e5, RMSNorm eps 1e-5. Paper recipe: 8K hours, a caption
-every 1.9 s on average, 250K steps at batch 512 (the defaults here). Parameter count of the
+every 1.9 s on average, 250K steps at batch 512 (the defaults here; `default` accumulates it
+over 2 microbatches so that it fits a v5p-128 slice, docs/aot.md). Parameter count of the
 `default` variant (tests/test_paper_configs.py: jax.eval_shape equals the analytic count):
 15,025,207,312 = 2 towers x 6,979,584,000 + embedding and lm_head 2 x 525,336,576 + both
 U-Nets 15,357,968 + text/video final norms 2 x 4,096 (Llama-3.1-8B itself: 8,030,261,248).
@@ -45,6 +46,10 @@ from experiments import llama3_common as common
 def _default(c):
   c.model.latent_shape = common.latent_shape(256, 448)
   c.seq.update(max_chunks=common.chunks_for_seconds(6), text_len=512)
+  # The paper batch of 512 rows in 2 microbatches of 256: compiled for v5p-128 (the slice
+  # this variant is sized for), one pass needs 129.9 GiB per chip of 95, two need 65.1 GiB
+  # (docs/aot.md). Larger slices may take `--config.train.grad_accum_steps=1`.
+  c.train.grad_accum_steps = 2
   c.data.builder_config = common.builder_config("r256x448_6s", 256, 448, c.seq.max_chunks)
 
 

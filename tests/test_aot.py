@@ -27,7 +27,7 @@ from tv2tv_jax import aot, sharding
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 # (experiment module, variant, topology): tests/golden/shardings_<exp>_<variant>_<topo>.json
 GOLDEN_CASES = (("toy_world", "tiny", "v5e-8"), ("csgo_3b", "6s", "v5p-128"),
-                ("csgo_3b", "6s", "v5e-256"))
+                ("csgo_3b", "6s", "v5e-256"), ("sports_8b", "default", "v5p-128"))
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
