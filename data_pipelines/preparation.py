@@ -400,9 +400,10 @@ def _convert_pretrained(cfg: RunConfig, builder, vae_dir: str,
     for i in range(len(source)):
       if len(clips) == data.vae_stats_clips:
         break
-      fields, bad = latent_dataset.clip_fields(source[i], num_frames, i)
-      if bad is None:  # a clip the encode would skip is not counted either
-        clips.append(video_tokenizer.to_float(np.asarray(source[i]["frames"])))
+      example = source[i]  # one read: a TFDS data source decodes on every access
+      if latent_dataset.clip_fields(example, num_frames, i)[1] is None:
+        # (a clip the encode would skip is not counted either)
+        clips.append(video_tokenizer.to_float(np.asarray(example["frames"])))
     if not clips:
       raise ValueError(f"{builder.name}: no training clip of {num_frames} frames to compute "
                        "the latent statistics from")

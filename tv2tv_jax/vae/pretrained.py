@@ -86,11 +86,8 @@ def load_pretrained_tokenizer(kind: str, path: str | os.PathLike, *,
   overrides: fields of the config that are not in config.json (e.g. dtype='bfloat16').
   Raises the `convert` errors (naming the tensor), ConfigError for a bad config field.
   """
-  if kind not in _KINDS:
-    raise ValueError(f"unknown pretrained tokenizer {kind!r}; one of {KINDS}")
-  class_name, config_type, init_params = _KINDS[kind][:3]
-  cfg, params = convert.load_pretrained(path, class_name, config_type.from_diffusers,
-                                        init_params, **overrides)
+  name, cfg_type, init = _entry(kind)[:3]
+  cfg, params = convert.load_pretrained(path, name, cfg_type.from_diffusers, init, **overrides)
   params = jax.tree.map(jnp.asarray, params)
   return PretrainedTokenizer(kind, cfg, params, stats, tile_latents)
 

@@ -11,6 +11,7 @@ from a trained VAE, apart from how it was trained (`vae.train`).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -53,7 +54,7 @@ def save(workdir: str | os.PathLike, vae_cfg: VAEConfig, params: Any,
     (wd / "latent_stats.json").write_text(json.dumps(stats.to_json(), indent=2))
 
 
-class LatentCodec:
+class LatentCodec(abc.ABC):
   """encode / decode with the optional per-channel normalisation, for every tokenizer kind
   (`VideoTokenizer` here, `pretrained.PretrainedTokenizer`): a subclass has `params`,
   `stats` (a LatentStats or None) and the raw maps `_encode` / `_decode`.
@@ -71,11 +72,13 @@ class LatentCodec:
     z = jnp.asarray(latents, jnp.float32)
     return self._decode(vae_model.denormalize(z, self._stats()) if normalized else z)
 
+  @abc.abstractmethod
   def _encode(self, frames: jax.Array) -> jax.Array:
-    raise NotImplementedError
+    """f32[B, 1+tk, H, W, 3] in [-1, 1] -> raw latents f32[B, 1+k, h, w, C]."""
 
+  @abc.abstractmethod
   def _decode(self, latents: jax.Array) -> jax.Array:
-    raise NotImplementedError
+    """Raw latents f32[B, 1+k, h, w, C] -> frames f32[B, 1+tk, H, W, 3]."""
 
   def _stats(self) -> LatentStats:
     if self.stats is None:
