@@ -245,3 +245,63 @@ def test_command_line_refuses_unknown_points_before_any_work(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode != 0 and "no such points ['every3']" in proc.stderr, proc.stderr[-2000:]
   assert os.listdir(tmp_path) == []
+
+
+def _findings_records(following, valid_tv2tv, valid_t2v, error_points):
+  """Density points every1/every8 and the error points, two seeds each, 4 clips; "both"
+  per point given, chance 0.1 (so "both" - chance = following - 0.1)."""
+  density, error = [], []
+  for seed in (0, 1):
+    for name, x in (("every1", 1.0), ("every8", 0.125)):
+      density.append(dict(_fake_record(name, seed, x, [following[name]] * 4,
+                                       [valid_tv2tv] * 4), sweep="density"))
+    density.append(dict(_fake_record("t2v", seed, None, [0.0] * 4, [valid_t2v] * 4,
+                                     arm="t2v"), sweep="density"))
+    for name, (x, both) in error_points.items():
+      error.append(dict(_fake_record(name, seed, x, [both] * 4, [valid_tv2tv] * 4),
+                        sweep="error"))
+  for r in density + error:  # the same "both" at 3 s as at 1 s
+    if "intervene_3s" in r["conditions"]:
+      r["conditions"]["intervene_3s"] = r["conditions"]["intervene_1s"]
+  return density, error
+
+
+def test_findings_name_where_following_falls_and_where_the_advantage_is_lost():
+  density, error = _findings_records(
+      {"every1": 0.6, "every8": 0.1}, 0.5, 0.2,
+      {"wrong0": (0.0, 0.6), "wrong30": (0.3, 0.4), "wrong50": (0.5, 0.1)})
+  f = sweep_report.findings(density, error, num_resamples=200)
+  assert [p["point"] for p in f["density"]] == ["every1", "every8"]
+  assert f["density"][0]["following"]["mean"] == pytest.approx(0.5)
+  assert f["density"][0]["valid_vs_t2v"]["mean"] == pytest.approx(0.3)
+  v = f["verdicts"]
+  assert "above the T2V level down to every1" in v["density"] and "falls to it at every8" \
+      in v["density"]
+  assert "is lost at 50% wrong captions (wrong50" in v["error_following"]
+  assert "keeps its advantage up to 50%" in v["error_valid"]
+  table = sweep_report.format_findings(f)
+  assert "| density | every1 | 1 | 2 | +0.500 [+0.500, +0.500] | +0.300" in table
+
+
+def test_findings_say_when_there_is_no_advantage_to_lose():
+  density, error = _findings_records({"every1": 0.05, "every8": 0.0}, 0.0, 0.2,
+                                     {"wrong0": (0.0, 0.0), "wrong50": (0.5, 0.0)})
+  f = sweep_report.findings(density, error, num_resamples=200)
+  assert "not above the T2V level (chance) at any density" in f["verdicts"]["density"]
+  assert "no advantage over T2V even with no wrong captions" in f["verdicts"]["error_valid"]
+  with pytest.raises(ValueError, match="no T2V record"):
+    sweep_report.findings([r for r in density if r["arm"] != "t2v"], error)
+
+
+def test_findings_command_writes_json_and_markdown(tmp_path):
+  density, error = _findings_records({"every1": 0.6, "every8": 0.1}, 0.5, 0.2,
+                                     {"wrong0": (0.0, 0.6)})
+  for sub, records in (("d", density), ("e", error)):
+    (tmp_path / sub).mkdir()
+    for r in records:
+      (tmp_path / sub / f"{r['point']}_s{r['seed']}.json").write_text(json.dumps(r))
+  sweep_report.main([f"--density={tmp_path / 'd'}", f"--error={tmp_path / 'e'}",
+                     f"--out={tmp_path / 'out'}", "--resamples=50"])
+  got = json.loads((tmp_path / "out" / "findings.json").read_text())
+  assert [p["point"] for p in got["error"]] == ["wrong0"]
+  assert "falls to it at every8" in (tmp_path / "out" / "findings.md").read_text()
