@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +74,7 @@ def step_row(exp, variant: str, steps: int) -> dict:
 def _timed_grad(fn, args, calls: int) -> float:
   grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2),
                           argnums=(0, 1, 2)))
-  jax.block_until_ready(grad(*args))
-  times = []
-  for _ in range(calls):
-    t = time.perf_counter()
-    jax.block_until_ready(grad(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return benchmarking.median_seconds(lambda: grad(*args), calls)
 
 
 def attention_paths(exp):

@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import toy_world  # noqa: E402
-from tv2tv_jax import config as config_lib, train_step  # noqa: E402
+from tv2tv_jax import benchmarking, config as config_lib, train_step  # noqa: E402
 from tv2tv_jax.model import TV2TV  # noqa: E402
 from tv2tv_jax.sampling import recompute, sampler  # noqa: E402
 from tv2tv_jax.sampling.decoding import Request, SamplerConfig  # noqa: E402
@@ -81,16 +81,6 @@ class TimedBackend:
 
   def append_chunk(self, latents, chunk):
     self.inner.append_chunk(latents, chunk)
-
-
-def _median_time(fn, reps: int) -> float:
-  jax.block_until_ready(fn())  # compile / warm
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def _experiment(name: str, chunks: int, prompt_len: int):
@@ -161,7 +151,7 @@ def main(argv=None):
   # (cfg_scale 1) and both CFG branches batched.
   x = jnp.asarray(gen.chunks[-1:])
   one_step = np.asarray([0.5, 0.75], np.float32)
-  t_vel = {r: _median_time(lambda r=r: backend.denoise(
+  t_vel = {r: benchmarking.median_seconds(lambda r=r: backend.denoise(
       x, args.chunks, [True], dataclasses.replace(sc, cfg_scale=1.0 if r == 1 else
                                                   args.cfg_scale), one_step), args.reps)
            for r in (1, 2)}
@@ -171,7 +161,7 @@ def main(argv=None):
     full.append_text(np.asarray([exp.seq.bof_id], np.int32), 0)
     full.append_chunk(gen.chunks[i], i)
     full.append_text(np.asarray([exp.seq.eof_id], np.int32), 0)
-  t_full = _median_time(full.logits, args.reps)
+  t_full = benchmarking.median_seconds(full.logits, args.reps)
 
   # 4. Batched requests.
   reqs = [request(min(args.chunks, 8), seed=s) for s in range(args.batch)]

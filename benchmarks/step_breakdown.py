@@ -33,7 +33,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tv2tv_jax import attention, flow, layers, losses, model as model_lib  # noqa: E402
-from tv2tv_jax import synthetic, train_step  # noqa: E402
+from tv2tv_jax import benchmarking, synthetic, train_step  # noqa: E402
 
 
 def _experiment(shapes: str):
@@ -110,23 +109,13 @@ def _compiled(exp, variant: str):
   return compiled, args
 
 
-def _time(compiled, args, steps: int) -> float:
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def breakdown(shapes: str, steps: int, rounds: int) -> dict:
   exp = _experiment(shapes)
   built = {v: _compiled(exp, v) for v in ABLATIONS}
   got = {v: [] for v in ABLATIONS}
   for _ in range(rounds):
     for v, (compiled, args) in built.items():
-      got[v].append(_time(compiled, args, steps))
+      got[v].append(benchmarking.median_seconds(lambda: compiled(*args), steps))
   t = {v: statistics.median(x) for v, x in got.items()}
   parts = {"optimizer": t["step"] - t["grad"],
            "attention": t["grad"] - t["no_attention"],

@@ -12,6 +12,18 @@ from tv2tv_jax.config import Experiment
 from tv2tv_jax.model import TV2TV
 
 
+def median_seconds(fn, calls: int) -> float:
+  """Median wall time of `calls` calls of fn() (each waited for), after one warm-up call
+  that compiles it."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(calls):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
 def time_train_step(exp: Experiment, steps: int) -> dict:
   """Times the single-device train step on one synthetic batch of `exp`'s shapes.
 
