@@ -54,7 +54,12 @@ def per_clip(record: Mapping[str, Any], key: str) -> np.ndarray:
   score averaged per clip over the intervention conditions. NaN (undefined) dropped."""
   conds = record["conditions"]
   names = ["free"] if key in FREE_KEYS else sorted(set(conds) - {"free"})
-  rows = [_array(conds[n]["clips"][key]) for n in names if key in conds[n]["clips"]]
+  return _pooled([_array(conds[n]["clips"][key]) for n in names if key in conds[n]["clips"]])
+
+
+def _pooled(rows: Sequence[np.ndarray]) -> np.ndarray:
+  """f64[clips]: the per-condition rows f64[clips] averaged per clip, NaN ignored; clips
+  NaN in every row dropped."""
   if not rows:
     return np.zeros(0)
   with warnings.catch_warnings():
@@ -180,14 +185,8 @@ def per_clip_difference(record: Mapping[str, Any], key: str, base_key: str) -> n
   """f64[clips] of one run: per clip, `key` minus `base_key` within each intervention
   condition, then averaged over the conditions (as `per_clip`); NaN dropped."""
   conds = record["conditions"]
-  rows = [_array(conds[n]["clips"][key]) - _array(conds[n]["clips"][base_key])
-          for n in sorted(set(conds) - {"free"}) if key in conds[n]["clips"]]
-  if not rows:
-    return np.zeros(0)
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    pooled = np.nanmean(np.stack(rows), axis=0)
-  return pooled[np.isfinite(pooled)]
+  return _pooled([_array(conds[n]["clips"][key]) - _array(conds[n]["clips"][base_key])
+                  for n in sorted(set(conds) - {"free"}) if key in conds[n]["clips"]])
 
 
 def _by_point(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
