@@ -1,7 +1,8 @@
 r"""This codebase's train step against transfusion-pytorch's at matched shapes, on this CPU.
 
     pip install -e ".[benchmark]"     # torch 2.13.0 (CPU) and transfusion-pytorch 0.20.0
-    python benchmarks/peer_comparison.py [--repeats=3] [--steps=5] [--no-compile_peer]
+    python benchmarks/peer_comparison.py [--repeats=3] [--steps=5] [--no-compile_peer] \
+        [--no-scan_layers]
 
 transfusion-pytorch (lucidrains, 0.20.0) is the public codebase that trains one transformer
 on autoregressive text and flow-matched latents. Both train steps run at the peer's shapes:
@@ -56,23 +57,24 @@ def _timed(fn, steps: int) -> list[float]:
 # ------------------------------------------------------------------------------ ours
 
 
-def ours_experiment():
+def ours_experiment(scan_layers: bool = True):
   from tv2tv_jax import config as config_lib
   text_slots = CHUNKS * (TEXT_PER_CHUNK + 2)  # text, BOF, EOF per chunk
   return config_lib.experiment_from_config_dict({
       "model": dict(vocab_size=VOCAB, d_model=WIDTH, num_layers=DEPTH, num_heads=HEADS,
                     num_kv_heads=HEADS, head_dim=HEAD_DIM, mlp_dim=FFN,
-                    latent_shape=(8, 8, LATENT_CHANNELS), patch_size=2, unet_channels=32),
+                    latent_shape=(8, 8, LATENT_CHANNELS), patch_size=2, unet_channels=32,
+                    scan_layers=scan_layers),
       "seq": dict(text_len=text_slots, max_chunks=CHUNKS, noisy_chunks=CHUNKS),
       "train": dict(batch_size=BATCH),
   })
 
 
-def run_ours(steps: int) -> dict:
+def run_ours(steps: int, scan_layers: bool = True) -> dict:
   import jax
   import jax.numpy as jnp
   from tv2tv_jax import benchmarking, flops
-  exp = ours_experiment()
+  exp = ours_experiment(scan_layers)
   t = benchmarking.time_train_step(exp, steps)
   a = jax.random.normal(jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
   dot = jax.jit(jnp.dot)
@@ -165,13 +167,17 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--compile_peer", action=argparse.BooleanOptionalAction, default=True,
                   help="model.transformer.compile() (torch inductor) for the peer")
+  # Unrolled layers are ~10% faster on XLA:CPU (no stacked scan residuals; docs/benchmarks.md);
+  # the TPU configs keep the scan, so it stays the default here.
+  ap.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=True,
+                  help="our layers under nn.scan (default) or unrolled")
   ap.add_argument("--out", default=os.path.join(RESULTS, "peer_comparison.json"))
   ap.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
   ap.add_argument("--side_out", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.side:  # one measurement, in this (fresh) process
-    got = run_ours(args.steps) if args.side == "ours" else run_peer(args.steps,
-                                                                    args.compile_peer)
+    got = (run_ours(args.steps, args.scan_layers) if args.side == "ours"
+           else run_peer(args.steps, args.compile_peer))
     with open(args.side_out, "w") as f:
       json.dump(got, f)
     return
@@ -182,7 +188,8 @@ def main(argv=None):
         out = os.path.join(tmp, f"{side}_{r}.json")
         cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}",
                f"--side_out={out}", f"--steps={args.steps}",
-               "--compile_peer" if args.compile_peer else "--no-compile_peer"]
+               "--compile_peer" if args.compile_peer else "--no-compile_peer",
+               "--scan_layers" if args.scan_layers else "--no-scan_layers"]
         t = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
         with open(out) as f:
@@ -204,6 +211,7 @@ def main(argv=None):
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(repeats=args.repeats, steps=args.steps, compile_peer=args.compile_peer,
+                   scan_layers=args.scan_layers,
                    rows=rows, **ratio), f, indent=1)
   print(f"wrote {os.path.relpath(args.out, ROOT)}")
 
