@@ -26,10 +26,11 @@ and 11, moved to the caption that plans them), 3 seeds per point.
 
 Sizing: 600 training steps per run. A 16-chunk row (112 text slots, 16 noisy and 17
 clean chunk copies) costs 1.45x the study's 12-chunk step in FLOPs (63 against 43
-GFLOP), about 1.2-1.4 s on the 2-core CPU, so about 13 minutes of training and 3-5 of
-evaluation per run. The two sweeps hold 27 distinct runs (6 + 4 points x 3 seeds, one
-point shared) and 8 distinct data directories (one VAE, about 12 minutes; tokenizer,
-TFDS and latents a few minutes each): about 8.5-9 hours in all, estimated, not measured.
+GFLOP). Measured on the 2-core CPU, alone on the machine: 344-469 s of training per run
+with region attention and `rows_matmul` (724 s before them), 8-10 minutes with the
+evaluation. The two sweeps hold 27 distinct runs (6 + 4 points x 3 seeds, one point
+shared) and 8 distinct data directories (one VAE, about 12 minutes; tokenizer, TFDS and
+latents a few minutes each).
 """
 
 import ml_collections
