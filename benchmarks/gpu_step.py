@@ -82,8 +82,7 @@ def attention_paths(exp):
   c = exp.model
   batch = synthetic.random_batch(0, exp.seq, c, exp.train.batch_size)
   meta = masks.SeqMeta.from_batch(batch)
-  n = c.tokens_per_chunk
-  regions = masks.Regions(text=exp.seq.text_len, noisy=exp.seq.noisy_chunks * n, block=n)
+  regions = masks.Regions.of_experiment(exp)
   b, length = meta.segment_ids.shape
   dt = jnp.dtype(c.dtype)
   ks = jax.random.split(jax.random.key(0), 3)

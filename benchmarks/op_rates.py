@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -51,12 +50,7 @@ FLOPS = {  # forward + backward = 3x forward
 
 
 def _best(fn, calls: int) -> float:
-  best = float("inf")
-  for _ in range(calls):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
+  return min(peer._timed(fn, calls))
 
 
 def _inputs(seed: int = 0) -> dict[str, np.ndarray]:
@@ -79,16 +73,13 @@ def _region_part(calls: int):
   batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
   meta = masks.SeqMeta.from_batch(batch)
   length = meta.segment_ids.shape[1]
-  n = exp.model.tokens_per_chunk
-  noisy = exp.seq.noisy_chunks * n
-  regions = masks.Regions(text=exp.seq.text_len, noisy=noisy, block=n)
+  regions = masks.Regions.of_experiment(exp)
   ks = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(x, (peer.BATCH, length, H, DH)) for x in ks)
   grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
       reference.region_attention(q, k, v, meta, regions) ** 2), argnums=(0, 1, 2)))
   jax.block_until_ready(grad(q, k, v))
-  kept = length - noisy
-  pairs = kept * kept + noisy * (kept + n)
+  pairs = length * length - regions.skipped_count(length)
   flops = 3 * 2 * 2 * peer.BATCH * H * pairs * DH
   return (lambda: _best(lambda: jax.block_until_ready(grad(q, k, v)), calls)), flops
 

@@ -39,8 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import step_breakdown  # noqa: E402
-from tv2tv_jax import synthetic, train_step  # noqa: E402
-from tv2tv_jax.model import TV2TV  # noqa: E402
+from tv2tv_jax import benchmarking  # noqa: E402
 
 _HOST_EVENTS = ("$", "ThunkExecutor", "PjitFunction", "SlinkyThreadPool")
 _SHAPE = r"[a-z0-9]+\[([\d,]*)\]"
@@ -87,11 +86,7 @@ def profile(shapes: str, unrolled: bool, steps: int) -> dict:
   exp = step_breakdown._experiment(shapes)
   if unrolled:
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, scan_layers=False))
-  model = TV2TV(exp.model)
-  state = train_step.create_train_state(model, exp, jax.random.key(0))
-  batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
-  step = train_step.make_train_step(model, exp)
-  rng = jax.random.key(1)
+  step, state, batch, rng = benchmarking.synthetic_train_step(exp)
   for _ in range(2):
     state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)

@@ -120,9 +120,7 @@ def test_executed_flops_parts(tiny_exp):
   plain = _variant(tiny_exp, scan_layers=False, remat=False, attention_impl="xla")
   parts = flops.executed_step_flops(plain, 8)
   f = flops.forward_flops(plain, 8)
-  n = plain.model.tokens_per_chunk
-  kept = 1 - masks.Regions(plain.seq.text_len, plain.seq.num_noisy * n, n).skipped_fraction(
-      plain.row_len)
+  kept = 1 - masks.Regions.of_experiment(plain).skipped_fraction(plain.row_len)
   assert 0 < kept < 1
   assert sum(parts.values()) == pytest.approx(flops.train_step_flops(plain, 8)
                                               - 3 * (1 - kept) * f["attention"])
@@ -296,9 +294,7 @@ def test_tiny_flops_match_analytic_when_unrolled(tiny_reports):
   # pairs region attention skips (forward and its 2x backward).
   from tv2tv_jax import config as config_lib, flops, masks
   exp = config_lib.experiment_from_config_dict(load_config("toy_world", "tiny"))
-  n = exp.model.tokens_per_chunk
-  skipped = masks.Regions(exp.seq.text_len, exp.seq.num_noisy * n, n).skipped_fraction(
-      exp.row_len)
+  skipped = masks.Regions.of_experiment(exp).skipped_fraction(exp.row_len)
   dense = flops.forward_flops(exp, exp.train.batch_size)["attention"]
   assert unrolled["flops"]["executed"] == pytest.approx(
       unrolled["flops"]["analytic"] - 3 * skipped * dense)

@@ -24,17 +24,22 @@ def median_seconds(fn, calls: int) -> float:
   return float(np.median(times))
 
 
+def synthetic_train_step(exp: Experiment):
+  """(step, state, batch, rng): the single-device jitted train step of `exp`, its fresh
+  state (seed 0), one synthetic batch of `exp`'s shapes and the step's rng (seed 1)."""
+  model = TV2TV(exp.model)
+  state = train_step.create_train_state(model, exp, jax.random.key(0))
+  batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
+  return train_step.make_train_step(model, exp), state, batch, jax.random.key(1)
+
+
 def time_train_step(exp: Experiment, steps: int) -> dict:
   """Times the single-device train step on one synthetic batch of `exp`'s shapes.
 
   Returns step_s (median of `steps` timed steps after a warm-up), compile_and_first_step_s,
   and the parameter count.
   """
-  model = TV2TV(exp.model)
-  state = train_step.create_train_state(model, exp, jax.random.key(0))
-  batch = synthetic.random_batch(0, exp.seq, exp.model, exp.train.batch_size)
-  step = train_step.make_train_step(model, exp)
-  rng = jax.random.key(1)
+  step, state, batch, rng = synthetic_train_step(exp)
   t = time.perf_counter()
   state, m = step(state, batch, rng)
   jax.block_until_ready(m)

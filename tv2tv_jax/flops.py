@@ -172,9 +172,7 @@ def executed_step_flops(exp: Experiment, batch_size: int, *, layers: int | None 
     counts = dict(forward=FLASH_MATMULS["forward"],
                   backward=FLASH_MATMULS["dq"] + FLASH_MATMULS["dkv"])
   else:
-    s = exp.seq
-    n = c.tokens_per_chunk
-    skipped = masks.Regions(t_len, s.num_noisy * n, n).skipped_count(seq_len)
+    skipped = masks.Regions.of_experiment(exp).skipped_count(seq_len)
     lq, lk = 1, seq_len * seq_len - skipped  # the computed pairs, as one "row"
     counts = XLA_ATTENTION_MATMULS
   attn = {k: attention_flops(1, c.num_heads, lq, lk, c.head_dim, m) for k, m in counts.items()}

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tv2tv_jax import sequence
+from tv2tv_jax.config import Experiment
 
 
 class SlotFields(NamedTuple):
@@ -141,6 +142,13 @@ class Regions:
   text: int  # T text slots
   noisy: int  # Kn·n noisy slots
   block: int  # n tokens per chunk copy
+
+  @classmethod
+  def of_experiment(cls, exp: Experiment) -> "Regions":
+    """The regions of `exp`'s rows (`exp.row_len` slots): `seq.num_noisy` noisy copies,
+    which is `max_chunks` when `seq.noisy_chunks` is 0."""
+    n = exp.model.tokens_per_chunk
+    return cls(text=exp.seq.text_len, noisy=exp.seq.num_noisy * n, block=n)
 
   @property
   def noisy_copies(self) -> int:
